@@ -1,0 +1,96 @@
+"""The bot's configuration: one pydantic-settings class, read from the environment and ``.env``."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from workers.schema import Engine, Visibility
+
+
+class Period(StrEnum):
+    """How often a member's credit allowance resets."""
+
+    DAY = "day"
+    WEEK = "week"
+    MONTH = "month"
+
+
+def _data_dir() -> Path:
+    return Path("data")
+
+
+class BotSettings(BaseSettings):
+    """Everything the bot process reads. Secrets are ``SecretStr`` so they never print."""
+
+    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore")
+
+    discord_token: SecretStr = SecretStr("")
+    discord_guild_ids: Annotated[list[int], NoDecode] = Field(default_factory=list)
+    database_url: str = "sqlite+aiosqlite:///./data/mirage.db"
+    broker_url: str = "sqla+sqlite:///./data/broker.db"
+    result_backend: str = "db+sqlite:///./data/results.db"
+    media_dir: Path = Field(default_factory=lambda: _data_dir() / "media")
+    admin_user_ids: Annotated[list[int], NoDecode] = Field(default_factory=list)
+
+    default_engine: Engine = Engine.SDXL
+    default_visibility: Visibility = Visibility.PUBLIC
+    openai_model: str = "dall-e-3"
+
+    credit_limit: int = Field(default=25, ge=0)
+    credit_period: Period = Period.DAY
+    cost_sdxl_grid: int = Field(default=1, ge=0)
+    cost_dalle_grid: int = Field(default=2, ge=0)
+    cost_upscale: int = Field(default=1, ge=0)
+    cost_crop: int = Field(default=0, ge=0)
+
+    max_running_per_member: int = Field(default=3, ge=1)
+    max_waiting_per_member: int = Field(default=10, ge=0)
+    job_timeout_s: int = Field(default=900, ge=10)
+    progress_interval_s: float = Field(default=2.0, ge=0.1)
+
+    web_host: str = "127.0.0.1"
+    web_port: int = 8080
+    public_url: str = "http://127.0.0.1:8080"
+    keep_metadata: bool = False
+    log_json: bool = False
+    log_level: str = "INFO"
+
+    @field_validator("admin_user_ids", "discord_guild_ids", mode="before")
+    @classmethod
+    def _split_ids(cls, value: object) -> object:
+        # Environment variables carry lists as "1,2,3"; accept JSON lists too.
+        if isinstance(value, str):
+            value = value.strip()
+            if value.startswith("["):
+                import json
+
+                return json.loads(value)
+            return [int(part) for part in value.replace(" ", ",").split(",") if part]
+        if isinstance(value, int):
+            return [value]
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _async_driver(cls, value: str) -> str:
+        """Accept plain ``postgresql://`` and ``sqlite://`` URLs and pick the async drivers."""
+        for plain, driver in (
+            ("postgresql://", "postgresql+psycopg://"),
+            ("postgres://", "postgresql+psycopg://"),
+            ("sqlite://", "sqlite+aiosqlite://"),
+        ):
+            if value.startswith(plain):
+                return driver + value[len(plain) :]
+        return value
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> BotSettings:
+    """The process-wide settings, read once."""
+    return BotSettings()

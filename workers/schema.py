@@ -1,0 +1,240 @@
+"""The job message schema shared by the bot and the workers.
+
+Plain data only: this module must never import torch, diffusers, discord or SQLAlchemy, because
+both sides import it and the bot image ships without torch. Messages cross the broker as JSON,
+so every model here round-trips through ``model_dump(mode="json")`` / ``model_validate``.
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+SCHEMA_VERSION = 1
+
+# Celery task names: the bot dispatches by name so it never imports worker code.
+TASK_SDXL = "mirage.sdxl.run"
+TASK_OPENAI = "mirage.openai.run"
+QUEUE_GPU = "gpu"
+QUEUE_API = "api"
+
+MAX_SEED = 4_294_967_295
+GRID_SIZE = 4
+BASE_RESOLUTION = 1024  # SDXL's native side; buckets below are expressed at this size.
+
+# SDXL's multi-aspect training buckets (SDXL paper, appendix), width x height at 1024 base.
+SDXL_BUCKETS: tuple[tuple[int, int], ...] = (
+    (512, 2048), (512, 1984), (512, 1920), (512, 1856), (576, 1792), (576, 1728), (576, 1664),
+    (640, 1600), (640, 1536), (704, 1472), (704, 1408), (704, 1344), (768, 1344), (768, 1280),
+    (832, 1216), (832, 1152), (896, 1152), (896, 1088), (960, 1088), (960, 1024), (1024, 1024),
+    (1024, 960), (1088, 960), (1088, 896), (1152, 896), (1152, 832), (1216, 832), (1280, 768),
+    (1344, 768), (1344, 704), (1408, 704), (1472, 704), (1536, 640), (1600, 640), (1664, 576),
+    (1728, 576), (1792, 576), (1856, 512), (1920, 512), (1984, 512), (2048, 512),
+)  # fmt: skip
+
+
+class Engine(StrEnum):
+    """Which image engine runs a job."""
+
+    SDXL = "sdxl"
+    DALLE = "dalle"
+
+
+class Visibility(StrEnum):
+    """Whether a job may appear in public listings."""
+
+    PUBLIC = "public"
+    STEALTH = "stealth"
+
+
+class Sampler(StrEnum):
+    """Scheduler names a member may ask for with ``--sampler``."""
+
+    DPM = "dpm"  # DPM++ 2M Karras
+    EULER = "euler"
+    EULER_A = "euler_a"
+    DDIM = "ddim"
+    DDPM = "ddpm"
+
+
+class JobKind(StrEnum):
+    """What a job does; every button press and command is one of these."""
+
+    IMAGINE = "imagine"
+    REROLL = "reroll"
+    VARIATION = "variation"
+    UPSCALE = "upscale"
+    ZOOM = "zoom"
+    PAN = "pan"
+    SQUARE = "square"
+    CROP = "crop"  # U#: a crop of the parent grid, no generation
+
+
+class Direction(StrEnum):
+    """Pan direction."""
+
+    LEFT = "left"
+    RIGHT = "right"
+    UP = "up"
+    DOWN = "down"
+
+
+class GenerationParams(BaseModel):
+    """What a member asked for: the prompt and its Midjourney-style parameters, validated."""
+
+    model_config = ConfigDict(frozen=True)
+
+    prompt: str
+    negative_prompt: str = ""
+    aspect: tuple[int, int] = (1, 1)
+    width: int = 1024  # bucket width at BASE_RESOLUTION; engines rescale to their own base
+    height: int = 1024
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
+    chaos: int = Field(default=0, ge=0, le=100)
+    stylize: int = Field(default=100, ge=0, le=1000)
+    quality: float = 1.0
+    steps: int | None = Field(default=None, ge=1, le=150)
+    sampler: Sampler = Sampler.DPM
+    tile: bool = False
+    engine: Engine | None = None  # None: the member's or server's default
+    visibility: Visibility | None = None  # None: the member's default
+
+    @property
+    def step_count(self) -> int:
+        """Sampling steps: ``--steps`` wins, else ``--quality`` scales the default 25."""
+        return self.steps if self.steps is not None else quality_steps(self.quality)
+
+    @property
+    def guidance_scale(self) -> float:
+        """Classifier-free guidance derived from ``--stylize``."""
+        return stylize_guidance(self.stylize)
+
+
+class JobRequest(BaseModel):
+    """One unit of work sent to a worker. Ids and parameters only, never live objects."""
+
+    version: int = SCHEMA_VERSION
+    job_id: str
+    kind: JobKind
+    params: GenerationParams
+    seed: int = Field(ge=0, le=MAX_SEED)  # resolved: the grid uses seed..seed+3
+    count: int = GRID_SIZE  # images to produce (1 for upscale)
+    strength: float | None = None  # img2img denoise for vary / upscale
+    scale: float | None = None  # zoom factor (2.0, 1.5) or upscale factor
+    direction: Direction | None = None  # pan
+    input_image: str | None = None  # base64 PNG for variation / upscale / zoom / pan / square
+    openai_model: str | None = None  # dall-e-3, dall-e-2, gpt-image-1 for the api engine
+
+
+class ImageOut(BaseModel):
+    """One generated image, PNG encoded."""
+
+    data: str  # base64
+    width: int
+    height: int
+
+
+class JobResult(BaseModel):
+    """What a worker returns for a finished job."""
+
+    job_id: str
+    images: list[ImageOut]
+    seed: int
+    engine: Engine
+    info: dict[str, Any] = Field(default_factory=dict)  # timings, model name, notes for the member
+
+
+class ErrorCode(StrEnum):
+    """Typed failure reasons a worker reports; the bot maps each to a refund and a message."""
+
+    BAD_INPUT = "bad_input"  # corrupt or unusable input image, impossible parameters
+    CONTENT_POLICY = "content_policy"
+    ENGINE_UNAVAILABLE = "engine_unavailable"  # no model, missing API key
+    ENGINE_ERROR = "engine_error"
+    TIMEOUT = "timeout"
+    CANCELLED = "cancelled"
+
+
+class JobError(BaseModel):
+    """A failure a worker returns instead of raising, so the bot always gets a reason."""
+
+    job_id: str
+    code: ErrorCode
+    message: str  # safe to show to the member: no secrets, no traceback
+
+
+class Progress(BaseModel):
+    """A progress report: percent done and an optional small preview (base64 JPEG)."""
+
+    job_id: str
+    percent: int = Field(ge=0, le=100)
+    step: int = 0
+    total_steps: int = 0
+    preview: str | None = None
+
+
+def quality_steps(quality: float) -> int:
+    """Map Midjourney's ``--quality`` (.25, .5, 1, 2) to a step count (25 at 1)."""
+    return max(1, round(25 * quality))
+
+
+def stylize_guidance(stylize: int) -> float:
+    """Map ``--stylize`` (0..1000) to guidance: 7.0 at the default 100, looser as it grows.
+
+    Midjourney's higher stylize trades prompt adherence for its own aesthetic, which on SDXL is
+    lower classifier-free guidance: 9.0 at 0, 7.0 at 100, about 5.1 at 1000.
+    """
+    return round(9.0 - 2.0 * math.log10(1 + 9 * stylize / 100), 3)
+
+
+def nearest_bucket(ratio_w: int, ratio_h: int) -> tuple[int, int]:
+    """The SDXL training bucket (at 1024 base) whose ratio is closest to ``ratio_w:ratio_h``."""
+    target = math.log(ratio_w / ratio_h)
+    return min(SDXL_BUCKETS, key=lambda wh: abs(math.log(wh[0] / wh[1]) - target))
+
+
+def scale_bucket(width: int, height: int, base: int) -> tuple[int, int]:
+    """Rescale a 1024-base bucket to a model whose native side is ``base`` (64 for the tiny model).
+
+    Sides stay multiples of 64 at full size, and of 16 at any size, so the VAE and the UNet's
+    downsampling both divide them evenly.
+    """
+    multiple = max(16, 64 * base // BASE_RESOLUTION)
+    factor = base / BASE_RESOLUTION
+    w = max(multiple, round(width * factor / multiple) * multiple)
+    h = max(multiple, round(height * factor / multiple) * multiple)
+    return w, h
+
+
+def encode_png(data: bytes) -> str:
+    """Bytes to the base64 text carried in messages."""
+    return base64.b64encode(data).decode("ascii")
+
+
+def decode_png(text: str) -> bytes:
+    """Base64 text from a message back to bytes."""
+    return base64.b64decode(text.encode("ascii"), validate=True)
+
+
+class TaskOutcome(BaseModel):
+    """What every task returns: exactly one of ``result`` or ``error``.
+
+    Tasks return known failures instead of raising them, so the bot never has to unpickle a
+    worker's exception class to decide on a refund.
+    """
+
+    result: JobResult | None = None
+    error: JobError | None = None
+
+
+class WorkerError(Exception):
+    """Raised inside workers for failures with a member-facing reason; tasks turn it into JobError."""
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
