@@ -5,7 +5,7 @@ from __future__ import annotations
 from enum import StrEnum
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -36,6 +36,13 @@ class BotSettings(BaseSettings):
     broker_url: str = "sqla+sqlite:///./data/broker.db"
     result_backend: str = "db+sqlite:///./data/results.db"
     media_dir: Path = Field(default_factory=lambda: _data_dir() / "media")
+    media_backend: Literal["local", "s3"] = "local"
+    s3_bucket: str = ""
+    s3_endpoint_url: str | None = None
+    s3_region: str | None = None
+    s3_access_key: SecretStr = SecretStr("")
+    s3_secret_key: SecretStr = SecretStr("")
+    s3_prefix: str = ""
     admin_user_ids: Annotated[list[int], NoDecode] = Field(default_factory=list)
 
     default_engine: Engine = Engine.SDXL

@@ -6,6 +6,7 @@ PostgreSQL and Redis tests skip when the server is unreachable, unless MIRAGE_RE
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import uuid
@@ -84,7 +85,8 @@ def db_url(request: pytest.FixtureRequest) -> str:
 @pytest.fixture
 async def engine(db_url: str) -> AsyncIterator[AsyncEngine]:
     """A migrated database on each backend."""
-    upgrade(db_url)
+    # Alembic's env runs its own event loop, so it cannot run inside this one.
+    await asyncio.to_thread(upgrade, db_url)
     eng = make_engine(db_url)
     try:
         yield eng
@@ -96,3 +98,11 @@ async def engine(db_url: str) -> AsyncIterator[AsyncEngine]:
 def sessions(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
     """Session factory over the migrated database."""
     return make_sessionmaker(engine)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random-weight SDXL saved with ``save_pretrained`` (64 px native), built once per session."""
+    from workers.sdxl.tiny import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-sdxl"))

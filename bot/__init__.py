@@ -1,0 +1,1 @@
+"""Mirage's Discord bot: commands, buttons, credits, job records, galleries and delivery."""
