@@ -1,0 +1,622 @@
+"""The OpenAI image engine behind the ``api`` queue.
+
+``OpenAIEngine.run`` is synchronous because the Celery task calls it from a worker process. A
+job's API requests (four for a dall-e-3 grid, which only allows n=1) run on a small thread pool
+with the official client; every HTTP attempt, retries included, first takes a slot from the
+process-wide requests-per-minute limiter. The member's callbacks (``progress``, ``cancelled``)
+are only ever called from the caller's thread, so the task need not make them thread-safe.
+
+Retries are done here, not by the client (``max_retries=0``): the client silently ignores a
+``retry-after`` of 0 or above 60 s and knows nothing about the rate limiter or cancellation.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import logging
+import random
+import threading
+import time
+import urllib.request
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from typing import Any
+
+import openai
+from PIL import Image, UnidentifiedImageError
+from pydantic import SecretStr
+
+from workers import imaging
+from workers.openai_engine import canvas
+from workers.openai_engine.errors import (
+    UNAVAILABLE_MESSAGE,
+    describe,
+    is_retryable,
+    redact,
+    retry_after_s,
+    to_worker_error,
+)
+from workers.openai_engine.models import (
+    EDIT_FALLBACK_MODEL,
+    ModelSpec,
+    Size,
+    model_spec,
+    nearest_size,
+    quality_option,
+    size_text,
+    style_option,
+)
+from workers.openai_engine.ratelimit import RateLimiter, shared_rate_limiter
+from workers.schema import (
+    Engine,
+    ErrorCode,
+    GenerationParams,
+    ImageOut,
+    JobKind,
+    JobRequest,
+    JobResult,
+    Progress,
+    WorkerError,
+    decode_png,
+    encode_png,
+)
+from workers.settings import WorkerSettings
+
+log = logging.getLogger("workers.openai_engine")
+
+SEED_NOTE = "The OpenAI image API has no seeds: the seed is recorded for reference only, not reproducible."
+UPSCALE_NOTE = "resampled 2x (Lanczos), no AI upscaler on the api engine"
+# dall-e-2 rejects uploads of 4 MB or more (image and mask each).
+DALLE2_MAX_UPLOAD = 4 * 1024 * 1024
+MAX_DOWNLOAD = 64 * 1024 * 1024
+# Subtle vary is img2img 0.5 on SDXL, strong 0.85; the API has no strength, so the split is by wording.
+SUBTLE_BELOW = 0.7
+
+Stop = Callable[[], bool]
+
+
+class _Stopped(Exception):
+    """A request abandoned because its job was cancelled or another of its requests failed."""
+
+
+@dataclass
+class _Call:
+    """One API request of a job: ``send`` performs it with the given client."""
+
+    send: Callable[[openai.OpenAI], Any]
+    n: int
+
+
+@dataclass
+class _Plan:
+    """The requests a job needs, the model and size they use, and notes for the member."""
+
+    calls: list[_Call]
+    model: str
+    size: Size
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Outcome:
+    """What one request produced: clean PNGs with their sizes, revised prompts, HTTP attempts."""
+
+    images: list[tuple[bytes, int, int]]
+    revised_prompts: list[str]
+    attempts: int
+
+
+class OpenAIEngine:
+    """Images from the OpenAI Images API (dall-e-3, dall-e-2, gpt-image-1) for Mirage jobs."""
+
+    def __init__(
+        self,
+        client: openai.OpenAI | None,
+        *,
+        api_key: SecretStr | None = None,
+        max_retries: int = 4,
+        timeout_s: float = 120.0,
+        rate_limiter: RateLimiter | None = None,
+        sleep: Callable[[float], None] | None = None,
+        backoff_base_s: float = 0.5,
+        backoff_max_s: float = 8.0,
+        max_retry_after_s: float = 60.0,
+        poll_s: float = 0.1,
+    ) -> None:
+        """Prefer ``load``; the keyword arguments exist so tests can shorten waits."""
+        self._client = client
+        self._secret = api_key or SecretStr("")
+        self._max_retries = max_retries
+        self._timeout_s = timeout_s
+        self._limiter = rate_limiter or RateLimiter(50)
+        self._sleep = sleep
+        self._backoff_base_s = backoff_base_s
+        self._backoff_max_s = backoff_max_s
+        self._max_retry_after_s = max_retry_after_s
+        self._poll_s = poll_s
+
+    @classmethod
+    def load(cls, settings: WorkerSettings) -> OpenAIEngine:
+        """Build the engine from settings, sharing the process-wide rate limiter.
+
+        A missing key does not fail here, so the worker still starts (and upscales, which needs
+        no API); generation jobs then fail with ``ENGINE_UNAVAILABLE``.
+        """
+        key = settings.openai_api_key.get_secret_value().strip()
+        return cls(
+            make_client(settings) if key else None,
+            api_key=SecretStr(key),
+            max_retries=settings.openai_max_retries,
+            timeout_s=settings.openai_timeout_s,
+            rate_limiter=shared_rate_limiter(settings.openai_requests_per_minute),
+        )
+
+    def __repr__(self) -> str:
+        return f"OpenAIEngine(configured={self._client is not None})"
+
+    def close(self) -> None:
+        """Close the HTTP connection pool."""
+        if self._client is not None:
+            self._client.close()
+
+    # ------------------------------------------------------------------ public entry point
+
+    def run(
+        self,
+        request: JobRequest,
+        progress: Callable[[Progress], None] | None = None,
+        cancelled: Callable[[], bool] | None = None,
+    ) -> JobResult:
+        """Run one job and return its images, or raise ``WorkerError`` with a member-facing reason.
+
+        ``progress`` gets 0 % at the start, then a report after each completed API request;
+        ``cancelled`` is polled while requests are in flight and between retries.
+        """
+        started = time.monotonic()
+        is_cancelled: Stop = cancelled or (lambda: False)
+        report = _Reporter(request.job_id, progress)
+        report(0, 0, 1)
+
+        if request.kind is JobKind.UPSCALE:
+            return self._upscale(request, started, report)
+        if request.kind is JobKind.CROP:
+            raise WorkerError(ErrorCode.BAD_INPUT, "A crop needs no engine; the bot makes it from the grid.")
+        spec = model_spec(request.openai_model)
+        if self._client is None:
+            log.warning("OpenAI job %s refused: OPENAI_API_KEY is not set", request.job_id)
+            raise WorkerError(ErrorCode.ENGINE_UNAVAILABLE, UNAVAILABLE_MESSAGE)
+        if is_cancelled():
+            raise WorkerError(ErrorCode.CANCELLED, "The job was cancelled.")
+
+        plan = self._plan(request, spec)
+        outcomes = self._execute(plan, request.job_id, report, is_cancelled)
+
+        images = [
+            ImageOut(data=encode_png(png), width=w, height=h) for o in outcomes for png, w, h in o.images
+        ]
+        if not images:
+            raise WorkerError(ErrorCode.ENGINE_ERROR, "OpenAI returned no images. Please try again.")
+        revised = [p for o in outcomes for p in o.revised_prompts]
+        info: dict[str, Any] = {
+            "model": plan.model,
+            "requested_model": spec.name,
+            "size": size_text(plan.size),
+            "requests": len(plan.calls),
+            "attempts": sum(o.attempts for o in outcomes),
+            "seed_note": SEED_NOTE,
+            "notes": [*plan.notes, SEED_NOTE],
+            "elapsed_s": round(time.monotonic() - started, 3),
+        }
+        if revised:
+            info["revised_prompts"] = revised
+        report(100, len(plan.calls), len(plan.calls))
+        return JobResult(
+            job_id=request.job_id, images=images, seed=request.seed, engine=Engine.DALLE, info=info
+        )
+
+    # ------------------------------------------------------------------ planning
+
+    def _plan(self, request: JobRequest, spec: ModelSpec) -> _Plan:
+        kind = request.kind
+        if kind in (JobKind.IMAGINE, JobKind.REROLL):
+            return self._plan_generate(request, spec)
+        image = _input_image(request)
+        if kind is JobKind.VARIATION:
+            return self._plan_variation(request, spec, image)
+        if kind is JobKind.ZOOM:
+            scale = request.scale if request.scale is not None else 2.0
+            return self._plan_outpaint(request, spec, image, canvas.zoom_layout(image.size, scale), "zoom")
+        if kind is JobKind.PAN:
+            if request.direction is None:
+                raise WorkerError(ErrorCode.BAD_INPUT, "Pan needs a direction.")
+            layout = canvas.pan_layout(image.size, request.direction)
+            return self._plan_outpaint(request, spec, image, layout, "pan")
+        if kind is JobKind.SQUARE:
+            if image.width == image.height:
+                raise WorkerError(ErrorCode.BAD_INPUT, "This image is already square.")
+            return self._plan_outpaint(request, spec, image, canvas.square_layout(image.size), "square")
+        raise WorkerError(ErrorCode.BAD_INPUT, f"The api engine cannot run {kind.value} jobs.")
+
+    def _plan_generate(self, request: JobRequest, spec: ModelSpec) -> _Plan:
+        params = request.params
+        size = nearest_size(spec.sizes, params.width, params.height)
+        options: dict[str, Any] = {
+            "model": spec.name,
+            "prompt": _prompt(params, spec),
+            "size": size_text(size),
+        }
+        if spec.response_format:
+            options["response_format"] = "b64_json"
+        if quality := quality_option(spec, params.quality):
+            options["quality"] = quality
+        if style := style_option(spec, params.stylize):
+            options["style"] = style
+        calls = [
+            _Call(lambda client, n=n: client.images.generate(n=n, **options), n)
+            for n in _batches(request.count, spec.max_n)
+        ]
+        notes = []
+        if spec.max_n == 1 and len(calls) > 1:
+            notes.append(f"{spec.name} makes one image per request: {len(calls)} requests were sent.")
+        return _Plan(calls, spec.name, size, notes + _ignored_params(params))
+
+    def _plan_variation(self, request: JobRequest, spec: ModelSpec, image: Image.Image) -> _Plan:
+        notes: list[str] = []
+        if spec.variations:
+            # dall-e-2's own endpoint: square input, no prompt, which is what it is good at.
+            size = (1024, 1024)
+            if image.width != image.height:
+                notes.append("dall-e-2 variations are square: the centre of the image was used.")
+            png = imaging.encode_png(canvas.centre_square(image, size[0]))
+            upload = ("image.png", png, "image/png")
+            calls = [
+                _Call(
+                    lambda client, n=n: client.images.create_variation(
+                        image=upload, model=spec.name, n=n, size=size_text(size), response_format="b64_json"
+                    ),
+                    n,
+                )
+                for n in _batches(request.count, spec.max_n)
+            ]
+            return _Plan(calls, spec.name, size, notes)
+
+        # dall-e-3 has neither variations nor edits. A gpt-image-1 edit keeps the image's aspect
+        # ratio and follows the prompt; dall-e-2's variation endpoint would force a square and a
+        # different, older look, so gpt-image-1 is the closer fallback.
+        edit_spec = spec if spec.edits else model_spec(EDIT_FALLBACK_MODEL)
+        if edit_spec is not spec:
+            notes.append(f"{spec.name} has no variations: made with {edit_spec.name} image edits.")
+        subtle = request.strength is not None and request.strength < SUBTLE_BELOW
+        instruction = (
+            "A subtle variation of the input image: keep its composition, subject, palette and "
+            "style; change only small details."
+            if subtle
+            else "A strong variation of the input image: same subject and style, with a freely "
+            "reimagined composition, pose and details."
+        )
+        size = nearest_size(edit_spec.edit_sizes, image.width, image.height)
+        options = self._edit_options(edit_spec, request.params, size, instruction)
+        if edit_spec.name == "gpt-image-1":
+            # The nearest thing the API has to a denoise strength.
+            options["input_fidelity"] = "high" if subtle else "low"
+        upload = ("image.png", imaging.encode_png(image.convert("RGB")), "image/png")
+        calls = [
+            _Call(lambda client, n=n: client.images.edit(image=upload, n=n, **options), n)
+            for n in _batches(request.count, edit_spec.max_n)
+        ]
+        return _Plan(calls, edit_spec.name, size, notes)
+
+    def _plan_outpaint(
+        self, request: JobRequest, spec: ModelSpec, image: Image.Image, layout: canvas.Layout, what: str
+    ) -> _Plan:
+        notes: list[str] = []
+        edit_spec = spec if spec.edits else model_spec(EDIT_FALLBACK_MODEL)
+        if edit_spec is not spec:
+            notes.append(f"{spec.name} cannot edit images: this {what} was made with {edit_spec.name}.")
+        sizes = edit_spec.edit_sizes
+        if edit_spec.square_edits and abs(layout.width - layout.height) > 1:
+            notes.append(f"{edit_spec.name} edits are square: the result is square.")
+        for index in range(len(sizes)):
+            # dall-e-2 refuses uploads of 4 MB or more; a busy 1024² RGBA PNG can reach that.
+            candidates = sizes[index:] if edit_spec.square_edits else sizes
+            padded, mask, size = canvas.outpaint_canvas(image, layout, candidates)
+            image_png, mask_png = imaging.encode_png(padded), imaging.encode_png(mask)
+            if not edit_spec.square_edits or max(len(image_png), len(mask_png)) < DALLE2_MAX_UPLOAD:
+                break
+        else:
+            raise WorkerError(ErrorCode.BAD_INPUT, "The image is too large to send to OpenAI.")
+        options = self._edit_options(edit_spec, request.params, size, None)
+        upload = ("image.png", image_png, "image/png")
+        mask_upload = ("mask.png", mask_png, "image/png")
+        calls = [
+            _Call(lambda client, n=n: client.images.edit(image=upload, mask=mask_upload, n=n, **options), n)
+            for n in _batches(request.count, edit_spec.max_n)
+        ]
+        return _Plan(calls, edit_spec.name, size, notes)
+
+    @staticmethod
+    def _edit_options(
+        spec: ModelSpec, params: GenerationParams, size: Size, instruction: str | None
+    ) -> dict[str, Any]:
+        options: dict[str, Any] = {
+            "model": spec.name,
+            "prompt": _prompt(params, spec, instruction),
+            "size": size_text(size),
+        }
+        if spec.response_format:
+            options["response_format"] = "b64_json"
+        if quality := quality_option(spec, params.quality):
+            options["quality"] = quality
+        return options
+
+    # ------------------------------------------------------------------ execution
+
+    def _execute(self, plan: _Plan, job_id: str, report: _Reporter, is_cancelled: Stop) -> list[_Outcome]:
+        """Run the plan's requests concurrently; the first failure (or a cancel) stops the rest."""
+        abort = threading.Event()
+        total = len(plan.calls)
+        outcomes: list[_Outcome | None] = [None] * total
+        executor = ThreadPoolExecutor(max_workers=min(total, 10), thread_name_prefix=f"openai-{job_id[:8]}")
+        try:
+            futures: dict[Future[_Outcome], int] = {
+                executor.submit(self._call_with_retries, call, plan.model, abort): index
+                for index, call in enumerate(plan.calls)
+            }
+            pending = set(futures)
+            finished = 0
+            while pending:
+                done, pending = wait(pending, timeout=self._poll_s, return_when=FIRST_COMPLETED)
+                for future in done:
+                    outcomes[futures[future]] = future.result()
+                    finished += 1
+                    if finished < total:  # the caller reports 100 % once the images are ready
+                        report(round(100 * finished / total), finished, total)
+                if pending and is_cancelled():
+                    raise WorkerError(ErrorCode.CANCELLED, "The job was cancelled.")
+        except BaseException:
+            abort.set()  # requests not yet sent are dropped; in-flight ones finish unread
+            raise
+        finally:
+            executor.shutdown(wait=False, cancel_futures=True)
+        return [o for o in outcomes if o is not None]
+
+    def _call_with_retries(self, call: _Call, model: str, abort: threading.Event) -> _Outcome:
+        """Send one request, retrying 429/5xx/connection errors with backoff; runs on a pool thread."""
+        attempts = self._max_retries + 1
+        secret = self._secret.get_secret_value()
+        assert self._client is not None
+        for attempt in range(attempts):
+            if abort.is_set() or not self._limiter.acquire(stop=abort.is_set):
+                raise _Stopped
+            try:
+                response = call.send(self._client)
+            except openai.APITimeoutError as exc:
+                log.warning("OpenAI request timed out after %.0fs (%s)", self._timeout_s, model)
+                raise to_worker_error(exc, model, secret) from None
+            except openai.APIStatusError as exc:
+                delay = self._retry_delay(exc, attempt) if is_retryable(exc) else None
+                if delay is None or attempt == attempts - 1:
+                    log.warning("OpenAI request failed (%s): %s", model, describe(exc, secret))
+                    raise to_worker_error(exc, model, secret) from None
+                reason = describe(exc, secret)
+            except openai.APIConnectionError as exc:
+                if attempt == attempts - 1:
+                    log.warning("OpenAI request failed (%s): %s", model, describe(exc, secret))
+                    raise to_worker_error(exc, model, secret) from None
+                delay = self._backoff(attempt)
+                reason = describe(exc, secret)
+            except openai.OpenAIError as exc:
+                log.warning("OpenAI request failed (%s): %s", model, describe(exc, secret))
+                raise to_worker_error(exc, model, secret) from None
+            else:
+                return self._collect(response, attempt + 1)
+            log.warning(
+                "OpenAI request retry %d/%d in %.2fs (%s): %s",
+                attempt + 1,
+                self._max_retries,
+                delay,
+                model,
+                reason,
+            )
+            if self._sleep is not None:
+                self._sleep(delay)
+            elif abort.wait(delay):
+                raise _Stopped
+        raise AssertionError("unreachable")  # pragma: no cover - the loop always returns or raises
+
+    def _retry_delay(self, exc: openai.APIStatusError, attempt: int) -> float | None:
+        """The server's ``retry-after`` when it sent one (None: longer than we are willing to wait)."""
+        wanted = retry_after_s(exc)
+        if wanted is None:
+            return self._backoff(attempt)
+        return wanted if wanted <= self._max_retry_after_s else None
+
+    def _backoff(self, attempt: int) -> float:
+        # Jitter keeps a dall-e-3 grid's four requests from retrying in lockstep.
+        return min(self._backoff_max_s, self._backoff_base_s * 2**attempt) * (0.75 + 0.25 * random.random())
+
+    def _collect(self, response: Any, attempts: int) -> _Outcome:
+        """Decode the response's images (b64 or URL) into clean PNGs without metadata."""
+        images: list[tuple[bytes, int, int]] = []
+        revised: list[str] = []
+        for item in response.data or []:
+            if item.b64_json:
+                try:
+                    raw = base64.b64decode(item.b64_json, validate=True)
+                except (binascii.Error, ValueError):
+                    raise WorkerError(ErrorCode.ENGINE_ERROR, "OpenAI returned a corrupt image.") from None
+            elif item.url:
+                raw = self._download(item.url)
+            else:
+                continue
+            images.append(_clean_output(raw))
+            if getattr(item, "revised_prompt", None):
+                revised.append(item.revised_prompt)
+        return _Outcome(images, revised, attempts)
+
+    def _download(self, url: str) -> bytes:
+        """Fetch a ``url`` response (models without b64 output); no API key is sent with it."""
+        if not url.startswith(("https://", "http://")):
+            raise WorkerError(ErrorCode.ENGINE_ERROR, "OpenAI returned an unusable image link.")
+        try:
+            with urllib.request.urlopen(url, timeout=self._timeout_s) as response:
+                data = response.read(MAX_DOWNLOAD + 1)
+        except TimeoutError:
+            raise WorkerError(ErrorCode.TIMEOUT, "Downloading the image from OpenAI timed out.") from None
+        except OSError:
+            raise WorkerError(
+                ErrorCode.ENGINE_ERROR, "The image could not be downloaded from OpenAI."
+            ) from None
+        if len(data) > MAX_DOWNLOAD:
+            raise WorkerError(ErrorCode.ENGINE_ERROR, "OpenAI returned an image that is too large.")
+        return data
+
+    # ------------------------------------------------------------------ local work
+
+    def _upscale(self, request: JobRequest, started: float, report: _Reporter) -> JobResult:
+        image = _input_image(request)
+        factor = request.scale if request.scale is not None else 2.0
+        bigger = canvas.upscale_lanczos(image, factor)
+        note = UPSCALE_NOTE if factor == 2.0 else UPSCALE_NOTE.replace("2x", f"{factor:g}x")
+        out = ImageOut(data=encode_png(imaging.encode_png(bigger)), width=bigger.width, height=bigger.height)
+        report(100, 1, 1)
+        return JobResult(
+            job_id=request.job_id,
+            images=[out],
+            seed=request.seed,
+            engine=Engine.DALLE,
+            info={
+                "model": "lanczos",
+                "upscaler": "lanczos",
+                "notes": [note],
+                "elapsed_s": round(time.monotonic() - started, 3),
+            },
+        )
+
+
+class _Reporter:
+    """Sends ``Progress`` to the task's callback; a failing callback never fails the job."""
+
+    def __init__(self, job_id: str, callback: Callable[[Progress], None] | None) -> None:
+        self._job_id = job_id
+        self._callback = callback
+
+    def __call__(self, percent: int, step: int, total: int) -> None:
+        if self._callback is None:
+            return
+        try:
+            self._callback(Progress(job_id=self._job_id, percent=percent, step=step, total_steps=total))
+        except Exception:  # progress is cosmetic: log and carry on
+            log.exception("progress callback failed for job %s", self._job_id)
+
+
+def make_client(settings: WorkerSettings, *, timeout_s: float | None = None) -> openai.OpenAI:
+    """The official client for these settings, with the client's own retries off (see module doc)."""
+    return openai.OpenAI(
+        api_key=settings.openai_api_key.get_secret_value().strip(),
+        base_url=settings.openai_base_url or None,  # None: OPENAI_BASE_URL or the public API
+        timeout=timeout_s if timeout_s is not None else settings.openai_timeout_s,
+        max_retries=0,
+    )
+
+
+def check_credentials(settings: WorkerSettings, *, models: tuple[str, ...] = ()) -> str | None:
+    """None if the API key works (and ``models`` are listed), else a message for admins without the key.
+
+    Lists models, the cheapest authenticated call, with a short timeout so a worker's start is not
+    held up by a slow network.
+    """
+    key = settings.openai_api_key.get_secret_value().strip()
+    if not key:
+        return "OPENAI_API_KEY is not set: the DALL-E engine is disabled until it is."
+    client = make_client(settings, timeout_s=min(settings.openai_timeout_s, 15.0))
+    try:
+        available = {model.id for model in client.models.list()}
+    except openai.AuthenticationError:
+        return "OpenAI rejected OPENAI_API_KEY (401): the DALL-E engine will fail until it is fixed."
+    except openai.PermissionDeniedError:
+        return "OPENAI_API_KEY may not list models (403): check the key's permissions and project."
+    except openai.APITimeoutError:
+        return "OpenAI did not answer the credentials check in time; the DALL-E engine may not work."
+    except openai.APIConnectionError:
+        return "Could not reach the OpenAI API (check OPENAI_BASE_URL and the network)."
+    except openai.APIStatusError as exc:
+        return f"The OpenAI credentials check failed: {describe(exc, key)}"
+    finally:
+        client.close()
+    missing = [m for m in models if m not in available]
+    if missing:
+        return f"OpenAI models not available to this key: {', '.join(missing)}."
+    return None
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _prompt(params: GenerationParams, spec: ModelSpec, instruction: str | None = None) -> str:
+    """The prompt sent to the API, with the negative prompt as an ``Avoid:`` sentence.
+
+    The Images API has no negative-prompt parameter. Listing the unwanted things bare would ask
+    for them (these models read the prompt as a description), so they go last as an explicit
+    instruction, which DALL-E 3 and GPT image models follow reasonably well.
+    """
+    parts = [params.prompt.strip()]
+    if instruction:
+        parts.append(instruction)
+    if params.negative_prompt.strip():
+        parts.append(f"Avoid: {params.negative_prompt.strip()}.")
+    prompt = "\n\n".join(parts)
+    if len(prompt) > spec.prompt_limit:
+        raise WorkerError(
+            ErrorCode.BAD_INPUT,
+            f"The prompt is too long for {spec.name}: {len(prompt)} characters, the limit is "
+            f"{spec.prompt_limit} (the --no text counts too).",
+        )
+    return prompt
+
+
+def _ignored_params(params: GenerationParams) -> list[str]:
+    """Member-facing notes for parameters the API cannot honour."""
+    notes = []
+    if params.tile:
+        notes.append("--tile is not supported by the OpenAI engine and was ignored.")
+    if params.steps is not None or params.sampler.value != "dpm":
+        notes.append("--steps and --sampler only apply to SDXL and were ignored.")
+    return notes
+
+
+def _batches(count: int, max_n: int) -> list[int]:
+    """Split ``count`` images into requests of at most ``max_n`` (dall-e-3: 4 requests of 1)."""
+    count = max(1, count)
+    full, rest = divmod(count, max_n)
+    return [max_n] * full + ([rest] if rest else [])
+
+
+def _input_image(request: JobRequest) -> Image.Image:
+    """The job's input image, or ``BAD_INPUT`` when missing or corrupt."""
+    if not request.input_image:
+        raise WorkerError(ErrorCode.BAD_INPUT, f"A {request.kind.value} job needs an input image.")
+    try:
+        data = decode_png(request.input_image)
+    except (binascii.Error, ValueError):
+        raise WorkerError(ErrorCode.BAD_INPUT, "The input image could not be read (bad encoding).") from None
+    return imaging.decode_image(data)
+
+
+def _clean_output(raw: bytes) -> tuple[bytes, int, int]:
+    """An API image re-encoded as a metadata-free PNG (the API may embed C2PA provenance data)."""
+    try:
+        with Image.open(io.BytesIO(raw)) as image:
+            image.load()
+            rgb = image.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+        raise WorkerError(
+            ErrorCode.ENGINE_ERROR, "OpenAI returned an image that could not be read."
+        ) from None
+    return imaging.encode_png(rgb), rgb.width, rgb.height
+
+
+__all__ = ["OpenAIEngine", "check_credentials", "make_client", "redact"]
