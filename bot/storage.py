@@ -1,0 +1,452 @@
+"""The media store: where result images live (a local folder by default, or S3-compatible storage).
+
+Images are kept by the bot rather than linked from Discord's CDN, whose URLs expire. Everything
+that touches the disk or the network runs in a thread so the event loop never blocks on it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import os
+import re
+import tempfile
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from PIL import Image as PILImage
+from PIL import ImageOps
+from sqlalchemy import select
+
+from bot.models import Image, Job
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncSession
+
+    from bot.settings import BotSettings
+
+log = logging.getLogger(__name__)
+
+THUMBNAIL_MAX_SIDE = 384
+THUMBNAIL_QUALITY = 80
+MAX_KEY_LENGTH = 255  # Image.key is a String(255)
+EXIF_ORIENTATION = 0x0112
+
+# One path segment: starts with a letter, digit, "_" or "-" (so never "." / ".." / a hidden
+# file), then the same plus dots. Job ids (token_urlsafe) and our own names all fit.
+_SEGMENT = r"[A-Za-z0-9_\-][A-Za-z0-9_.\-]*"
+_KEY_RE = re.compile(rf"{_SEGMENT}(?:/{_SEGMENT})*")
+
+# Pillow format name → (file extension, content type) for the formats we accept and re-encode.
+FORMATS: dict[str, tuple[str, str]] = {
+    "PNG": ("png", "image/png"),
+    "JPEG": ("jpg", "image/jpeg"),
+    "MPO": ("jpg", "image/jpeg"),  # a JPEG with extra frames (some cameras); the first frame is kept
+    "WEBP": ("webp", "image/webp"),
+}
+
+
+class MediaNotFound(LookupError):
+    """No object is stored under the requested key."""
+
+
+def validate_key(key: str) -> str:
+    """Return ``key`` if it is a safe relative object key, else raise ``ValueError``.
+
+    Keys end up as file paths in the local store, so anything that could climb out of the root
+    (``..``, absolute paths, backslashes, NUL bytes, empty segments) is refused for every store.
+    """
+    if not isinstance(key, str) or not key or len(key) > MAX_KEY_LENGTH:
+        raise ValueError(f"invalid media key: {key!r}")
+    if ".." in key.split("/") or not _KEY_RE.fullmatch(key):
+        raise ValueError(f"invalid media key: {key!r}")
+    return key
+
+
+class MediaStore(ABC):
+    """Bytes by key. Keys are relative, slash-separated paths such as ``jobs/<id>/0.png``."""
+
+    @abstractmethod
+    async def put(self, key: str, data: bytes, content_type: str) -> None:
+        """Store ``data`` under ``key``, replacing any previous object atomically."""
+
+    @abstractmethod
+    async def get(self, key: str) -> bytes:
+        """The bytes under ``key``; raises ``MediaNotFound`` when there are none."""
+
+    @abstractmethod
+    async def exists(self, key: str) -> bool:
+        """Whether an object is stored under ``key``."""
+
+    @abstractmethod
+    async def delete(self, key: str) -> None:
+        """Remove the object under ``key``; a missing object is not an error."""
+
+
+class LocalMediaStore(MediaStore):
+    """Objects as files under ``root``; writes go to a temporary file that is then renamed."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root).resolve()
+
+    def path_for(self, key: str) -> Path:
+        """The file for ``key``, refusing keys that would resolve outside the root."""
+        path = (self.root / validate_key(key)).resolve()
+        # The key check already forbids "..", but a symlink planted inside the root could still
+        # point elsewhere; resolving and comparing catches that too.
+        if not path.is_relative_to(self.root):
+            raise ValueError(f"invalid media key: {key!r}")
+        return path
+
+    async def put(self, key: str, data: bytes, content_type: str) -> None:
+        """Write ``data`` to a temporary file beside the target, fsync it, then rename it over."""
+        path = self.path_for(key)
+        await asyncio.to_thread(_atomic_write, path, data)
+
+    async def get(self, key: str) -> bytes:
+        """Read the file for ``key``."""
+        path = self.path_for(key)
+        try:
+            return await asyncio.to_thread(path.read_bytes)
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise MediaNotFound(key) from None
+
+    async def exists(self, key: str) -> bool:
+        """Whether the file for ``key`` exists."""
+        path = self.path_for(key)
+        return await asyncio.to_thread(path.is_file)
+
+    async def delete(self, key: str) -> None:
+        """Remove the file for ``key`` if present."""
+        path = self.path_for(key)
+        await asyncio.to_thread(path.unlink, missing_ok=True)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # The temporary file lives in the target's folder so the rename stays on one filesystem,
+    # which is what makes os.replace atomic: readers see the old file or the new one, never half.
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp_name, 0o644)  # mkstemp makes 0600; a separate web server may need to read it
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+
+
+class S3MediaStore(MediaStore):
+    """An S3-compatible bucket (AWS, MinIO, Cloudflare R2, Backblaze B2…) through boto3.
+
+    boto3 is synchronous and optional (the ``s3`` extra), so it is imported on first use and
+    every call runs in a worker thread. boto3 clients are thread-safe; one is shared.
+    """
+
+    def __init__(
+        self,
+        bucket: str,
+        *,
+        endpoint_url: str | None = None,
+        region: str | None = None,
+        access_key: str | None = None,
+        secret_key: str | None = None,
+        prefix: str = "",
+        client: Any = None,
+    ) -> None:
+        if not bucket:
+            raise ValueError("S3MediaStore needs a bucket name")
+        self.bucket = bucket
+        self.endpoint_url = endpoint_url or None
+        self.region = region or None
+        # Empty credentials mean "use boto3's own chain" (environment, instance role…).
+        self._access_key = access_key or None
+        self._secret_key = secret_key or None
+        self.prefix = prefix.strip("/")
+        self._client = client
+
+    def _object_key(self, key: str) -> str:
+        validate_key(key)
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    @property
+    def client(self) -> Any:
+        """The boto3 S3 client, created on first use."""
+        if self._client is None:
+            try:
+                import boto3
+            except ImportError as exc:  # pragma: no cover - depends on the optional extra
+                raise RuntimeError("the S3 media store needs boto3: pip install 'mirage-bot[s3]'") from exc
+            self._client = boto3.client(
+                "s3",
+                endpoint_url=self.endpoint_url,
+                region_name=self.region,
+                aws_access_key_id=self._access_key,
+                aws_secret_access_key=self._secret_key,
+            )
+        return self._client
+
+    @staticmethod
+    def _is_missing(exc: Exception) -> bool:
+        response = getattr(exc, "response", None)
+        if not isinstance(response, dict):
+            return False
+        code = str(response.get("Error", {}).get("Code", ""))
+        return code in {"404", "NoSuchKey", "NotFound"}
+
+    async def put(self, key: str, data: bytes, content_type: str) -> None:
+        """Upload ``data``; a single PUT replaces the object atomically on S3."""
+        object_key = self._object_key(key)
+        await asyncio.to_thread(
+            self.client.put_object,
+            Bucket=self.bucket,
+            Key=object_key,
+            Body=data,
+            ContentType=content_type,
+        )
+
+    async def get(self, key: str) -> bytes:
+        """Download the object for ``key``."""
+        object_key = self._object_key(key)
+
+        def _get() -> bytes:
+            try:
+                response = self.client.get_object(Bucket=self.bucket, Key=object_key)
+            except Exception as exc:
+                if self._is_missing(exc):
+                    raise MediaNotFound(key) from None
+                raise
+            body = response["Body"]
+            try:
+                return bytes(body.read())
+            finally:
+                body.close()
+
+        return await asyncio.to_thread(_get)
+
+    async def exists(self, key: str) -> bool:
+        """Whether the object exists (a HEAD request)."""
+        object_key = self._object_key(key)
+
+        def _head() -> bool:
+            try:
+                self.client.head_object(Bucket=self.bucket, Key=object_key)
+            except Exception as exc:
+                if self._is_missing(exc):
+                    return False
+                raise
+            return True
+
+        return await asyncio.to_thread(_head)
+
+    async def delete(self, key: str) -> None:
+        """Delete the object; S3 treats a missing key as success already."""
+        object_key = self._object_key(key)
+        await asyncio.to_thread(self.client.delete_object, Bucket=self.bucket, Key=object_key)
+
+
+def _secret(value: Any) -> str:
+    if value is None:
+        return ""
+    getter = getattr(value, "get_secret_value", None)
+    return str(getter() if getter else value)
+
+
+def make_store(settings: BotSettings) -> MediaStore:
+    """The store the settings ask for: ``media_backend`` "local" (default, ``media_dir``) or "s3"."""
+    backend = str(getattr(settings, "media_backend", "local") or "local").lower()
+    if backend == "local":
+        return LocalMediaStore(Path(settings.media_dir))
+    if backend == "s3":
+        bucket = str(getattr(settings, "s3_bucket", "") or "")
+        if not bucket:
+            raise ValueError("MEDIA_BACKEND=s3 needs S3_BUCKET")
+        return S3MediaStore(
+            bucket,
+            endpoint_url=getattr(settings, "s3_endpoint_url", None) or None,
+            region=getattr(settings, "s3_region", None) or None,
+            access_key=_secret(getattr(settings, "s3_access_key", None)) or None,
+            secret_key=_secret(getattr(settings, "s3_secret_key", None)) or None,
+            prefix=str(getattr(settings, "s3_prefix", "") or ""),
+        )
+    raise ValueError(f"unknown media backend {backend!r} (expected 'local' or 's3')")
+
+
+# --- image processing -----------------------------------------------------------------------
+
+
+def strip_metadata(data: bytes) -> bytes:
+    """Re-encode a PNG, JPEG or WebP with no EXIF, XMP, text chunks or ICC profile.
+
+    Pixels are kept (PNG and WebP lossless stay lossless; JPEG keeps its own quantisation where it
+    can). An EXIF orientation is applied to the pixels first, so dropping the tag does not turn
+    a photo sideways. Raises ``ValueError`` for anything that is not one of those formats.
+    """
+    try:
+        img = PILImage.open(io.BytesIO(data))
+        img.load()
+    except (OSError, SyntaxError, PILImage.DecompressionBombError) as exc:
+        raise ValueError(f"not a readable image: {exc}") from exc
+    fmt = img.format or ""
+    if fmt not in FORMATS:
+        raise ValueError(f"unsupported image format {fmt!r}")
+
+    # exif_transpose always returns a copy, which would lose the JPEG quantisation tables, so
+    # it is only called when there is an orientation to apply.
+    rotated = img.getexif().get(EXIF_ORIENTATION, 1) in range(2, 9)
+    out_img = ImageOps.exif_transpose(img) if rotated else img
+    # Pillow's encoders fall back to im.info for some chunks (the PNG ICC profile, for one), so
+    # the info dict is emptied rather than merely not passed on. Palette transparency is pixel
+    # data, not metadata, and must survive.
+    transparency = img.info.get("transparency")
+    out_img.info = {} if transparency is None else {"transparency": transparency}
+    out_img.encoderinfo = {}
+
+    out = io.BytesIO()
+    if fmt == "PNG":
+        out_img.save(out, "PNG", compress_level=6)
+    elif fmt in ("JPEG", "MPO"):
+        if out_img.mode not in ("RGB", "L", "CMYK"):
+            out_img = out_img.convert("RGB")
+        if not rotated and fmt == "JPEG":
+            # Re-use the source's quantisation tables and subsampling: no further quality loss.
+            out_img.save(out, "JPEG", quality="keep")
+        else:
+            out_img.save(out, "JPEG", quality=95)
+    else:
+        lossless = _webp_is_lossless(data)
+        out_img.save(out, "WEBP", lossless=lossless, quality=100 if lossless else 95, method=4)
+    return out.getvalue()
+
+
+def _webp_is_lossless(data: bytes) -> bool:
+    """Whether a WebP's image chunk is VP8L (lossless) rather than VP8 (lossy)."""
+    offset = 12  # past "RIFF", the size and "WEBP"
+    while offset + 8 <= len(data):
+        fourcc = data[offset : offset + 4]
+        if fourcc == b"VP8L":
+            return True
+        if fourcc == b"VP8 ":
+            return False
+        size = int.from_bytes(data[offset + 4 : offset + 8], "little")
+        offset += 8 + size + (size & 1)  # chunks are padded to an even length
+    return False
+
+
+def _probe(data: bytes) -> tuple[str, int, int]:
+    try:
+        with PILImage.open(io.BytesIO(data)) as img:
+            fmt = img.format or ""
+            width, height = img.size
+    except (OSError, SyntaxError, PILImage.DecompressionBombError) as exc:
+        raise ValueError(f"not a readable image: {exc}") from exc
+    if fmt not in FORMATS:
+        raise ValueError(f"unsupported image format {fmt!r}")
+    return fmt, width, height
+
+
+def _prepare(data: bytes, keep_metadata: bool) -> tuple[bytes, str, int, int]:
+    if not keep_metadata:
+        data = strip_metadata(data)
+    fmt, width, height = _probe(data)
+    return data, fmt, width, height
+
+
+def job_image_key(job_id: str, index: int, ext: str = "png") -> str:
+    """The store key of a job's image ``index`` (0 = grid or single image, 1-4 = tiles)."""
+    return validate_key(f"jobs/{job_id}/{index}.{ext}")
+
+
+def thumbnail_key(key: str, max_side: int = THUMBNAIL_MAX_SIDE) -> str:
+    """The derived key under which the thumbnail of ``key`` is cached."""
+    validate_key(key)
+    stem = key.rsplit(".", 1)[0] if "." in key.rsplit("/", 1)[-1] else key
+    return validate_key(f"thumbs/{max_side}/{stem}.webp")
+
+
+async def save_job_images(
+    store: MediaStore,
+    session: AsyncSession,
+    job: Job,
+    images: list[tuple[int, bytes]],
+    *,
+    keep_metadata: bool = False,
+) -> list[Image]:
+    """Store a job's images and add (or update) their ``Image`` rows; returns them by index.
+
+    Bytes are stored under ``jobs/<job id>/<index>.<ext>`` with metadata stripped unless
+    ``keep_metadata`` (the owner's opt-in). Saving again for the same job and index replaces the
+    bytes and updates the existing row instead of adding a second one, so a retried delivery is
+    harmless. Bytes are written before the rows so a row never points at a missing object. The
+    rows are flushed, not committed: the caller owns the transaction.
+    """
+    for index, _ in images:
+        if not isinstance(index, int) or index < 0:
+            raise ValueError(f"invalid image index {index!r}")
+
+    existing = {
+        row.index: row for row in (await session.scalars(select(Image).where(Image.job_id == job.id))).all()
+    }
+    saved: dict[int, Image] = {}
+    for index, raw in images:
+        # Decoding and re-encoding a 2048px PNG takes a while; keep it off the event loop.
+        data, fmt, width, height = await asyncio.to_thread(_prepare, raw, keep_metadata)
+        ext, content_type = FORMATS[fmt]
+        key = job_image_key(job.id, index, ext)
+        await store.put(key, data, content_type)
+
+        row = existing.get(index)
+        if row is None:
+            row = Image(
+                job_id=job.id, index=index, key=key, width=width, height=height, content_type=content_type
+            )
+            session.add(row)
+            existing[index] = row
+        else:
+            old_key = row.key
+            row.key, row.width, row.height, row.content_type = key, width, height, content_type
+            # New bytes make the cached thumbnail stale; a changed format leaves an orphan file.
+            for stale in {thumbnail_key(old_key), thumbnail_key(key)}:
+                await store.delete(stale)
+            if old_key != key:
+                await store.delete(old_key)
+        saved[index] = row
+    await session.flush()
+    return [saved[index] for index in sorted(saved)]
+
+
+def _make_thumbnail(data: bytes, max_side: int) -> bytes:
+    with PILImage.open(io.BytesIO(data)) as img:
+        img.draft("RGB", (max_side, max_side))  # JPEG: decode at a reduced scale, much faster
+        img = ImageOps.exif_transpose(img)
+        if img.mode not in ("RGB", "RGBA"):
+            img = img.convert("RGBA" if "A" in img.getbands() or "transparency" in img.info else "RGB")
+        img.thumbnail((max_side, max_side), PILImage.Resampling.LANCZOS)
+        img.info = {}
+        out = io.BytesIO()
+        img.save(out, "WEBP", quality=THUMBNAIL_QUALITY, method=4)
+        return out.getvalue()
+
+
+async def thumbnail(store: MediaStore, key: str, max_side: int = THUMBNAIL_MAX_SIDE) -> bytes:
+    """A WebP of the image at ``key`` fitting in ``max_side``², made once and cached in the store.
+
+    Raises ``MediaNotFound`` when the source image is missing. Two concurrent first requests may
+    both render it; the store's atomic put makes that harmless.
+    """
+    if not 16 <= max_side <= 4096:
+        raise ValueError(f"thumbnail size out of range: {max_side}")
+    thumb_key = thumbnail_key(key, max_side)
+    try:
+        return await store.get(thumb_key)
+    except MediaNotFound:
+        pass
+    source = await store.get(key)
+    data = await asyncio.to_thread(_make_thumbnail, source, max_side)
+    await store.put(thumb_key, data, "image/webp")
+    return data

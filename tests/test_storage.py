@@ -1,0 +1,488 @@
+"""The media store: local files, key safety, metadata stripping, job images and thumbnails."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, cast
+
+import pytest
+from PIL import Image as PILImage
+from PIL import ImageCms
+from PIL.PngImagePlugin import PngInfo
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from bot.database import make_engine, upgrade
+from bot.models import Image, Job, JobStatus, Member
+from bot.settings import BotSettings
+from bot.storage import (
+    LocalMediaStore,
+    MediaNotFound,
+    S3MediaStore,
+    make_store,
+    save_job_images,
+    strip_metadata,
+    thumbnail,
+    thumbnail_key,
+)
+
+
+@pytest.fixture
+async def engine(db_url: str) -> AsyncIterator[AsyncEngine]:
+    """A migrated database on each backend.
+
+    Overrides conftest's fixture, which calls ``upgrade`` on the test's running event loop:
+    Alembic's env.py uses ``asyncio.run`` and refuses to nest, so migrate from a thread.
+    """
+    await asyncio.to_thread(upgrade, db_url)
+    eng = make_engine(db_url)
+    try:
+        yield eng
+    finally:
+        await eng.dispose()
+
+
+SECRET = "GPS 51.5007N 0.1246W secret-workflow"
+
+
+def _exif(orientation: int | None = None) -> bytes:
+    exif = PILImage.Exif()
+    exif[0x010E] = SECRET  # ImageDescription
+    exif[0x0131] = "SecretCamera 9000"  # Software
+    if orientation is not None:
+        exif[0x0112] = orientation
+    return exif.tobytes()
+
+
+def _icc() -> bytes:
+    return ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+
+
+def png_with_metadata(size: tuple[int, int] = (64, 48), color: tuple[int, int, int] = (200, 40, 90)) -> bytes:
+    """A PNG carrying a tEXt chunk, an iTXt chunk, EXIF and an ICC profile."""
+    info = PngInfo()
+    info.add_text("parameters", SECRET)
+    info.add_itxt("Comment", SECRET)
+    img = PILImage.new("RGB", size, color)
+    img.putpixel((1, 1), (1, 2, 3))
+    out = io.BytesIO()
+    img.save(out, "PNG", pnginfo=info, exif=_exif(), icc_profile=_icc())
+    return out.getvalue()
+
+
+def plain_png(size: tuple[int, int], color: tuple[int, int, int] = (10, 120, 200)) -> bytes:
+    """A PNG with nothing but pixels."""
+    out = io.BytesIO()
+    PILImage.new("RGB", size, color).save(out, "PNG")
+    return out.getvalue()
+
+
+def _assert_clean(data: bytes) -> None:
+    assert SECRET.encode() not in data
+    assert b"SecretCamera" not in data
+    for chunk in (b"tEXt", b"iTXt", b"zTXt", b"eXIf", b"iCCP", b"Exif\x00\x00", b"ICC_PROFILE"):
+        assert chunk not in data, chunk
+    with PILImage.open(io.BytesIO(data)) as img:
+        assert "exif" not in img.info
+        assert "icc_profile" not in img.info
+        assert not dict(img.getexif())
+        assert not getattr(img, "text", {})
+
+
+# --- LocalMediaStore -----------------------------------------------------------------------
+
+
+async def test_local_put_get_exists_delete(tmp_path: Path) -> None:
+    store = LocalMediaStore(tmp_path)
+    assert not await store.exists("jobs/abc/0.png")
+    with pytest.raises(MediaNotFound):
+        await store.get("jobs/abc/0.png")
+
+    await store.put("jobs/abc/0.png", b"one", "image/png")
+    assert await store.exists("jobs/abc/0.png")
+    assert await store.get("jobs/abc/0.png") == b"one"
+    assert (tmp_path / "jobs" / "abc" / "0.png").read_bytes() == b"one"
+
+    await store.put("jobs/abc/0.png", b"two", "image/png")  # replaces
+    assert await store.get("jobs/abc/0.png") == b"two"
+    # The atomic write leaves no temporary file behind.
+    assert sorted(os.listdir(tmp_path / "jobs" / "abc")) == ["0.png"]
+
+    await store.delete("jobs/abc/0.png")
+    assert not await store.exists("jobs/abc/0.png")
+    await store.delete("jobs/abc/0.png")  # deleting again is fine
+    with pytest.raises(MediaNotFound):
+        await store.get("jobs/abc/0.png")
+
+
+async def test_local_directory_is_not_an_object(tmp_path: Path) -> None:
+    store = LocalMediaStore(tmp_path)
+    await store.put("jobs/abc/0.png", b"x", "image/png")
+    assert not await store.exists("jobs/abc")
+    with pytest.raises(MediaNotFound):
+        await store.get("jobs/abc")
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "",
+        "../escape.png",
+        "jobs/../../escape.png",
+        "jobs/..",
+        "/etc/passwd",
+        "//server/share",
+        "jobs//0.png",
+        "jobs/./0.png",
+        ".hidden",
+        "jobs/abc/",
+        "jobs\\..\\escape.png",
+        "C:/Windows/x",
+        "jobs/a\x00b.png",
+        "jobs/ab c.png",
+        "x" * 300,
+    ],
+)
+async def test_local_rejects_unsafe_keys(tmp_path: Path, key: str) -> None:
+    store = LocalMediaStore(tmp_path / "media")
+    with pytest.raises(ValueError):
+        await store.put(key, b"x", "image/png")
+    with pytest.raises(ValueError):
+        await store.get(key)
+    with pytest.raises(ValueError):
+        await store.exists(key)
+    with pytest.raises(ValueError):
+        await store.delete(key)
+    assert not (tmp_path / "escape.png").exists()
+
+
+async def test_local_rejects_symlink_escape(tmp_path: Path) -> None:
+    root = tmp_path / "media"
+    outside = tmp_path / "outside"
+    root.mkdir()
+    outside.mkdir()
+    (root / "link").symlink_to(outside, target_is_directory=True)
+    store = LocalMediaStore(root)
+    with pytest.raises(ValueError):
+        await store.put("link/x.png", b"x", "image/png")
+    assert not (outside / "x.png").exists()
+
+
+# --- S3MediaStore (against a fake client: the real one needs a server) ---------------------
+
+
+class _ClientError(Exception):
+    def __init__(self, code: str) -> None:
+        super().__init__(code)
+        self.response = {"Error": {"Code": code}}
+
+
+class _Body:
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+
+    def read(self) -> bytes:
+        return self._data
+
+    def close(self) -> None:
+        pass
+
+
+class FakeS3:
+    """Just enough of boto3's S3 client for the store."""
+
+    def __init__(self) -> None:
+        self.objects: dict[tuple[str, str], tuple[bytes, str]] = {}
+
+    def put_object(self, *, Bucket: str, Key: str, Body: bytes, ContentType: str) -> None:
+        self.objects[(Bucket, Key)] = (Body, ContentType)
+
+    def get_object(self, *, Bucket: str, Key: str) -> dict[str, Any]:
+        if (Bucket, Key) not in self.objects:
+            raise _ClientError("NoSuchKey")
+        return {"Body": _Body(self.objects[(Bucket, Key)][0])}
+
+    def head_object(self, *, Bucket: str, Key: str) -> dict[str, Any]:
+        if (Bucket, Key) not in self.objects:
+            raise _ClientError("404")
+        return {}
+
+    def delete_object(self, *, Bucket: str, Key: str) -> None:
+        self.objects.pop((Bucket, Key), None)
+
+
+async def test_s3_store_round_trip_with_prefix() -> None:
+    fake = FakeS3()
+    store = S3MediaStore("bucket", prefix="/mirage/", client=fake)
+    assert not await store.exists("jobs/a/0.png")
+    with pytest.raises(MediaNotFound):
+        await store.get("jobs/a/0.png")
+    await store.put("jobs/a/0.png", b"data", "image/png")
+    assert fake.objects[("bucket", "mirage/jobs/a/0.png")] == (b"data", "image/png")
+    assert await store.exists("jobs/a/0.png")
+    assert await store.get("jobs/a/0.png") == b"data"
+    await store.delete("jobs/a/0.png")
+    assert not await store.exists("jobs/a/0.png")
+    with pytest.raises(ValueError):
+        await store.put("../x", b"x", "image/png")
+
+
+async def test_s3_store_passes_other_errors_through() -> None:
+    class Denied(FakeS3):
+        def head_object(self, *, Bucket: str, Key: str) -> dict[str, Any]:
+            raise _ClientError("AccessDenied")
+
+    with pytest.raises(_ClientError):
+        await S3MediaStore("bucket", client=Denied()).exists("jobs/a/0.png")
+
+
+def test_make_store(tmp_path: Path) -> None:
+    local = make_store(BotSettings(media_dir=tmp_path / "m"))
+    assert isinstance(local, LocalMediaStore)
+    assert local.root == (tmp_path / "m").resolve()
+
+    settings = SimpleNamespace(
+        media_dir=tmp_path,
+        media_backend="s3",
+        s3_bucket="pics",
+        s3_endpoint_url="http://minio:9000",
+        s3_region="auto",
+        s3_access_key="AK",
+        s3_secret_key="SK",
+        s3_prefix="mirage",
+    )
+    s3 = make_store(cast(BotSettings, settings))
+    assert isinstance(s3, S3MediaStore)
+    assert (s3.bucket, s3.endpoint_url, s3.prefix) == ("pics", "http://minio:9000", "mirage")
+
+    with pytest.raises(ValueError):
+        make_store(cast(BotSettings, SimpleNamespace(media_dir=tmp_path, media_backend="s3", s3_bucket="")))
+    with pytest.raises(ValueError):
+        make_store(cast(BotSettings, SimpleNamespace(media_dir=tmp_path, media_backend="ftp")))
+
+
+# --- metadata ------------------------------------------------------------------------------
+
+
+def test_strip_metadata_png() -> None:
+    original = png_with_metadata()
+    assert SECRET.encode() in original and b"iCCP" in original and b"eXIf" in original
+    stripped = strip_metadata(original)
+    _assert_clean(stripped)
+    with PILImage.open(io.BytesIO(original)) as a, PILImage.open(io.BytesIO(stripped)) as b:
+        assert b.format == "PNG"
+        assert a.size == b.size
+        assert a.tobytes() == b.tobytes()  # lossless: same pixels
+
+
+def test_strip_metadata_png_keeps_palette_transparency() -> None:
+    img = PILImage.new("P", (8, 8), 0)
+    img.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
+    img.putpixel((0, 0), 1)
+    out = io.BytesIO()
+    info = PngInfo()
+    info.add_text("Comment", SECRET)
+    img.save(out, "PNG", transparency=0, pnginfo=info)
+    stripped = strip_metadata(out.getvalue())
+    _assert_clean(stripped)
+    with PILImage.open(io.BytesIO(stripped)) as result:
+        assert result.info.get("transparency") == 0
+
+
+def test_strip_metadata_jpeg_and_orientation() -> None:
+    out = io.BytesIO()
+    img = PILImage.new("RGB", (40, 20), (30, 160, 90))
+    img.save(out, "JPEG", quality=90, exif=_exif(orientation=6), icc_profile=_icc(), comment=SECRET)
+    original = out.getvalue()
+    assert SECRET.encode() in original
+    stripped = strip_metadata(original)
+    _assert_clean(stripped)
+    with PILImage.open(io.BytesIO(stripped)) as result:
+        assert result.format == "JPEG"
+        assert "comment" not in result.info
+        # Orientation 6 (rotate 90°) was applied to the pixels before the tag was dropped.
+        assert result.size == (20, 40)
+
+    # Without an orientation the JPEG keeps its own quantisation (no second-generation loss).
+    out = io.BytesIO()
+    img.save(out, "JPEG", quality=90, exif=_exif(), comment=SECRET)
+    stripped = strip_metadata(out.getvalue())
+    _assert_clean(stripped)
+    with PILImage.open(io.BytesIO(out.getvalue())) as a, PILImage.open(io.BytesIO(stripped)) as b:
+        assert a.quantization == b.quantization
+        assert b.size == (40, 20)
+
+
+@pytest.mark.parametrize("lossless", [True, False])
+def test_strip_metadata_webp(lossless: bool) -> None:
+    out = io.BytesIO()
+    img = PILImage.new("RGB", (32, 32), (90, 20, 200))
+    img.save(out, "WEBP", lossless=lossless, exif=_exif(), icc_profile=_icc(), xmp=SECRET.encode())
+    original = out.getvalue()
+    assert SECRET.encode() in original
+    stripped = strip_metadata(original)
+    _assert_clean(stripped)
+    assert b"XMP " not in stripped
+    assert (b"VP8L" in stripped) is lossless
+    with PILImage.open(io.BytesIO(stripped)) as result:
+        assert result.format == "WEBP"
+        if lossless:
+            assert result.convert("RGB").tobytes() == img.tobytes()
+
+
+@pytest.mark.parametrize("data", [b"", b"not an image", b"GIF89a" + b"\0" * 20])
+def test_strip_metadata_rejects_non_images(data: bytes) -> None:
+    with pytest.raises(ValueError):
+        strip_metadata(data)
+
+
+def test_strip_metadata_rejects_other_formats() -> None:
+    out = io.BytesIO()
+    PILImage.new("RGB", (4, 4)).save(out, "GIF")
+    with pytest.raises(ValueError):
+        strip_metadata(out.getvalue())
+
+
+# --- save_job_images -----------------------------------------------------------------------
+
+
+async def make_job(session: AsyncSession, **overrides: Any) -> Job:
+    """A member and a finished public job, flushed."""
+    member = Member(guild_id=1, user_id=overrides.pop("user_id", 42), display_name="Alice")
+    session.add(member)
+    await session.flush()
+    values: dict[str, Any] = {
+        "member_id": member.id,
+        "user_id": member.user_id,
+        "guild_id": 1,
+        "channel_id": 2,
+        "kind": "imagine",
+        "prompt": "a lighthouse at dusk",
+        "params": {},
+        "seed": 7,
+        "engine": "sdxl",
+        "visibility": "public",
+        "status": JobStatus.DONE,
+    }
+    values.update(overrides)
+    job = Job(**values)
+    session.add(job)
+    await session.flush()
+    return job
+
+
+async def _count_images(session: AsyncSession, job_id: str) -> int:
+    return int(await session.scalar(select(func.count()).select_from(Image).where(Image.job_id == job_id)))
+
+
+async def test_save_job_images_strips_and_is_idempotent(
+    sessions: async_sessionmaker[AsyncSession], tmp_path: Path
+) -> None:
+    store = LocalMediaStore(tmp_path / "media")
+    images = [(0, png_with_metadata((128, 128))), *[(i, png_with_metadata((64, 64))) for i in range(1, 5)]]
+    async with sessions() as session:
+        job = await make_job(session)
+        rows = await save_job_images(store, session, job, images)
+        await session.commit()
+    assert [r.index for r in rows] == [0, 1, 2, 3, 4]
+    assert rows[0].key == f"jobs/{job.id}/0.png"
+    assert (rows[0].width, rows[0].height, rows[0].content_type) == (128, 128, "image/png")
+    for row in rows:
+        _assert_clean(await store.get(row.key))
+
+    # Warm a thumbnail, then save again (a retried delivery) with a different grid image.
+    await thumbnail(store, rows[0].key)
+    assert await store.exists(thumbnail_key(rows[0].key))
+    async with sessions() as session:
+        job = await session.get_one(Job, job.id)
+        again = await save_job_images(store, session, job, [(0, plain_png((256, 128))), images[1]])
+        await session.commit()
+    async with sessions() as session:
+        assert await _count_images(session, job.id) == 5
+        grid = await session.scalar(select(Image).where(Image.job_id == job.id, Image.index == 0))
+        assert grid is not None
+        assert (grid.width, grid.height) == (256, 128)
+        assert grid.id == rows[0].id
+    assert [r.index for r in again] == [0, 1]
+    # The stale thumbnail went with the old bytes.
+    assert not await store.exists(thumbnail_key(rows[0].key))
+    with PILImage.open(io.BytesIO(await thumbnail(store, rows[0].key))) as thumb:
+        assert thumb.size == (256, 128)
+
+
+async def test_save_job_images_keep_metadata(
+    sessions: async_sessionmaker[AsyncSession], tmp_path: Path
+) -> None:
+    store = LocalMediaStore(tmp_path / "media")
+    original = png_with_metadata()
+    async with sessions() as session:
+        job = await make_job(session)
+        (row,) = await save_job_images(store, session, job, [(0, original)], keep_metadata=True)
+        await session.commit()
+    assert await store.get(row.key) == original
+
+
+async def test_save_job_images_jpeg_key_and_type(
+    sessions: async_sessionmaker[AsyncSession], tmp_path: Path
+) -> None:
+    store = LocalMediaStore(tmp_path / "media")
+    out = io.BytesIO()
+    PILImage.new("RGB", (30, 20), (1, 2, 3)).save(out, "JPEG", exif=_exif())
+    async with sessions() as session:
+        job = await make_job(session)
+        (row,) = await save_job_images(store, session, job, [(0, out.getvalue())])
+        await session.commit()
+    assert row.key == f"jobs/{job.id}/0.jpg"
+    assert row.content_type == "image/jpeg"
+    _assert_clean(await store.get(row.key))
+
+
+async def test_save_job_images_rejects_bad_input(
+    sessions: async_sessionmaker[AsyncSession], tmp_path: Path
+) -> None:
+    store = LocalMediaStore(tmp_path / "media")
+    async with sessions() as session:
+        job = await make_job(session)
+        with pytest.raises(ValueError):
+            await save_job_images(store, session, job, [(-1, plain_png((4, 4)))])
+        with pytest.raises(ValueError):
+            await save_job_images(store, session, job, [(0, b"garbage")])
+        assert await _count_images(session, job.id) == 0
+
+
+# --- thumbnails ----------------------------------------------------------------------------
+
+
+async def test_thumbnail_is_made_once_and_cached(tmp_path: Path) -> None:
+    store = LocalMediaStore(tmp_path)
+    await store.put("jobs/j/0.png", png_with_metadata((1000, 500)), "image/png")
+    first = await thumbnail(store, "jobs/j/0.png")
+    key = thumbnail_key("jobs/j/0.png")
+    assert key == "thumbs/384/jobs/j/0.webp"
+    assert await store.get(key) == first
+    with PILImage.open(io.BytesIO(first)) as thumb:
+        assert thumb.format == "WEBP"
+        assert thumb.size == (384, 192)
+    _assert_clean(first)
+
+    # A second call serves the cached object rather than rendering again.
+    await store.put(key, b"cached", "image/webp")
+    assert await thumbnail(store, "jobs/j/0.png") == b"cached"
+
+    # Other sizes are cached separately.
+    small = await thumbnail(store, "jobs/j/0.png", max_side=64)
+    with PILImage.open(io.BytesIO(small)) as thumb:
+        assert thumb.size == (64, 32)
+
+
+async def test_thumbnail_missing_source(tmp_path: Path) -> None:
+    store = LocalMediaStore(tmp_path)
+    with pytest.raises(MediaNotFound):
+        await thumbnail(store, "jobs/nope/0.png")
+    with pytest.raises(ValueError):
+        await thumbnail(store, "../x.png")
