@@ -1,0 +1,260 @@
+"""Loading SDXL for the engine: device and dtype, weights, embeddings, LoRAs and GPU speed levers.
+
+Everything here runs inside the worker's child process (Celery prefork), never at import time,
+so CUDA is initialised after the fork as it must be.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from workers.schema import ErrorCode, WorkerError
+from workers.settings import WorkerSettings
+
+log = logging.getLogger(__name__)
+
+EMBEDDING_SUFFIXES = (".safetensors", ".bin", ".pt")
+_DTYPES = {
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+}
+
+
+def dtype_kwarg() -> str:
+    """``from_pretrained``'s dtype keyword: ``dtype`` on new diffusers, ``torch_dtype`` before."""
+    from diffusers.utils import deprecation_utils
+
+    return "dtype" if hasattr(deprecation_utils, "_resolve_dtype") else "torch_dtype"
+
+
+def resolve_device(settings: WorkerSettings) -> tuple[torch.device, torch.dtype]:
+    """The device and weight dtype to run on: ``auto`` picks CUDA in fp16, else MPS, else CPU in fp32."""
+    name = settings.device.strip().lower()
+    if name == "auto":
+        if torch.cuda.is_available():
+            name = "cuda"
+        elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            name = "mps"
+        else:
+            name = "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise WorkerError(ErrorCode.ENGINE_UNAVAILABLE, f"Unknown device {settings.device!r}.") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise WorkerError(ErrorCode.ENGINE_UNAVAILABLE, "DEVICE is cuda but no CUDA GPU is available.")
+    dtype_name = settings.dtype.strip().lower()
+    if dtype_name == "auto":
+        # fp16 is what SDXL checkpoints ship as; CPUs are slow or unsupported in half precision.
+        dtype = torch.float16 if device.type in ("cuda", "mps") else torch.float32
+    elif dtype_name in _DTYPES:
+        dtype = _DTYPES[dtype_name]
+    else:
+        raise WorkerError(
+            ErrorCode.ENGINE_UNAVAILABLE,
+            f"Unknown dtype {settings.dtype!r} (auto, float16, bfloat16, float32).",
+        )
+    return device, dtype
+
+
+def _short(exc: BaseException) -> str:
+    """One line of an exception for a member-safe message (no traceback, bounded length)."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def from_pretrained(
+    cls: Any, source: str, *, dtype: torch.dtype, gpu: bool, what: str, **components: Any
+) -> Any:
+    """``cls.from_pretrained(source)`` for a hub id or a local diffusers folder, with clean failures.
+
+    Prefers safetensors wherever they exist and the ``fp16`` weight variant on a GPU in half
+    precision (half the download and load time). Anything that stops the load becomes
+    ``WorkerError(ENGINE_UNAVAILABLE)`` with a one-line reason.
+    """
+    kwargs: dict[str, Any] = {dtype_kwarg(): dtype, **components}
+    half = gpu and dtype in (torch.float16, torch.bfloat16)
+    local = Path(source).expanduser()
+    variants: list[str | None]
+    if local.is_file():
+        raise WorkerError(
+            ErrorCode.ENGINE_UNAVAILABLE,
+            f"{what} {source!r} is a single file; point it to a diffusers folder or a hub id instead.",
+        )
+    if local.is_dir():
+        source = str(local)
+        kwargs["use_safetensors"] = any(local.rglob("*.safetensors"))
+        variants = ["fp16" if half and any(local.rglob("*.fp16.*")) else None]
+    elif local.is_absolute() or source.startswith((".", "~")) or source.count("/") > 1:
+        raise WorkerError(ErrorCode.ENGINE_UNAVAILABLE, f"{what} folder {source!r} does not exist.")
+    else:
+        # Hub id: None lets diffusers take safetensors when the repo has them, .bin otherwise.
+        kwargs["use_safetensors"] = None
+        variants = ["fp16", None] if half else [None]
+    last: Exception | None = None
+    for variant in variants:
+        try:
+            return cls.from_pretrained(source, variant=variant, **kwargs)
+        except Exception as exc:  # every load failure means the same to the member
+            last = exc
+            log.info("loading %s %s (variant %s) failed: %s", what, source, variant, _short(exc))
+    assert last is not None
+    raise WorkerError(
+        ErrorCode.ENGINE_UNAVAILABLE, f"{what} {source!r} could not be loaded: {_short(last)}"
+    ) from last
+
+
+def load_embeddings(pipe: Any, folder: Path | None) -> list[str]:
+    """Load every SDXL textual inversion in ``folder``; returns the tokens that now work in prompts.
+
+    The token is the file name without extension. SDXL embeddings hold one tensor per text
+    encoder, ``clip_l`` (768-d, the first encoder) and ``clip_g`` (1280-d, the second); each half
+    goes to its own tokenizer and encoder under the same token, so the prompt's token means the
+    same thing to both. Files that are not SDXL embeddings are skipped with a warning rather than
+    failing the whole worker.
+    """
+    if folder is None:
+        return []
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        log.warning("embeddings folder %s does not exist; no textual inversions loaded", folder)
+        return []
+    tokens: list[str] = []
+    for path in sorted(p for p in folder.iterdir() if p.suffix.lower() in EMBEDDING_SUFFIXES):
+        token = path.stem
+        try:
+            state = _read_tensors(path)
+            if "clip_l" not in state or "clip_g" not in state:
+                log.warning("skipping %s: not an SDXL embedding (needs clip_l and clip_g)", path.name)
+                continue
+            pipe.load_textual_inversion(
+                state["clip_l"], token=token, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer
+            )
+            pipe.load_textual_inversion(
+                state["clip_g"], token=token, text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2
+            )
+        except Exception as exc:  # one bad file must not take the worker down
+            log.warning("skipping embedding %s: %s", path.name, _short(exc))
+            continue
+        tokens.append(token)
+    if tokens:
+        log.info("textual inversions loaded: %s", ", ".join(tokens))
+    return tokens
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix.lower() == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    loaded = torch.load(str(path), map_location="cpu", weights_only=True)
+    if not isinstance(loaded, dict):
+        raise ValueError("not a dict of tensors")
+    return {str(key): value for key, value in loaded.items() if isinstance(value, torch.Tensor)}
+
+
+def adapter_name(name: str) -> str:
+    """A PEFT-safe adapter name for a LoRA file stem (PEFT uses names as module attributes)."""
+    return "lora_" + re.sub(r"\W", "_", name)
+
+
+def load_loras(pipe: Any, folder: Path | None) -> tuple[dict[str, str], str | None]:
+    """Load every ``*.safetensors`` LoRA in ``folder`` as a named, initially inactive adapter.
+
+    Returns ``({prompt name: adapter name}, reason)`` where ``reason`` explains why LoRAs are
+    unavailable (no PEFT installed, for example), or None.
+    """
+    if folder is None:
+        return {}, None
+    folder = Path(folder).expanduser()
+    files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
+    if not files:
+        return {}, None
+    loaded: dict[str, str] = {}
+    for path in files:
+        adapter = adapter_name(path.stem)
+        try:
+            pipe.load_lora_weights(str(folder), weight_name=path.name, adapter_name=adapter)
+        except Exception as exc:  # one bad file must not take the worker down
+            reason = _short(exc)
+            if "peft" in reason.lower():
+                log.warning("LoRAs disabled: %s (pip install peft)", reason)
+                return loaded, "LoRAs need the peft package on the worker"
+            log.warning("skipping LoRA %s: %s", path.name, reason)
+            continue
+        loaded[path.stem] = adapter
+    if loaded:
+        pipe.disable_lora()  # off until a prompt asks for one
+        log.info("LoRAs loaded: %s", ", ".join(loaded))
+    return loaded, None
+
+
+def speed_up_for_gpu(pipe: Any, *, fuse_qkv: bool) -> None:
+    """GPU-only levers: channels_last convolutions and fused attention projections.
+
+    Fusing QKV lets each attention layer do one matmul instead of three. Diffusers keeps the
+    unfused weights next to the fused copy; we point the old q/k/v weights at slices of the fused
+    tensor instead, so the speed-up costs no extra GPU memory. It is skipped when LoRAs are
+    loaded, because the fused projection would bypass their q/k/v adapters.
+    """
+    pipe.unet.to(memory_format=torch.channels_last)
+    pipe.vae.to(memory_format=torch.channels_last)
+    if not fuse_qkv:
+        return
+    pipe.fuse_qkv_projections(unet=True, vae=True)
+    for model in (pipe.unet, pipe.vae):
+        for module in model.modules():
+            _share_fused_storage(module)
+
+
+def _share_fused_storage(attention: Any) -> None:
+    fused = getattr(attention, "to_qkv", None)
+    parts = ("to_q", "to_k", "to_v")
+    if fused is None:
+        fused = getattr(attention, "to_kv", None)
+        parts = ("to_k", "to_v")
+    if fused is None:
+        return
+    with torch.no_grad():
+        for attr in ("weight", "bias"):
+            whole = getattr(fused, attr, None)
+            if whole is None:
+                continue
+            offset = 0
+            for part in parts:
+                linear = getattr(attention, part)
+                size = getattr(linear, attr).shape[0]
+                setattr(linear, attr, torch.nn.Parameter(whole[offset : offset + size], requires_grad=False))
+                offset += size
+
+
+def enable_compile(pipe: Any, cache_dir: Path | None) -> None:
+    """``torch.compile`` the UNet in place, with Inductor's caches persisted in ``cache_dir``.
+
+    In-place (``Module.compile``) keeps the module object, so the img2img and inpaint pipelines
+    built from it share the compiled UNet. The persistent cache turns the minutes of the first
+    compile into seconds on every later worker start.
+    """
+    if cache_dir is not None:
+        cache_dir = Path(cache_dir).expanduser()
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir)
+    os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
+    os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "1")
+    import torch._inductor.config as inductor_config
+
+    inductor_config.fx_graph_cache = True
+    # Grids come in a handful of bucket shapes; static shapes compile the fastest kernels.
+    pipe.unet.compile(fullgraph=False, dynamic=False)
