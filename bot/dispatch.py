@@ -1,0 +1,277 @@
+"""The bot's side of the broker: send tasks by name, read their states, revoke, inspect.
+
+The bot never imports worker code: it builds a bare Celery *client* app from the broker and
+result-backend URLs and sends ``mirage.sdxl.run`` / ``mirage.openai.run`` by name with the job id
+as the task id, so a redelivered or re-sent task lands on the same result key.
+
+Celery's client API is blocking (kombu publishes synchronously, ``AsyncResult.state`` is a
+network round trip), so every call runs in a small dedicated thread pool; the event loop never
+waits on the broker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from celery import Celery
+from celery.result import AsyncResult
+
+from workers.schema import QUEUE_API, QUEUE_GPU, TASK_OPENAI, TASK_SDXL, Engine, JobRequest
+
+log = logging.getLogger(__name__)
+
+# Celery state names the tracker understands. PROGRESS is the workers' custom state.
+PENDING = "PENDING"
+RECEIVED = "RECEIVED"
+STARTED = "STARTED"
+PROGRESS = "PROGRESS"
+RETRY = "RETRY"
+SUCCESS = "SUCCESS"
+FAILURE = "FAILURE"
+REVOKED = "REVOKED"
+FINAL_STATES = frozenset({SUCCESS, FAILURE, REVOKED})
+RUNNING_STATES = frozenset({RECEIVED, STARTED, PROGRESS, RETRY})
+
+TASK_FOR_ENGINE: dict[Engine, str] = {Engine.SDXL: TASK_SDXL, Engine.DALLE: TASK_OPENAI}
+DEFAULT_QUEUES: dict[Engine, str] = {Engine.SDXL: QUEUE_GPU, Engine.DALLE: QUEUE_API}
+
+
+@dataclass(frozen=True, slots=True)
+class TaskState:
+    """A snapshot of one task as the result backend sees it.
+
+    ``info`` is the Progress dict for PROGRESS, the TaskOutcome dict for SUCCESS, and a short
+    description of the exception for FAILURE (never the exception object: the bot must not need
+    the worker's classes to unpickle it).
+    """
+
+    job_id: str
+    state: str
+    info: Any = None
+
+    @property
+    def is_final(self) -> bool:
+        """Whether the task will not change state again."""
+        return self.state in FINAL_STATES
+
+
+@dataclass(slots=True)
+class WorkerStatus:
+    """What ``/status`` shows about the compute side."""
+
+    workers: list[str] = field(default_factory=list)
+    queue_depths: dict[str, int | None] = field(default_factory=dict)
+
+
+class Dispatcher(Protocol):
+    """What the bot needs from a broker. ``CeleryDispatcher`` is the real one; tests may fake it."""
+
+    async def send(self, request: JobRequest, engine: Engine) -> None:
+        """Hand a job to the broker; raises if the broker did not take it."""
+        ...
+
+    async def states(self, job_ids: Sequence[str]) -> dict[str, TaskState]:
+        """The current state of each task."""
+        ...
+
+    async def revoke(self, job_id: str) -> None:
+        """Cancel a task (queued ones are dropped, running ones terminated)."""
+        ...
+
+    async def forget(self, job_id: str) -> None:
+        """Drop a finished task's stored result once the bot has saved it."""
+        ...
+
+    async def worker_status(self, ping_timeout: float = 1.0) -> WorkerStatus:
+        """Workers that answer a ping, and the depth of each queue."""
+        ...
+
+    async def close(self) -> None:
+        """Release connections and threads."""
+        ...
+
+
+def make_celery_client(broker_url: str, result_backend: str) -> Celery:
+    """A Celery app used only as a client: it sends tasks by name and reads results.
+
+    JSON only on the wire: the bot never unpickles anything a worker produced.
+    """
+    app = Celery("mirage-bot", broker=broker_url, backend=result_backend, set_as_current=False)
+    app.conf.update(
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        result_accept_content=["json"],
+        task_track_started=True,
+        broker_connection_retry_on_startup=True,
+        # A publish that cannot reach the broker must fail fast so the job stays waiting and the
+        # release loop retries it, rather than blocking a thread for minutes.
+        broker_connection_timeout=5,
+        broker_transport_options={"max_retries": 2, "interval_start": 0, "interval_step": 0.5},
+        result_backend_transport_options={"retry_policy": {"timeout": 5.0}},
+        task_publish_retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.5},
+    )
+    return app
+
+
+def _describe_failure(result: AsyncResult) -> str:
+    """A short, member-safe description of a FAILURE's exception (no traceback)."""
+    meta = result.backend.get_task_meta(result.id)
+    raw = meta.get("result")
+    if isinstance(raw, Mapping):
+        exc_type = str(raw.get("exc_type") or "Error")
+        return exc_type
+    if isinstance(raw, BaseException):
+        return type(raw).__name__
+    return str(raw or "Error")[:200]
+
+
+class CeleryDispatcher:
+    """The real dispatcher over a Celery client app."""
+
+    def __init__(
+        self,
+        app: Celery,
+        *,
+        queues: Mapping[Engine, str] | None = None,
+        max_threads: int = 4,
+    ) -> None:
+        self.app = app
+        self.queues: dict[Engine, str] = dict(DEFAULT_QUEUES)
+        if queues:
+            self.queues.update(queues)
+        self._executor = ThreadPoolExecutor(max_workers=max_threads, thread_name_prefix="celery-client")
+
+    @classmethod
+    def from_urls(
+        cls, broker_url: str, result_backend: str, *, queues: Mapping[Engine, str] | None = None
+    ) -> CeleryDispatcher:
+        """A dispatcher with its own client app for these URLs."""
+        return cls(make_celery_client(broker_url, result_backend), queues=queues)
+
+    async def _run(self, fn: Any, *args: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, fn, *args)
+
+    def queue_for(self, engine: Engine) -> str:
+        """The queue a job for ``engine`` goes to."""
+        return self.queues[Engine(engine)]
+
+    async def send(self, request: JobRequest, engine: Engine) -> None:
+        """Publish the task by name with ``task_id = job_id`` on the engine's queue."""
+        engine = Engine(engine)
+        payload = request.model_dump(mode="json")
+        queue = self.queue_for(engine)
+
+        def _send() -> None:
+            self.app.send_task(
+                TASK_FOR_ENGINE[engine],
+                args=[payload],
+                task_id=request.job_id,
+                queue=queue,
+                routing_key=queue,
+            )
+
+        await self._run(_send)
+        log.info("sent job %s (%s) to queue %s", request.job_id, request.kind, queue)
+
+    async def states(self, job_ids: Sequence[str]) -> dict[str, TaskState]:
+        """Read all states in one executor call (one round trip each, no per-job thread hop)."""
+        ids = list(job_ids)
+        if not ids:
+            return {}
+
+        def _read() -> dict[str, TaskState]:
+            out: dict[str, TaskState] = {}
+            for job_id in ids:
+                result = AsyncResult(job_id, app=self.app)
+                try:
+                    state = result.state
+                    if state == FAILURE:
+                        info: Any = _describe_failure(result)
+                    elif state in (SUCCESS, PROGRESS, STARTED, RETRY):
+                        info = result.info
+                    else:
+                        info = None
+                except Exception:
+                    # A result that cannot be decoded is reported as a failure, not a crash of the
+                    # tracker: the job gets refunded with a message.
+                    log.exception("could not read the state of task %s", job_id)
+                    state, info = FAILURE, "unreadable result"
+                out[job_id] = TaskState(job_id, state, info)
+            return out
+
+        return await self._run(_read)
+
+    async def revoke(self, job_id: str) -> None:
+        """Revoke the task for ``job_id`` (a queued one is dropped, a running one stops at its next step)."""
+
+        def _revoke() -> None:
+            # Plain revoke: the workers relay it to the running child, which stops at the next
+            # step (terminating the child would throw away its warm model).
+            self.app.control.revoke(job_id)
+
+        try:
+            await self._run(_revoke)
+        except Exception:
+            log.warning("could not revoke task %s", job_id, exc_info=True)
+
+    async def forget(self, job_id: str) -> None:
+        """Delete the stored result (images are large; the bot keeps its own copy)."""
+
+        def _forget() -> None:
+            AsyncResult(job_id, app=self.app).forget()
+
+        try:
+            await self._run(_forget)
+        except Exception:
+            log.debug("could not forget result %s", job_id, exc_info=True)
+
+    async def worker_status(self, ping_timeout: float = 1.0) -> WorkerStatus:
+        """Ping workers (bounded by ``ping_timeout``) and read each queue's length from the broker."""
+        queues = sorted(set(self.queues.values()))
+
+        def _inspect() -> WorkerStatus:
+            status = WorkerStatus()
+            try:
+                replies = self.app.control.inspect(timeout=ping_timeout).ping() or {}
+                status.workers = sorted(replies)
+            except Exception:
+                log.warning("worker ping failed", exc_info=True)
+            status.queue_depths = _queue_depths(self.app, queues)
+            return status
+
+        return await self._run(_inspect)
+
+    async def close(self) -> None:
+        """Close the broker pool and stop the threads."""
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        try:
+            self.app.close()
+        except Exception:
+            log.debug("closing the celery client failed", exc_info=True)
+
+
+def _queue_depths(app: Celery, queues: Iterable[str]) -> dict[str, int | None]:
+    """Messages waiting in each queue via a passive declare (works on Redis and kombu's virtual
+    transports); ``None`` where the broker would not say."""
+    depths: dict[str, int | None] = {}
+    try:
+        with app.connection_for_read() as conn:
+            conn.ensure_connection(max_retries=1)
+            channel = conn.default_channel
+            for queue in queues:
+                try:
+                    depths[queue] = int(channel.queue_declare(queue=queue, passive=True).message_count)
+                except Exception:
+                    depths[queue] = None
+    except Exception:
+        log.warning("could not read queue depths from the broker", exc_info=True)
+        for queue in queues:
+            depths.setdefault(queue, None)
+    return depths
