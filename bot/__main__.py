@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import logging
 import signal
+import subprocess
+import sys
 
 from bot.client import MirageBot
 from bot.database import make_engine, make_sessionmaker, upgrade
@@ -13,6 +16,7 @@ from bot.dispatch import CeleryDispatcher
 from bot.logconfig import setup_logging
 from bot.settings import BotSettings, get_settings
 from bot.storage import make_store
+from workers.schema import QUEUE_API, QUEUE_GPU
 
 log = logging.getLogger("bot")
 
@@ -77,11 +81,48 @@ async def run(settings: BotSettings, *, stop: asyncio.Event | None = None) -> No
         log.info("stopped")
 
 
-def main() -> None:
-    """Entry point: settings, logging, then the event loop."""
+def _start_local_worker() -> subprocess.Popen[bytes]:
+    """A worker for both queues beside the bot, for one-machine setups on the embedded defaults."""
+    queues = f"{QUEUE_GPU},{QUEUE_API}"
+    command = [sys.executable, "-m", "workers", "worker", "--queues", queues, "--concurrency", "1"]
+    log.info("starting a local worker: %s", " ".join(command[1:]))
+    # Its own process group, so a Ctrl-C aimed at the bot reaches the worker only through us.
+    return subprocess.Popen(command, start_new_session=True)
+
+
+def _stop_local_worker(worker: subprocess.Popen[bytes]) -> None:
+    if worker.poll() is not None:
+        return
+    worker.terminate()  # Celery's warm shutdown: finishes or requeues (acks late) the current task
+    try:
+        worker.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        worker.kill()
+        worker.wait()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: settings, logging, then the event loop (with a local worker on request)."""
+    parser = argparse.ArgumentParser(prog="python -m bot", description="Run the Mirage Discord bot.")
+    parser.add_argument(
+        "--with-worker",
+        action="store_true",
+        help="also run a Celery worker for the gpu and api queues in a child process (one-machine setup)",
+    )
+    args = parser.parse_args(argv)
     settings = get_settings()
     setup_logging(settings)
-    asyncio.run(run(settings))
+    if not settings.discord_token.get_secret_value():
+        raise SystemExit(
+            "DISCORD_TOKEN is not set: put DISCORD_TOKEN=<your bot token> in .env or the environment "
+            "(Discord developer portal → your application → Bot → Reset Token)."
+        )
+    worker = _start_local_worker() if args.with_worker else None
+    try:
+        asyncio.run(run(settings))
+    finally:
+        if worker is not None:
+            _stop_local_worker(worker)
 
 
 if __name__ == "__main__":
