@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from bot.metrics import metrics_handler
 from bot.settings import BotSettings
 from bot.storage import MediaNotFound, MediaStore, thumbnail
 from bot.web import pages, queries
@@ -204,6 +205,7 @@ def create_app(
     app.router.add_get("/i/{job_id}/{name}", full_image)
     app.router.add_get("/t/{job_id}/{name}", thumb)
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", metrics_handler)  # Prometheus; see bot/metrics.py
     app.router.add_get("/favicon.svg", favicon)
     app.on_response_prepare.append(_security_headers)
     return app
