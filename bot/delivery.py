@@ -19,8 +19,9 @@ the bot token, mentioning the member. Progress edits are never sent to the chann
 Nothing is lost across restarts: everything the tracker needs is in the database, so a new bot
 process resumes queued/running jobs, re-sends undelivered results (``delivered`` false on a
 final job: the claim is released again when sending failed) and dispatches waiting jobs.
-The remaining window is a crash between committing the claim and Discord receiving the message,
-which would drop that one message (never deliver it twice).
+A crash between committing the claim and recording the sent message's id is healed at the next
+start: such claims are released and sent again (an edit of the same interaction message while
+its token lives, so no duplicate in the common case).
 """
 
 from __future__ import annotations
@@ -286,8 +287,37 @@ class DeliveryService:
         if limit:
             self._limits[job_id] = int(limit)
 
+    async def reclaim_interrupted(self) -> int:
+        """Release delivery claims a previous process took but never finished sending.
+
+        A claim with no message id means the process stopped between claiming and Discord
+        confirming the message. Sending again edits the same interaction message (idempotent)
+        or, past the token's life, posts to the channel: a rare duplicate beats a lost result.
+        Called once when the tracker starts, before any claim of this process exists.
+        """
+        async with self.sessions() as session, session.begin():
+            result = await session.execute(
+                update(Job)
+                .where(
+                    Job.status.in_((JobStatus.DONE.value, JobStatus.FAILED.value, JobStatus.CANCELLED.value)),
+                    Job.delivered.is_(True),
+                    Job.message_id.is_(None),
+                    Job.finished_at > utcnow() - UNDELIVERED_LOOKBACK,
+                )
+                .values(delivered=False)
+                .returning(Job.id)
+            )
+            reclaimed = list(result.scalars())
+        if reclaimed:
+            log.warning("re-delivering %d result(s) interrupted by a restart", len(reclaimed))
+        return len(reclaimed)
+
     async def _run(self) -> None:
         log.info("tracker started (poll every %.2fs)", self.poll_interval)
+        try:
+            await self.reclaim_interrupted()
+        except Exception:
+            log.exception("could not reclaim interrupted deliveries")
         self._spawn_release()
         while True:
             # Cleared before the tick, so a wake() during the tick triggers the next one at once.

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import delete, select
+from sqlalchemy import delete, select, update
 
 from bot.models import CreditEntry, Image, Job, JobStatus, Member
 from tests.botutil import (
@@ -454,6 +454,23 @@ async def test_restart_resumes_jobs_and_delivers(h: Harness) -> None:
     await h.start_bot()
     message = await queued.wait_original(has_result, timeout=10)
     assert len(custom_ids(message)) == GRID_IDS
+
+
+async def test_restart_resends_a_delivery_cut_off_mid_send(h: Harness) -> None:
+    """A crash after claiming delivery but before Discord confirmed it: the next start sends it."""
+    job, _message = await finish_grid(h, "cut off while sending")
+    await h.stop_bot()
+    # The state such a crash leaves: claimed, never confirmed.
+    async with h.sessions() as session, session.begin():
+        await session.execute(update(Job).where(Job.id == job.id).values(message_id=None))
+    h.fake.clear_requests()
+    await h.start_bot()
+    resent = await h.wait_job(job.id, lambda j: j.message_id is not None)
+    assert resent.delivered
+    edit = await h.fake.wait_for_request(
+        lambda r: r.method == "PATCH" and job.interaction_token in r.path and r.files, timeout=10
+    )
+    assert edit.files[0].data
 
 
 async def test_restart_dispatches_waiting_jobs(tmp_path: Path, sqlite_url: str) -> None:
