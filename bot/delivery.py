@@ -48,6 +48,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from bot.dispatch import FAILURE, REVOKED, RUNNING_STATES, SUCCESS, Dispatcher, TaskState
 from bot.jobs import ACTIVE_STATUSES, JobService, Operation, grid_count, record_metric
+from bot.logconfig import job_context
 from bot.models import Image, Job, JobStatus, utcnow
 from bot.settings import BotSettings
 from bot.storage import MediaNotFound, MediaStore, save_job_images
@@ -351,18 +352,22 @@ class DeliveryService:
             del tasks[job_id]
 
     @staticmethod
-    async def _guard(job_id: str, coro: Coroutine[Any, Any, Any]) -> Any:
-        try:
-            return await coro
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception("handling job %s failed", job_id)
-            return None
+    async def _guard(job_id: str, coro: Coroutine[Any, Any, Any], *, in_job: bool = True) -> Any:
+        # Every line this job's handler logs, its failure included, carries its id (bot.logconfig).
+        with job_context(job_id if in_job else None):
+            try:
+                return await coro
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("handling job %s failed", job_id)
+                return None
 
     def _spawn_release(self) -> None:
         if self._release_task is None or self._release_task.done():
-            self._release_task = asyncio.create_task(self._guard("release", self.jobs.release_all()))
+            self._release_task = asyncio.create_task(
+                self._guard("release", self.jobs.release_all(), in_job=False)
+            )
 
     # --- the tick ----------------------------------------------------------------------------
 
@@ -563,13 +568,15 @@ class DeliveryService:
                 tile = await asyncio.to_thread(_crop_tile, grid, index)
             else:
                 raise MediaNotFound(f"{parent_id}/0")
+            # Storing re-encodes the tile, which is where a stored tile that is not an image fails.
+            claimed = await self._store_and_claim_crop(job_id, tile)
         except (MediaNotFound, WorkerError, ValueError) as exc:
             log.warning("crop %s: parent image unavailable (%s)", job_id, exc)
             await self.jobs.fail(
                 job_id, ErrorCode.BAD_INPUT, "The grid this image comes from is no longer available."
             )
             return
-        if await self._store_and_claim_crop(job_id, tile):
+        if claimed:
             await self._completed(job_id)
             await self._deliver(job_id)
 

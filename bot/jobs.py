@@ -32,6 +32,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from bot import quota
 from bot.dispatch import Dispatcher
+from bot.logconfig import job_context
 from bot.models import Image, Job, JobStatus, Member, utcnow
 from bot.settings import BotSettings
 from bot.storage import MediaNotFound, MediaStore
@@ -337,15 +338,16 @@ class JobService:
                 raise NotEnoughCredits(credits_message(exc), exc) from exc
             position = await self._position(session, job) if operation.kind != JobKind.CROP else 0
         record_metric("record_accepted", job.kind, job.engine, job.cost)
-        log.info(
-            "accepted job %s (%s, %s) for user %s in guild %s, cost %s",
-            job.id,
-            job.kind,
-            job.engine,
-            actor.user_id,
-            actor.guild_id,
-            job.cost,
-        )
+        with job_context(job.id, member.id):
+            log.info(
+                "accepted job %s (%s, %s) for user %s in guild %s, cost %s",
+                job.id,
+                job.kind,
+                job.engine,
+                actor.user_id,
+                actor.guild_id,
+                job.cost,
+            )
         return Created(job=job, position=position, member=member)
 
     async def _check_caps(self, session: AsyncSession, member_id: int) -> None:
@@ -473,6 +475,11 @@ class JobService:
         return await self.store.get(row.key)
 
     async def _dispatch(self, job: Job) -> bool:
+        # The job's log lines (send failures, missing input) carry its id and member.
+        with job_context(job.id, job.member_id):
+            return await self._dispatch_job(job)
+
+    async def _dispatch_job(self, job: Job) -> bool:
         try:
             request = await self.build_request(job)
         except (MediaNotFound, ValueError) as exc:
