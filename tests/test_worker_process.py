@@ -1,0 +1,343 @@
+"""End to end: a real ``python -m workers worker`` process, the tiny SDXL, a real broker.
+
+The client here is configured like the bot's (JSON only, tasks sent by name, ``task_id = job_id``)
+and imports nothing from the worker but ``workers.schema``. Redis tests use their own database
+numbers (flushed first), so they never see another test's queues or results.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse, urlunparse
+
+import pytest
+import redis
+from celery import Celery
+from conftest import REDIS_URL, _need
+from workerutil import WorkerProcess, client_app, png_b64, request, wait_for, wait_outcome
+
+from workers.schema import (
+    QUEUE_API,
+    QUEUE_GPU,
+    TASK_OPENAI,
+    TASK_SDXL,
+    ErrorCode,
+    JobKind,
+    Progress,
+    TaskOutcome,
+)
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
+
+MODULE_DB = 11  # the shared worker's broker + results
+CRASH_DB = 12  # the SIGKILL test's own broker + results
+API_DB = 13  # the threads-pool api worker
+
+# Long enough to be caught mid-run (every step reports progress), short enough to redo quickly
+# on a busy 2-core CPU.
+LONG_STEPS = 12
+
+
+def _redis_db(db: int) -> str:
+    parsed = urlparse(REDIS_URL)
+    return urlunparse(parsed._replace(path=f"/{db}"))
+
+
+def _fresh_redis(db: int) -> str:
+    _need(REDIS_URL, 6379, "Redis")
+    url = _redis_db(db)
+    redis.Redis.from_url(url).flushdb()
+    return url
+
+
+def _worker_env(model: Path, broker: str, backend: str, **extra: str) -> dict[str, str]:
+    env = {
+        "SDXL_MODEL": str(model),
+        "DEVICE": "cpu",
+        "BROKER_URL": broker,
+        "RESULT_BACKEND": backend,
+        "WARMUP": "1",
+        "PROGRESS_INTERVAL_S": "0.001",  # report every step, so PROGRESS is seen several times
+        "TASK_SOFT_TIME_LIMIT_S": "90",
+        "TASK_TIME_LIMIT_S": "100",
+        "VISIBILITY_TIMEOUT_S": "120",
+        "HF_HUB_OFFLINE": "1",
+        # One thread: on a shared 2-core box, two torch threads per worker oversubscribe the CPU
+        # and a 12-step grid goes from ~2 s to over 10 s.
+        "OMP_NUM_THREADS": "1",
+    }
+    env.update(extra)
+    return env
+
+
+def _send(app: Celery, payload: dict, job_id: str | None = None):  # type: ignore[no-untyped-def]
+    job_id = job_id or str(payload.get("job_id") or uuid.uuid4())
+    return app.send_task(TASK_SDXL, args=[payload], task_id=job_id, queue=QUEUE_GPU, routing_key=QUEUE_GPU)
+
+
+def _job_id(tag: str) -> str:
+    return f"{tag}-{uuid.uuid4().hex[:10]}"
+
+
+def _finished_lines(text: str, job_id: str) -> int:
+    """How many times a worker log says the job's engine run finished (the completion marker)."""
+    return text.count(f"job {job_id} finished")
+
+
+@dataclass
+class Running:
+    """A started worker and a client for it."""
+
+    worker: WorkerProcess
+    app: Celery
+    broker: str
+
+
+@pytest.fixture(scope="module")
+def redis_worker(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
+    """One prefork worker (concurrency 1) on Redis, shared by the tests that do not kill it."""
+    url = _fresh_redis(MODULE_DB)
+    log = tmp_path_factory.mktemp("worker") / "worker.log"
+    worker = WorkerProcess(_worker_env(tiny_model_dir, url, url), log).start()
+    app = client_app(url, url)
+    try:
+        worker.wait_ready()
+        yield Running(worker, app, url)
+    finally:
+        app.close()
+        worker.stop()
+
+
+def test_grid_returns_four_images_at_the_tiny_models_size(redis_worker: Running) -> None:
+    job_id = _job_id("grid")
+    outcome = wait_outcome(_send(redis_worker.app, request(job_id)), timeout=120)
+    assert outcome.error is None, outcome.error
+    assert outcome.result is not None
+    assert outcome.result.job_id == job_id
+    assert len(outcome.result.images) == 4
+    assert {(image.width, image.height) for image in outcome.result.images} == {(64, 64)}
+
+
+def test_torch_is_loaded_only_in_the_pool_child(redis_worker: Running) -> None:
+    # CUDA cannot survive a fork: the main process must never load torch, only its children.
+    proc = redis_worker.worker.proc
+    assert proc is not None
+    wait_outcome(_send(redis_worker.app, request(_job_id("maps"))), timeout=120)
+    maps = Path(f"/proc/{proc.pid}/maps")
+    if not maps.exists():
+        pytest.skip("no /proc on this system")
+    assert "libtorch" not in maps.read_text()
+    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+    assert any("libtorch" in Path(f"/proc/{pid}/maps").read_text() for pid in children)
+
+
+def test_upscale_returns_one_image_at_twice_the_size(redis_worker: Running) -> None:
+    job_id = _job_id("upscale")
+    payload = request(job_id, JobKind.UPSCALE, count=1, input_image=png_b64(64, 64))
+    outcome = wait_outcome(_send(redis_worker.app, payload), timeout=120)
+    assert outcome.error is None, outcome.error
+    assert outcome.result is not None
+    assert [(image.width, image.height) for image in outcome.result.images] == [(128, 128)]
+
+
+def test_progress_is_reported_while_a_multi_step_job_runs(redis_worker: Running) -> None:
+    job_id = _job_id("progress")
+    result = _send(redis_worker.app, request(job_id, steps=8))
+    seen: list[Progress] = []
+
+    def finished() -> bool:
+        state = result.state
+        if state == "PROGRESS":
+            info = Progress.model_validate(result.info)
+            if not seen or seen[-1] != info:
+                seen.append(info)
+        return state in ("SUCCESS", "FAILURE")
+
+    assert wait_for(finished, timeout=120, interval=0.02)
+    outcome = TaskOutcome.model_validate(result.get(timeout=5))
+    assert outcome.result is not None, outcome.error
+    assert len(seen) > 1, seen
+    assert all(p.job_id == job_id for p in seen)
+    assert seen[-1].percent >= seen[0].percent
+
+
+def test_corrupt_input_image_is_bad_input(redis_worker: Running) -> None:
+    job_id = _job_id("corrupt")
+    corrupt = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAAB" + "A" * 40  # a PNG header, then nonsense
+    payload = request(job_id, JobKind.VARIATION, input_image=corrupt)
+    outcome = wait_outcome(_send(redis_worker.app, payload), timeout=120)
+    assert outcome.result is None
+    assert outcome.error is not None
+    assert outcome.error.code is ErrorCode.BAD_INPUT
+    assert outcome.error.job_id == job_id
+
+
+def test_invalid_message_is_bad_input(redis_worker: Running) -> None:
+    job_id = _job_id("invalid")
+    outcome = wait_outcome(_send(redis_worker.app, {"job_id": job_id, "kind": "imagine"}), timeout=60)
+    assert outcome.error is not None
+    assert outcome.error.code is ErrorCode.BAD_INPUT
+    assert outcome.error.job_id == job_id
+
+
+def test_an_exception_inside_diffusers_is_engine_error_with_a_safe_message(redis_worker: Running) -> None:
+    # A denoise strength so small that img2img is left with zero timesteps: diffusers itself
+    # fails on an empty batch of timesteps (a RuntimeError about tensor sizes).
+    job_id = _job_id("engine-error")
+    payload = request(job_id, JobKind.VARIATION, input_image=png_b64(64, 64), strength=1e-9)
+    outcome = wait_outcome(_send(redis_worker.app, payload), timeout=120)
+    assert outcome.error is not None
+    assert outcome.error.code is ErrorCode.ENGINE_ERROR
+    assert "tensor" not in outcome.error.message.lower()  # no internals shown to members
+    assert "Traceback" in redis_worker.worker.log()  # ... but logged for admins
+
+
+def test_same_request_gives_the_same_images(redis_worker: Running) -> None:
+    payload = request(_job_id("same"), seed=1234)
+    first = wait_outcome(_send(redis_worker.app, payload, _job_id("same-a")), timeout=120)
+    second = wait_outcome(_send(redis_worker.app, payload, _job_id("same-b")), timeout=120)
+    assert first.result is not None and second.result is not None
+    assert [i.data for i in first.result.images] == [i.data for i in second.result.images]
+
+
+def test_revoking_a_running_job_cancels_it(redis_worker: Running) -> None:
+    job_id = _job_id("cancel")
+    result = _send(redis_worker.app, request(job_id, steps=150))
+    assert wait_for(lambda: result.state == "PROGRESS", timeout=60, interval=0.05)
+    redis_worker.app.control.revoke(job_id)  # what the bot calls: plain revoke, no terminate
+    started = time.monotonic()
+    outcome = wait_outcome(result, timeout=60)
+    assert outcome.error is not None, "the job ran to the end"
+    assert outcome.error.code is ErrorCode.CANCELLED
+    assert time.monotonic() - started < 20
+    # The child survived (no terminate): the next job runs on the warm engine.
+    follow = wait_outcome(_send(redis_worker.app, request(_job_id("after-cancel"))), timeout=60)
+    assert follow.result is not None
+
+
+def test_a_job_past_its_redelivery_bound_is_not_run_again(redis_worker: Running) -> None:
+    job_id = _job_id("poison")
+    # As if the job had already crashed its worker 1 + MAX_REDELIVERIES (3) times.
+    redis.Redis.from_url(redis_worker.broker).set(f"mirage:deliveries:{job_id}", 4)
+    outcome = wait_outcome(_send(redis_worker.app, request(job_id)), timeout=60)
+    assert outcome.error is not None
+    assert outcome.error.code is ErrorCode.ENGINE_ERROR
+    assert _finished_lines(redis_worker.worker.log(), job_id) == 0
+
+
+def _crash_and_recover(tiny_model_dir: Path, tmp: Path, broker: str, backend: str) -> tuple[str, Celery, str]:
+    """Start a worker, SIGKILL its process group mid-job, start another; return the job's logs."""
+    env = _worker_env(
+        tiny_model_dir,
+        broker,
+        backend,
+        # Redelivery of an unacknowledged message waits for the visibility timeout; keep it short
+        # and the time limits below it, as production keeps them (1260 s < 1800 s).
+        VISIBILITY_TIMEOUT_S="15",
+        TASK_SOFT_TIME_LIMIT_S="10",
+        TASK_TIME_LIMIT_S="12",
+    )
+    app = client_app(broker, backend)
+    first = WorkerProcess(env, tmp / "first.log").start()
+    job_id = _job_id("crash")
+    try:
+        first.wait_ready()
+        result = _send(app, request(job_id, steps=LONG_STEPS))
+        assert wait_for(lambda: result.state == "PROGRESS", timeout=60, interval=0.02), first.log()[-3000:]
+        first.kill()
+        assert result.state == "PROGRESS"  # it really died mid-job
+    finally:
+        first.kill()
+    second = WorkerProcess(env, tmp / "second.log").start()
+    try:
+        outcome = wait_outcome(result, timeout=90)
+        assert outcome.result is not None, outcome.error
+        assert len(outcome.result.images) == 4
+        wait_for(lambda: f"{job_id}] succeeded" in second.log(), timeout=10)
+    finally:
+        second.stop()
+    logs = first.log() + second.log()
+    return job_id, app, logs
+
+
+def test_a_job_survives_its_worker_being_sigkilled_redis(tiny_model_dir: Path, tmp_path: Path) -> None:
+    url = _fresh_redis(CRASH_DB)
+    job_id, app, logs = _crash_and_recover(tiny_model_dir, tmp_path, url, url)
+    try:
+        assert _finished_lines(logs, job_id) == 1  # completed exactly once
+        assert "redelivered (start 2)" in logs
+        assert int(redis.Redis.from_url(url).get(f"mirage:deliveries:{job_id}") or 0) == 2
+    finally:
+        app.close()
+
+
+def _embedded_urls(tmp: Path) -> tuple[str, str]:
+    return f"sqla+sqlite:///{tmp / 'broker.db'}", f"db+sqlite:///{tmp / 'results.db'}"
+
+
+def test_embedded_broker_runs_a_grid_without_any_server(tiny_model_dir: Path, tmp_path: Path) -> None:
+    broker, backend = _embedded_urls(tmp_path)
+    worker = WorkerProcess(_worker_env(tiny_model_dir, broker, backend), tmp_path / "worker.log").start()
+    app = client_app(broker, backend)  # the stock sqla transport, as the bot publishes
+    try:
+        worker.wait_ready()
+        job_id = _job_id("embedded")
+        outcome = wait_outcome(_send(app, request(job_id)), timeout=120)
+        assert outcome.result is not None, outcome.error
+        assert len(outcome.result.images) == 4
+        assert {(i.width, i.height) for i in outcome.result.images} == {(64, 64)}
+    finally:
+        app.close()
+        worker.stop()
+    # Acknowledged messages are deleted, not kept forever as the stock transport does.
+    import sqlite3
+
+    with sqlite3.connect(tmp_path / "broker.db") as db:
+        assert db.execute("SELECT COUNT(*) FROM kombu_message").fetchone() == (0,)
+
+
+def test_a_job_survives_its_worker_being_sigkilled_embedded(tiny_model_dir: Path, tmp_path: Path) -> None:
+    broker, backend = _embedded_urls(tmp_path)
+    job_id, app, logs = _crash_and_recover(tiny_model_dir, tmp_path, broker, backend)
+    try:
+        assert _finished_lines(logs, job_id) == 1
+        assert "redelivered (start 2)" in logs
+    finally:
+        app.close()
+
+
+def test_api_worker_on_a_thread_pool_shares_one_engine(tmp_path: Path) -> None:
+    # The api queue's worker: threads, one shared OpenAIEngine. Upscales need no API key (Lanczos);
+    # generation without a key is a typed ENGINE_UNAVAILABLE, not a crash.
+    url = _fresh_redis(API_DB)
+    env = {"BROKER_URL": url, "RESULT_BACKEND": url, "OPENAI_API_KEY": "", "WARMUP": "1"}
+    worker = WorkerProcess(env, tmp_path / "api.log", queues=QUEUE_API, pool="threads", concurrency=4).start()
+    app = client_app(url, url)
+    try:
+        worker.wait_ready()
+        results = [
+            app.send_task(
+                TASK_OPENAI,
+                args=[request(job_id, JobKind.UPSCALE, count=1, input_image=png_b64(64, 64))],
+                task_id=job_id,
+                queue=QUEUE_API,
+            )
+            for job_id in (_job_id("api-up") for _ in range(6))
+        ]
+        for result in results:
+            outcome = wait_outcome(result, timeout=60)
+            assert outcome.result is not None, outcome.error
+            assert [(i.width, i.height) for i in outcome.result.images] == [(128, 128)]
+        job_id = _job_id("api-nokey")
+        nokey = app.send_task(TASK_OPENAI, args=[request(job_id)], task_id=job_id, queue=QUEUE_API)
+        outcome = wait_outcome(nokey, timeout=60)
+        assert outcome.error is not None
+        assert outcome.error.code is ErrorCode.ENGINE_UNAVAILABLE
+        assert worker.log().count("loading the openai engine") == 1  # one engine, shared by threads
+    finally:
+        app.close()
+        worker.stop()
