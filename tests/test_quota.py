@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 from sqlalchemy import func, select
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from bot.database import make_engine, upgrade
 from bot.models import CreditEntry, Guild, LedgerKind, Member
 from bot.quota import (
     CreditReport,
@@ -35,18 +33,6 @@ USER = 42
 # A Wednesday in the middle of a month, so day, week and month boundaries all differ.
 NOW = datetime(2024, 5, 15, 13, 30, tzinfo=UTC)
 DAILY = QuotaDefaults(limit=5, period=Period.DAY)
-
-
-@pytest.fixture
-async def engine(db_url: str) -> AsyncIterator[AsyncEngine]:
-    """conftest's ``engine``, but migrating in a thread: Alembic's env.py calls asyncio.run(),
-    which refuses to run inside the test's event loop."""
-    await asyncio.to_thread(upgrade, db_url)
-    eng = make_engine(db_url)
-    try:
-        yield eng
-    finally:
-        await eng.dispose()
 
 
 async def new_member(sessions: Sessions, guild_id: int = GUILD, user_id: int = USER) -> int:

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import io
 import os
-from collections.abc import AsyncIterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, cast
@@ -15,9 +13,8 @@ from PIL import Image as PILImage
 from PIL import ImageCms
 from PIL.PngImagePlugin import PngInfo
 from sqlalchemy import func, select
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from bot.database import make_engine, upgrade
 from bot.models import Image, Job, JobStatus, Member
 from bot.settings import BotSettings
 from bot.storage import (
@@ -30,22 +27,6 @@ from bot.storage import (
     thumbnail,
     thumbnail_key,
 )
-
-
-@pytest.fixture
-async def engine(db_url: str) -> AsyncIterator[AsyncEngine]:
-    """A migrated database on each backend.
-
-    Overrides conftest's fixture, which calls ``upgrade`` on the test's running event loop:
-    Alembic's env.py uses ``asyncio.run`` and refuses to nest, so migrate from a thread.
-    """
-    await asyncio.to_thread(upgrade, db_url)
-    eng = make_engine(db_url)
-    try:
-        yield eng
-    finally:
-        await eng.dispose()
-
 
 SECRET = "GPS 51.5007N 0.1246W secret-workflow"
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import io
 import re
 from collections.abc import AsyncIterator
@@ -15,9 +14,8 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from PIL import Image as PILImage
 from PIL.PngImagePlugin import PngInfo
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from bot.database import make_engine, upgrade
 from bot.models import Job, JobStatus, Member
 from bot.settings import BotSettings
 from bot.storage import LocalMediaStore, save_job_images
@@ -27,21 +25,6 @@ HOSTILE_PROMPT = '<script>alert("pwned")</script><img src=x onerror=alert(1)> "q
 HOSTILE_NAME = "<b onmouseover=alert(2)>Mallory</b>"
 SECRET_TEXT = "secret-generation-metadata"
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
-
-
-@pytest.fixture
-async def engine(db_url: str) -> AsyncIterator[AsyncEngine]:
-    """A migrated database on each backend.
-
-    Overrides conftest's fixture, which calls ``upgrade`` on the test's running event loop:
-    Alembic's env.py uses ``asyncio.run`` and refuses to nest, so migrate from a thread.
-    """
-    await asyncio.to_thread(upgrade, db_url)
-    eng = make_engine(db_url)
-    try:
-        yield eng
-    finally:
-        await eng.dispose()
 
 
 def png(size: tuple[int, int] = (96, 96), color: tuple[int, int, int] = (40, 90, 200)) -> bytes:
