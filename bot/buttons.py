@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 import discord
 from discord import ui
 from sqlalchemy import select
+from sqlalchemy.exc import SQLAlchemyError
 
 from bot.jobs import SINGLE_IMAGE_KINDS, Actor, JobRefused, Operation
 from bot.models import Job, JobStatus
@@ -88,6 +89,17 @@ async def refuse(interaction: discord.Interaction[Any], message: str) -> None:
     await interaction.followup.send(message, ephemeral=True)
 
 
+# Said when the database cannot be reached while accepting a job: the job row and its charge are
+# one transaction, so nothing was created or charged, and the member should simply retry.
+DATABASE_UNAVAILABLE = (
+    "Mirage can't reach its database right now, so this was not started and nothing was charged. "
+    "Please try again in a minute."
+)
+# What an unreachable database raises: SQLAlchemy wraps driver errors; a refused or reset socket
+# can surface as OSError, and a hung one as a timeout.
+DATABASE_ERRORS: tuple[type[BaseException], ...] = (SQLAlchemyError, OSError, TimeoutError)
+
+
 async def start_job(
     interaction: discord.Interaction[Any],
     parent: Job,
@@ -104,6 +116,11 @@ async def start_job(
         )
     except JobRefused as exc:
         await refuse(interaction, str(exc))
+        return
+    except DATABASE_ERRORS:
+        # Without this the member would stare at "thinking…" forever (SPEC §3).
+        log.exception("could not accept a button press: database unavailable")
+        await refuse(interaction, DATABASE_UNAVAILABLE)
         return
     job = created.job
     bot.delivery.remember_limit(job.id, interaction.filesize_limit)

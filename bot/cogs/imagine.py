@@ -9,7 +9,7 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot.buttons import actor_from, refuse
+from bot.buttons import DATABASE_ERRORS, DATABASE_UNAVAILABLE, actor_from, refuse
 from bot.jobs import JobRefused
 from bot.prompt import PromptError, parse_prompt
 
@@ -43,6 +43,12 @@ class Imagine(commands.Cog):
             created = await self.bot.jobs.create_imagine(actor_from(interaction), params)
         except JobRefused as exc:
             await refuse(interaction, str(exc))
+            return
+        except DATABASE_ERRORS:
+            # The job and its charge are one transaction, so nothing was created or charged; say
+            # so rather than leaving the deferred "thinking…" message hanging forever (SPEC §3).
+            log.exception("could not accept /imagine: database unavailable")
+            await refuse(interaction, DATABASE_UNAVAILABLE)
             return
         job = created.job
         self.bot.delivery.remember_limit(job.id, interaction.filesize_limit)
