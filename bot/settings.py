@@ -28,7 +28,10 @@ def _data_dir() -> Path:
 class BotSettings(BaseSettings):
     """Everything the bot process reads. Secrets are ``SecretStr`` so they never print."""
 
-    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore")
+    # An empty variable (KEY= in .env) means "use the default", as an operator would expect.
+    model_config = SettingsConfigDict(
+        env_file=".env", env_file_encoding="utf-8", extra="ignore", env_ignore_empty=True
+    )
 
     discord_token: SecretStr = SecretStr("")
     discord_guild_ids: Annotated[list[int], NoDecode] = Field(default_factory=list)

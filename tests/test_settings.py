@@ -54,7 +54,9 @@ def test_embedded_defaults_need_no_server() -> None:
 def test_bot_and_schema_do_not_import_torch() -> None:
     """The bot image ships without torch: importing the bot side must not pull it in."""
     code = (
-        "import sys, bot, bot.settings, bot.models, bot.database, workers.schema, workers.imaging;"
+        "import sys, bot.__main__, bot.client, bot.delivery, bot.jobs, bot.dispatch, bot.buttons,"
+        " bot.cogs.imagine, bot.cogs.account, bot.cogs.admin, bot.web.app, bot.metrics, bot.storage,"
+        " workers.schema, workers.imaging;"
         "bad = [m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules];"
         "assert not bad, bad"
     )
