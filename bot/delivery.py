@@ -408,6 +408,7 @@ class DeliveryService:
         polled = [job for job in active if job.id not in self._inflight]
         states = await self.dispatcher.states([job.id for job in polled]) if polled else {}
         started: list[str] = []
+        progressing: list[tuple[Job, dict[str, Any]]] = []
         timeout = timedelta(seconds=self.settings.job_timeout_s)
         for job in polled:
             state = states.get(job.id)
@@ -425,7 +426,7 @@ class DeliveryService:
                     started.append(job.id)
                     job.status = JobStatus.RUNNING.value
                 if isinstance(state.info, dict) and "percent" in state.info:
-                    self._maybe_progress(job, state.info)
+                    progressing.append((job, state.info))
         if started:
             async with self.sessions() as session, session.begin():
                 await session.execute(
@@ -433,6 +434,9 @@ class DeliveryService:
                     .where(Job.id.in_(started), Job.status == JobStatus.QUEUED.value)
                     .values(status=JobStatus.RUNNING.value, started_at=now)
                 )
+        # After the status is recorded, so a member who sees progress never finds the job "queued".
+        for job, info in progressing:
+            self._maybe_progress(job, info)
         for job in orphan_crops:
             self._spawn(job.id, self.finish_crop(job.id))
         clock = time.monotonic()
