@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Integer, case, delete, literal, select, update
+from sqlalchemy import Integer, Row, case, delete, literal, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -191,9 +191,12 @@ def _sync_member(session: AsyncSession, member_id: int, **values: Any) -> None:
             set_committed_value(member, name, value)
 
 
-async def _member_config(
-    session: AsyncSession, member_id: int
-) -> tuple[int | None, str | None, int | None, str | None]:
+async def _account(session: AsyncSession, member_id: int) -> Row[Any]:
+    """The member's and their guild's limit/period, with usage, bonus and period start.
+
+    Columns: member limit, member period, guild limit, guild period, credits used, bonus
+    credits, period start. Raises ``LookupError`` for an unknown member.
+    """
     row = (
         await session.execute(
             select(
@@ -201,6 +204,9 @@ async def _member_config(
                 _members.c.credit_period,
                 _guilds.c.credit_limit,
                 _guilds.c.credit_period,
+                _members.c.credits_used,
+                _members.c.bonus_credits,
+                _members.c.period_start,
             )
             .select_from(_members.outerjoin(_guilds, _guilds.c.id == _members.c.guild_id))
             .where(_members.c.id == member_id)
@@ -208,6 +214,13 @@ async def _member_config(
     ).first()
     if row is None:
         raise LookupError(f"no member with id {member_id}")
+    return row
+
+
+async def _member_config(
+    session: AsyncSession, member_id: int
+) -> tuple[int | None, str | None, int | None, str | None]:
+    row = await _account(session, member_id)
     return row[0], row[1], row[2], row[3]
 
 
@@ -410,23 +423,7 @@ async def report(
 ) -> CreditReport:
     """The member's credits as of ``now``. Read-only: an expired period simply reads as unused."""
     now = _utc(now)
-    row = (
-        await session.execute(
-            select(
-                _members.c.credit_limit,
-                _members.c.credit_period,
-                _guilds.c.credit_limit,
-                _guilds.c.credit_period,
-                _members.c.credits_used,
-                _members.c.bonus_credits,
-                _members.c.period_start,
-            )
-            .select_from(_members.outerjoin(_guilds, _guilds.c.id == _members.c.guild_id))
-            .where(_members.c.id == member_id)
-        )
-    ).one_or_none()
-    if row is None:
-        raise LookupError(f"no member with id {member_id}")
+    row = await _account(session, member_id)
     eff = _effective(row[0], row[1], row[2], row[3], defaults)
     start, end = period_bounds(now, eff.period)
     period_start = row[6]
