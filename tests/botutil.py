@@ -42,7 +42,7 @@ from bot.dispatch import (
     TaskState,
     WorkerStatus,
 )
-from bot.models import Job
+from bot.models import Job, JobStatus
 from bot.settings import BotSettings
 from bot.storage import LocalMediaStore
 from tests.fakes import FakeDiscord, FakeInteraction
@@ -390,6 +390,32 @@ def labels(message: dict[str, Any]) -> list[str]:
 def has_result(message: dict[str, Any]) -> bool:
     """A delivered result: an attachment and buttons."""
     return bool(message.get("attachments")) and bool(message.get("components"))
+
+
+async def finish_grid(h: Harness, prompt: str, **kwargs: Any) -> tuple[Job, dict[str, Any]]:
+    """Run an /imagine through the fake dispatcher to a delivered grid."""
+    inter = await h.imagine(prompt, **kwargs)
+    job = await h.job_for(inter)
+    await h.wait_job(job.id, lambda j: j.status == JobStatus.QUEUED)
+    h.dispatcher.succeed(job.id)
+    h.bot.delivery.wake()
+    message = await inter.wait_original(has_result)
+    return await h.wait_job(job.id, lambda j: j.message_id is not None), message
+
+
+def result_message_ids(h: Harness, inter: FakeInteraction, job_id: str) -> set[str]:
+    """Distinct Discord messages that carried the job's result (re-edits of one message count once)."""
+    ids = {
+        str(inter.original_message_id)
+        for r in inter.requests
+        if r.route == "webhook_message_edit" and r.status == 200 and r.files and r.custom_ids()
+    }
+    ids |= {
+        str((r.response or {}).get("id"))
+        for r in h.fake.requests
+        if r.route == "channel_message_create" and r.status == 200 and f":{job_id}" in str(r.custom_ids())
+    }
+    return ids
 
 
 async def attachment_bytes(fake: FakeDiscord, message: dict[str, Any], index: int = 0) -> bytes:

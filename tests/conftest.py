@@ -12,6 +12,7 @@ import socket
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 import pytest
@@ -106,3 +107,14 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from workers.sdxl.tiny import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("tiny-sdxl"))
+
+
+@pytest.fixture(scope="module")
+def worker(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """One warmed-up real Celery worker (tiny model) per test module, on a private queue of Redis."""
+    from tests.botutil import run_worker, warm_worker
+
+    _need(REDIS_URL, 6379, "Redis")
+    with run_worker(tiny_model_dir, REDIS_URL, tmp_path_factory.mktemp("worker")) as proc:
+        asyncio.run(warm_worker(proc, REDIS_URL))
+        yield proc

@@ -20,6 +20,7 @@ from tests.botutil import (
     Harness,
     bot_harness,
     custom_ids,
+    finish_grid,
     has_result,
     labels,
     png_bytes,
@@ -59,17 +60,6 @@ async def credits_used(h: Harness, user_id: int) -> int:
     async with h.sessions() as session:
         member = (await session.scalars(select(Member).where(Member.user_id == user_id))).first()
         return 0 if member is None else member.credits_used
-
-
-async def finish_grid(h: Harness, prompt: str, **kwargs: Any) -> tuple[Job, dict[str, Any]]:
-    """Run an /imagine through the fake dispatcher to a delivered grid."""
-    inter = await h.imagine(prompt, **kwargs)
-    job = await h.job_for(inter)
-    await h.wait_job(job.id, lambda j: j.status == JobStatus.QUEUED)
-    h.dispatcher.succeed(job.id)
-    h.bot.delivery.wake()
-    message = await inter.wait_original(has_result)
-    return await h.wait_job(job.id, lambda j: j.message_id is not None), message
 
 
 async def test_grid_delivery_and_layout(h: Harness) -> None:

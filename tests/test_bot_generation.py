@@ -6,8 +6,6 @@ gets its own bot, database and media folder. The tiny model runs at 64 px with 2
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,23 +25,10 @@ from tests.botutil import (
     image_of,
     labels,
     row_sizes,
-    run_worker,
-    warm_worker,
 )
 from workers.schema import Engine, ErrorCode, JobKind
 
 pytestmark = [pytest.mark.slow, pytest.mark.redis, pytest.mark.timeout(180)]
-
-
-@pytest.fixture(scope="module")
-def worker(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkerProcess]:
-    """One warmed-up worker for the module, on a private queue."""
-    from tests.conftest import REDIS_URL, _need
-
-    _need(REDIS_URL, 6379, "Redis")
-    with run_worker(tiny_model_dir, REDIS_URL, tmp_path_factory.mktemp("worker")) as proc:
-        asyncio.run(warm_worker(proc, REDIS_URL))
-        yield proc
 
 
 @pytest.fixture

@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from sqlalchemy import delete, select
 
 from bot.models import Image, Job, JobStatus, Member
-from tests.botutil import FakeDispatcher, Harness, bot_harness, has_result
+from tests.botutil import FakeDispatcher, Harness, bot_harness, finish_grid
 from workers.schema import ErrorCode
 
 pytestmark = [pytest.mark.reliability, pytest.mark.timeout(120)]
@@ -90,17 +90,6 @@ async def answer_of(h: Harness, inter: Any) -> tuple[str, dict[str, Any]]:
         assert reply.message_payload["flags"] & EPHEMERAL, reply.message_payload
         return "refused", reply.message_payload
     return "accepted", reply.message_payload
-
-
-async def finish_grid(h: Harness, prompt: str, **kwargs: Any) -> tuple[Job, dict[str, Any]]:
-    """An /imagine delivered as a grid by the fake dispatcher."""
-    inter = await h.imagine(prompt, **kwargs)
-    job = await h.job_for(inter)
-    await h.wait_job(job.id, lambda j: j.status == JobStatus.QUEUED)
-    h.dispatcher.succeed(job.id)
-    h.bot.delivery.wake()
-    message = await inter.wait_original(has_result)
-    return await h.wait_job(job.id, lambda j: j.message_id is not None), message
 
 
 def forged(message: dict[str, Any], custom_id: str) -> dict[str, Any]:

@@ -40,6 +40,7 @@ from tests.botutil import (
     WorkerProcess,
     bot_harness,
     has_result,
+    result_message_ids,
     run_worker,
     warm_worker,
 )
@@ -143,21 +144,6 @@ def redis_worker(
         yield proc
 
 
-def final_message_ids(h: Harness, inter: FakeInteraction, job: Job) -> set[str]:
-    """Distinct Discord messages that carried the job's result (re-edits of one message count once)."""
-    ids = {
-        str(inter.original_message_id)
-        for r in inter.requests
-        if r.route == "webhook_message_edit" and r.status == 200 and r.files and r.custom_ids()
-    }
-    ids |= {
-        str((r.response or {}).get("id"))
-        for r in h.fake.requests
-        if r.route == "channel_message_create" and r.status == 200 and job.id in str(r.custom_ids())
-    }
-    return ids
-
-
 async def assert_exactly_once(h: Harness, inters: list[FakeInteraction]) -> None:
     """Every interaction's job is done, delivered in one message, and charged once."""
     async with h.sessions() as session:
@@ -167,7 +153,7 @@ async def assert_exactly_once(h: Harness, inters: list[FakeInteraction]) -> None
         # The message id is written just after Discord confirms the message the test saw.
         job = await h.wait_job(job.id, lambda j: j.message_id is not None)
         assert job.status == JobStatus.DONE.value and job.delivered and job.message_id, job.id
-        assert len(final_message_ids(h, inter, job)) == 1, job.id
+        assert len(result_message_ids(h, inter, job.id)) == 1, job.id
         assert ledger.count((job.id, "reserve")) == 1 and ledger.count((job.id, "refund")) == 0
 
 

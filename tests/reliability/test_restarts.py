@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,7 +24,7 @@ from sqlalchemy import select
 
 from bot.dispatch import CeleryDispatcher
 from bot.models import CreditEntry, Job, JobStatus, Member
-from tests.botutil import Harness, WorkerProcess, bot_harness, has_result, run_worker, warm_worker
+from tests.botutil import Harness, WorkerProcess, bot_harness, has_result, result_message_ids
 from tests.fakes import FakeInteraction
 from workers.schema import Engine
 
@@ -35,17 +34,6 @@ MEMBERS = 3
 PER_MEMBER = 2
 # Filled in by the test so docs/reliability.md can quote what was measured (printed with -s).
 MEASURED: dict[str, float] = {}
-
-
-@pytest.fixture(scope="module")
-def worker(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkerProcess]:
-    """One warmed-up worker for the module, on a private queue of the shared Redis."""
-    from tests.conftest import REDIS_URL, _need
-
-    _need(REDIS_URL, 6379, "Redis")
-    with run_worker(tiny_model_dir, REDIS_URL, tmp_path_factory.mktemp("worker")) as proc:
-        asyncio.run(warm_worker(proc, REDIS_URL))
-        yield proc
 
 
 async def crash_bot(h: Harness) -> None:
@@ -80,21 +68,6 @@ async def crash_bot(h: Harness) -> None:
         await delivery._session.close()
     h.bot = None
     h.runner = None
-
-
-def result_message_ids(h: Harness, inter: FakeInteraction, job_id: str) -> set[str]:
-    """Distinct Discord messages that carried the job's result (re-edits of one message count once)."""
-    ids = {
-        str(inter.original_message_id)
-        for r in inter.requests
-        if r.route == "webhook_message_edit" and r.status == 200 and r.files and r.custom_ids()
-    }
-    ids |= {
-        str((r.response or {}).get("id"))
-        for r in h.fake.requests
-        if r.route == "channel_message_create" and r.status == 200 and f":{job_id}" in str(r.custom_ids())
-    }
-    return ids
 
 
 async def delivered_count(h: Harness) -> int:
