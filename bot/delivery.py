@@ -53,7 +53,7 @@ from bot.models import Image, Job, JobStatus, utcnow
 from bot.settings import BotSettings
 from bot.storage import MediaNotFound, MediaStore, save_job_images
 from workers.imaging import compose_grid, decode_image, encode_png, encode_under, split_grid
-from workers.schema import ErrorCode, JobKind, Progress, TaskOutcome, WorkerError, decode_png
+from workers.schema import ErrorCode, JobKind, Progress, TaskOutcome, WorkerError, b64decode_text
 
 if TYPE_CHECKING:
     from bot.client import MirageBot
@@ -172,7 +172,7 @@ def allowed_mentions_for(job: Job) -> discord.AllowedMentions:
 
 def _result_files(images: Sequence[str], count: int) -> list[tuple[int, bytes]]:
     """Worker images (base64 PNG) to the stored set: grid + tiles, or the single image."""
-    decoded = [decode_image(decode_png(data)) for data in images]
+    decoded = [decode_image(b64decode_text(data)) for data in images]
     if count == 1:
         return [(0, encode_png(decoded[0]))]
     grid = compose_grid(decoded)

@@ -37,8 +37,8 @@ REVOKED = "REVOKED"
 FINAL_STATES = frozenset({SUCCESS, FAILURE, REVOKED})
 RUNNING_STATES = frozenset({RECEIVED, STARTED, PROGRESS, RETRY})
 
-TASK_FOR_ENGINE: dict[Engine, str] = {Engine.SDXL: TASK_SDXL, Engine.DALLE: TASK_OPENAI}
-DEFAULT_QUEUES: dict[Engine, str] = {Engine.SDXL: QUEUE_GPU, Engine.DALLE: QUEUE_API}
+TASK_FOR_ENGINE: dict[Engine, str] = {Engine.SDXL: TASK_SDXL, Engine.OPENAI: TASK_OPENAI}
+DEFAULT_QUEUES: dict[Engine, str] = {Engine.SDXL: QUEUE_GPU, Engine.OPENAI: QUEUE_API}
 
 
 @dataclass(frozen=True, slots=True)

@@ -246,7 +246,7 @@ class JobService:
             return self.settings.cost_crop
         if kind == JobKind.UPSCALE:
             return self.settings.cost_upscale
-        return self.settings.cost_dalle_grid if engine == Engine.DALLE else self.settings.cost_sdxl_grid
+        return self.settings.cost_openai_grid if engine == Engine.OPENAI else self.settings.cost_sdxl_grid
 
     # --- creation ----------------------------------------------------------------------------
 
@@ -461,7 +461,7 @@ class JobService:
             scale=operation.scale,
             direction=operation.direction,
             input_image=input_image,
-            openai_model=self.settings.openai_model if job.engine == Engine.DALLE.value else None,
+            openai_model=self.settings.openai_model if job.engine == Engine.OPENAI.value else None,
         )
 
     async def input_image(self, parent_id: str, index: int | None) -> bytes:

@@ -143,7 +143,7 @@ def _choice(options: dict[str, Any]) -> Callable[[str], Any]:
 
 
 _SAMPLERS = {sampler.value: sampler for sampler in Sampler}
-_ENGINES = {"sdxl": Engine.SDXL, "dalle": Engine.DALLE, "dall_e": Engine.DALLE}
+_ENGINES = {"sdxl": Engine.SDXL, "openai": Engine.OPENAI, "dalle": Engine.OPENAI, "dall_e": Engine.OPENAI}
 
 _SPECS: tuple[_Spec, ...] = (
     _Spec(

@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import logging
+import os
 from enum import StrEnum
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from workers.schema import Engine, Visibility
+
+log = logging.getLogger(__name__)
+
+# Old setting names still read, each with its current name; a line at start says to rename it.
+DEPRECATED_NAMES = {"cost_dalle_grid": "cost_openai_grid"}
 
 
 class Period(StrEnum):
@@ -55,7 +62,9 @@ class BotSettings(BaseSettings):
     credit_limit: int = Field(default=25, ge=0)
     credit_period: Period = Period.DAY
     cost_sdxl_grid: int = Field(default=1, ge=0)
-    cost_dalle_grid: int = Field(default=2, ge=0)
+    cost_openai_grid: int = Field(
+        default=2, ge=0, validation_alias=AliasChoices("cost_openai_grid", "cost_dalle_grid")
+    )
     cost_upscale: int = Field(default=1, ge=0)
     cost_crop: int = Field(default=0, ge=0)
 
@@ -70,6 +79,18 @@ class BotSettings(BaseSettings):
     keep_metadata: bool = False
     log_json: bool = False
     log_level: str = "INFO"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _warn_deprecated(cls, data: object) -> object:
+        # The sources have already mapped old names onto fields, so look where operators set them.
+        present = {key.lower() for key in os.environ} | (
+            {str(key).lower() for key in data} if isinstance(data, dict) else set()
+        )
+        for old, new in DEPRECATED_NAMES.items():
+            if old in present:
+                log.warning("setting %s is deprecated; use %s", old.upper(), new.upper())
+        return data
 
     @field_validator("admin_user_ids", "discord_guild_ids", mode="before")
     @classmethod

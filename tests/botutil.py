@@ -101,7 +101,7 @@ class FakeDispatcher:
     revoked: list[str] = field(default_factory=list)
     forgotten: list[str] = field(default_factory=list)
     state: dict[str, TaskState] = field(default_factory=dict)
-    queues: dict[Engine, str] = field(default_factory=lambda: {Engine.SDXL: "gpu", Engine.DALLE: "api"})
+    queues: dict[Engine, str] = field(default_factory=lambda: {Engine.SDXL: "gpu", Engine.OPENAI: "api"})
     fail_sends: int = 0
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
 

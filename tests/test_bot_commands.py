@@ -523,7 +523,7 @@ async def test_stealth_public_and_settings(h: Harness) -> None:
     # Someone else cannot use my settings panel.
     bob = h.fake.add_member(h.fake.guild, "bob").user
     panel = await inter.wait_original(lambda m: custom_ids(m) and custom_ids(m) != selects)
-    press = await h.fake.press(custom_ids(panel)[0], panel, values=["dalle"], user=bob)
+    press = await h.fake.press(custom_ids(panel)[0], panel, values=["openai"], user=bob)
     callback = await press.callback()
     assert callback.message_payload["flags"] & EPHEMERAL
 
@@ -618,7 +618,7 @@ async def test_dalle_jobs_cost_more_and_go_to_the_api_queue(h: Harness) -> None:
     inter = await h.imagine("an oil painting --model dalle")
     job = await h.job_for(inter)
     [request] = await h.dispatcher.wait_sent(1)
-    assert job.engine == "dalle" and job.cost == 2
+    assert job.engine == "openai" and job.cost == 2
     assert request.openai_model == h.settings.openai_model
     assert await credits_used(h, h.fake.user.id) == 2
 
@@ -626,10 +626,10 @@ async def test_dalle_jobs_cost_more_and_go_to_the_api_queue(h: Harness) -> None:
 async def test_member_default_engine_applies(h: Harness) -> None:
     inter = await h.fake.slash("settings")
     panel = await inter.wait_original(lambda m: bool(m.get("components")))
-    press = await h.fake.press(custom_ids(panel)[0], panel, values=["dalle"])
+    press = await h.fake.press(custom_ids(panel)[0], panel, values=["openai"])
     await press.callback()
     job = await h.job_for(await h.imagine("uses my default engine"))
-    assert job.engine == "dalle"
+    assert job.engine == "openai"
     job = await h.job_for(await h.imagine("but not here --model sdxl"))
     assert job.engine == "sdxl"
 
@@ -644,7 +644,7 @@ async def test_celery_dispatcher_sends_by_name_with_the_job_id() -> None:
     dispatcher = CeleryDispatcher(app, queues={Engine.SDXL: "gpu-x"})
     request = JobRequest(job_id="j" * 22, kind=JobKind.IMAGINE, params=GenerationParams(prompt="p"), seed=3)
     await dispatcher.send(request, Engine.SDXL)
-    await dispatcher.send(request, Engine.DALLE)
+    await dispatcher.send(request, Engine.OPENAI)
     await dispatcher.close()
     assert calls[0][0] == TASK_SDXL and calls[0][1]["queue"] == "gpu-x" and calls[0][1]["task_id"] == "j" * 22
     assert calls[0][1]["args"] == [request.model_dump(mode="json")]

@@ -87,9 +87,9 @@ async def test_metrics_endpoint_serves_counters_after_a_job(client: TestClient, 
     metrics.record_accepted(JobKind.IMAGINE, Engine.SDXL, 1)
     metrics.record_completed(JobKind.IMAGINE, Engine.SDXL, queue_wait_s=3.2, generation_s=8.5)
     # And a DALL-E upscale that the content filter rejected, refunded.
-    metrics.record_accepted("upscale", "dalle", 2)
-    metrics.record_failed("upscale", "dalle", ErrorCode.CONTENT_POLICY)
-    metrics.record_refunded("upscale", "dalle", 2)
+    metrics.record_accepted("upscale", "openai", 2)
+    metrics.record_failed("upscale", "openai", ErrorCode.CONTENT_POLICY)
+    metrics.record_refunded("upscale", "openai", 2)
     metrics.set_workers_online(2)
 
     response = await client.get("/metrics")
@@ -102,11 +102,13 @@ async def test_metrics_endpoint_serves_counters_after_a_job(client: TestClient, 
     assert line("mirage_jobs_accepted_total", 1, kind="imagine", engine="sdxl") in shown
     assert line("mirage_jobs_completed_total", 1, kind="imagine", engine="sdxl") in shown
     assert line("mirage_credits_spent_total", 1, kind="imagine", engine="sdxl") in shown
-    assert line("mirage_jobs_accepted_total", 1, kind="upscale", engine="dalle") in shown
-    assert line("mirage_credits_spent_total", 2, kind="upscale", engine="dalle") in shown
-    assert line("mirage_jobs_failed_total", 1, kind="upscale", engine="dalle", code="content_policy") in shown
-    assert line("mirage_jobs_refunded_total", 1, kind="upscale", engine="dalle") in shown
-    assert line("mirage_credits_refunded_total", 2, kind="upscale", engine="dalle") in shown
+    assert line("mirage_jobs_accepted_total", 1, kind="upscale", engine="openai") in shown
+    assert line("mirage_credits_spent_total", 2, kind="upscale", engine="openai") in shown
+    assert (
+        line("mirage_jobs_failed_total", 1, kind="upscale", engine="openai", code="content_policy") in shown
+    )
+    assert line("mirage_jobs_refunded_total", 1, kind="upscale", engine="openai") in shown
+    assert line("mirage_credits_refunded_total", 2, kind="upscale", engine="openai") in shown
     assert line("mirage_workers_online", 2) in shown
 
     parsed = samples(text)
@@ -118,8 +120,8 @@ async def test_metrics_endpoint_serves_counters_after_a_job(client: TestClient, 
     assert parsed[("mirage_job_generation_seconds_bucket", (("engine", "sdxl"), ("le", "7.5")))] == 0
     assert parsed[("mirage_job_generation_seconds_bucket", (("engine", "sdxl"), ("le", "10.0")))] == 1
     # Nothing else moved: the DALL-E job never completed, the SDXL one never failed.
-    assert parsed[("mirage_jobs_completed_total", (("engine", "dalle"), ("kind", "upscale")))] == 0
-    assert parsed[("mirage_job_generation_seconds_count", (("engine", "dalle"),))] == 0
+    assert parsed[("mirage_jobs_completed_total", (("engine", "openai"), ("kind", "upscale")))] == 0
+    assert parsed[("mirage_job_generation_seconds_count", (("engine", "openai"),))] == 0
     failed_sdxl = [
         v
         for (name, labels), v in parsed.items()
@@ -207,10 +209,10 @@ def test_dedicated_registry() -> None:
 
 def test_render_returns_bytes_and_content_type(fresh: Metrics) -> None:
     """The module-level render() is what /metrics serves."""
-    metrics.record_accepted(JobKind.REROLL, Engine.DALLE, 2)
+    metrics.record_accepted(JobKind.REROLL, Engine.OPENAI, 2)
     body, content_type = metrics.render()
     assert isinstance(body, bytes) and content_type.startswith("text/plain; version=0.0.4")
-    assert line("mirage_credits_spent_total", 2, kind="reroll", engine="dalle") in lines(body.decode())
+    assert line("mirage_credits_spent_total", 2, kind="reroll", engine="openai") in lines(body.decode())
 
 
 @dataclass

@@ -28,7 +28,7 @@ from workers.schema import (
     JobRequest,
     Progress,
     WorkerError,
-    encode_png,
+    b64encode_bytes,
     nearest_bucket,
 )
 from workers.settings import WorkerSettings
@@ -106,7 +106,7 @@ def png_b64(size: tuple[int, int], colour: tuple[int, int, int] = (200, 30, 60))
     image.putpixel((0, 0), (0, 0, 0))
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
-    return encode_png(buffer.getvalue())
+    return b64encode_bytes(buffer.getvalue())
 
 
 def job(
@@ -155,7 +155,7 @@ def test_dalle3_grid_is_four_requests_of_one(fake: FakeOpenAIServer) -> None:
     assert all((i.width, i.height) == (1024, 1024) for i in result.images)
     assert all(decoded(i).size == (1024, 1024) for i in result.images)
     assert result.seed == 1234
-    assert result.engine == "dalle"
+    assert result.engine == "openai"
     assert "no seeds" in result.info["seed_note"]
     assert result.info["requests"] == 4
     assert len(result.info["revised_prompts"]) == 4

@@ -37,7 +37,7 @@ def test_everything_at_once() -> None:
     assert (params.seed, params.chaos, params.stylize, params.quality) == (7, 20, 750, 0.5)
     assert (params.steps, params.sampler, params.tile) == (30, Sampler.EULER_A, True)
     assert (params.engine, params.visibility, params.negative_prompt) == (
-        Engine.DALLE,
+        Engine.OPENAI,
         Visibility.STEALTH,
         "dogs, text",
     )
@@ -200,7 +200,7 @@ def test_bad_sampler_lists_the_choices() -> None:
 
 
 @pytest.mark.parametrize(
-    ("value", "engine"), [("sdxl", Engine.SDXL), ("dalle", Engine.DALLE), ("DALL-E", Engine.DALLE)]
+    ("value", "engine"), [("sdxl", Engine.SDXL), ("dalle", Engine.OPENAI), ("DALL-E", Engine.OPENAI)]
 )
 def test_model(value: str, engine: Engine) -> None:
     assert parse_prompt(f"x --model {value}").engine == engine

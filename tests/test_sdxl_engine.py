@@ -33,7 +33,7 @@ from workers.schema import (
     WorkerError,
     scale_bucket,
 )
-from workers.schema import encode_png as to_base64
+from workers.schema import b64encode_bytes as to_base64
 from workers.sdxl.engine import SDXLEngine
 from workers.sdxl.progress import ProgressReporter, preview_jpeg
 from workers.sdxl.prompt import parse_lora_tags

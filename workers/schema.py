@@ -10,11 +10,11 @@ from __future__ import annotations
 import base64
 import math
 from enum import StrEnum
-from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-SCHEMA_VERSION = 1
+# Both sides check it: a worker refuses a request, and the bot a result, of another version.
+SCHEMA_VERSION = 2
 
 # Celery task names: the bot dispatches by name so it never imports worker code.
 TASK_SDXL = "mirage.sdxl.run"
@@ -41,7 +41,17 @@ class Engine(StrEnum):
     """Which image engine runs a job."""
 
     SDXL = "sdxl"
-    DALLE = "dalle"
+    OPENAI = "openai"
+
+    @classmethod
+    def _missing_(cls, value: object) -> Engine | None:
+        # Rows and messages written before the OpenAI engine got its one name say "dalle".
+        if isinstance(value, str) and value.lower() in LEGACY_ENGINE_NAMES:
+            return cls.OPENAI
+        return None
+
+
+LEGACY_ENGINE_NAMES = frozenset({"dalle", "dall-e", "dall_e", "api"})
 
 
 class Visibility(StrEnum):
@@ -130,22 +140,72 @@ class JobRequest(BaseModel):
     openai_model: str | None = None  # dall-e-3, dall-e-2, gpt-image-1 for the api engine
 
 
-class ImageOut(BaseModel):
-    """One generated image, PNG encoded."""
+class ImageFormat(StrEnum):
+    """How a result image is encoded; the bot stores the bytes as they are."""
 
-    data: str  # base64
-    width: int
-    height: int
+    PNG = "png"
+    WEBP = "webp"
+
+
+class Layout(StrEnum):
+    """What a result image is: Midjourney's 2x2 grid of four tiles, or one image."""
+
+    GRID = "grid"
+    SINGLE = "single"
+
+
+class ImageOut(BaseModel):
+    """One encoded image file (no metadata), carried as base64 text."""
+
+    data_b64: str
+    format: ImageFormat = ImageFormat.PNG
+    width: int = Field(gt=0)
+    height: int = Field(gt=0)
+
+
+class Timings(BaseModel):
+    """Where a job's time went on the worker, in seconds.
+
+    ``generation_s`` is the engine's own work (what the generation-time metric shows);
+    ``phases`` breaks it down per engine (``text_encode``, ``denoise``, ``vae_decode``, ``api``...).
+    """
+
+    load_s: float = Field(default=0.0, ge=0)  # engine load paid by this job (0 when warm)
+    generation_s: float = Field(ge=0)
+    encode_s: float = Field(default=0.0, ge=0)
+    total_s: float = Field(ge=0)  # task start to result
+    phases: dict[str, float] = Field(default_factory=dict)
+
+
+class EngineReport(BaseModel):
+    """What produced the images, for the job page and the logs."""
+
+    engine: Engine
+    model: str
+    device: str | None = None
+    dtype: str | None = None
+    sampler: str | None = None
+    steps: int | None = None
 
 
 class JobResult(BaseModel):
-    """What a worker returns for a finished job."""
+    """What a worker returns for a finished job.
 
+    A grid arrives as one image, composed and encoded once on the worker; tiles are cut from it
+    only when a member asks for one. ``notes`` are short member-facing remarks ("--tile is not
+    supported by this engine") shown under the result.
+    """
+
+    version: int = SCHEMA_VERSION
     job_id: str
-    images: list[ImageOut]
+    layout: Layout
+    image: ImageOut
+    tile_width: int = Field(gt=0)
+    tile_height: int = Field(gt=0)
     seed: int
-    engine: Engine
-    info: dict[str, Any] = Field(default_factory=dict)  # timings, model name, notes for the member
+    timings: Timings
+    report: EngineReport
+    notes: list[str] = Field(default_factory=list)
 
 
 class ErrorCode(StrEnum):
@@ -210,13 +270,13 @@ def scale_bucket(width: int, height: int, base: int) -> tuple[int, int]:
     return w, h
 
 
-def encode_png(data: bytes) -> str:
-    """Bytes to the base64 text carried in messages."""
+def b64encode_bytes(data: bytes) -> str:
+    """Bytes (an encoded image file) to the base64 text carried in messages."""
     return base64.b64encode(data).decode("ascii")
 
 
-def decode_png(text: str) -> bytes:
-    """Base64 text from a message back to bytes."""
+def b64decode_text(text: str) -> bytes:
+    """Base64 text from a message back to the bytes it carries."""
     return base64.b64decode(text.encode("ascii"), validate=True)
 
 

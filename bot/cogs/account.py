@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 ASPECTS = ("1:1", "3:2", "2:3", "4:3", "3:4", "16:9", "9:16", "21:9")
-ENGINE_LABELS = {Engine.SDXL: "Stable Diffusion XL", Engine.DALLE: "DALL-E (OpenAI)"}
+ENGINE_LABELS = {Engine.SDXL: "Stable Diffusion XL", Engine.OPENAI: "OpenAI images"}
 GALLERY_JOBS = 10
 
 

@@ -60,8 +60,8 @@ from workers.schema import (
     JobResult,
     Progress,
     WorkerError,
-    decode_png,
-    encode_png,
+    b64decode_text,
+    b64encode_bytes,
 )
 from workers.settings import WorkerSettings
 
@@ -195,7 +195,7 @@ class OpenAIEngine:
         outcomes = self._execute(plan, request.job_id, report, is_cancelled)
 
         images = [
-            ImageOut(data=encode_png(png), width=w, height=h) for o in outcomes for png, w, h in o.images
+            ImageOut(data=b64encode_bytes(png), width=w, height=h) for o in outcomes for png, w, h in o.images
         ]
         if not images:
             raise WorkerError(ErrorCode.ENGINE_ERROR, "OpenAI returned no images. Please try again.")
@@ -214,7 +214,7 @@ class OpenAIEngine:
             info["revised_prompts"] = revised
         report(100, len(plan.calls), len(plan.calls))
         return JobResult(
-            job_id=request.job_id, images=images, seed=request.seed, engine=Engine.DALLE, info=info
+            job_id=request.job_id, images=images, seed=request.seed, engine=Engine.OPENAI, info=info
         )
 
     # ------------------------------------------------------------------ planning
@@ -481,13 +481,15 @@ class OpenAIEngine:
         factor = request.scale if request.scale is not None else 2.0
         bigger = canvas.upscale_lanczos(image, factor)
         note = UPSCALE_NOTE if factor == 2.0 else UPSCALE_NOTE.replace("2x", f"{factor:g}x")
-        out = ImageOut(data=encode_png(imaging.encode_png(bigger)), width=bigger.width, height=bigger.height)
+        out = ImageOut(
+            data=b64encode_bytes(imaging.encode_png(bigger)), width=bigger.width, height=bigger.height
+        )
         report(100, 1, 1)
         return JobResult(
             job_id=request.job_id,
             images=[out],
             seed=request.seed,
-            engine=Engine.DALLE,
+            engine=Engine.OPENAI,
             info={
                 "model": "lanczos",
                 "upscaler": "lanczos",
@@ -600,7 +602,7 @@ def _input_image(request: JobRequest) -> Image.Image:
     if not request.input_image:
         raise WorkerError(ErrorCode.BAD_INPUT, f"A {request.kind.value} job needs an input image.")
     try:
-        data = decode_png(request.input_image)
+        data = b64decode_text(request.input_image)
     except (binascii.Error, ValueError):
         raise WorkerError(ErrorCode.BAD_INPUT, "The input image could not be read (bad encoding).") from None
     return imaging.decode_image(data)

@@ -65,11 +65,11 @@ from workers.schema import (
     Progress,
     Sampler,
     WorkerError,
-    decode_png,
+    b64decode_text,
     nearest_bucket,
     scale_bucket,
 )
-from workers.schema import encode_png as to_base64
+from workers.schema import b64encode_bytes as to_base64
 from workers.sdxl import loading
 from workers.sdxl.progress import ProgressReporter
 from workers.sdxl.prompt import parse_lora_tags
@@ -681,7 +681,7 @@ class SDXLEngine:
         if not data:
             raise WorkerError(ErrorCode.BAD_INPUT, f"A {job.request.kind} job needs an input image.")
         try:
-            raw = decode_png(data)
+            raw = b64decode_text(data)
         except ValueError as exc:  # binascii.Error is a ValueError
             raise WorkerError(ErrorCode.BAD_INPUT, "The input image is not valid base64.") from exc
         return decode_image(raw)
