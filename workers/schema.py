@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import math
 from enum import StrEnum
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -93,8 +94,32 @@ class Direction(StrEnum):
     DOWN = "down"
 
 
+class PromptPart(BaseModel):
+    """One part of a multi-prompt (``a red fox::2 snow::1``) as the engines receive it.
+
+    ``weight`` is normalised so the positive parts of a prompt sum to 1; a negative weight sends
+    the part to the negative side. ``emphasis`` optionally splits ``text`` into pieces whose
+    concatenation is exactly ``text``, each with a token weight (``(word:1.3)`` emphasis);
+    empty means every token has weight 1.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    text: str
+    weight: float = 1.0
+    emphasis: tuple[tuple[str, float], ...] = ()
+
+
+Speed = Literal["fast", "relax", "turbo"]
+
+
 class GenerationParams(BaseModel):
-    """What a member asked for: the prompt and its Midjourney-style parameters, validated."""
+    """What a member asked for: the prompt and its Midjourney-style parameters, validated.
+
+    ``prompt`` is the text as the member reads it (multi-prompt weights included); the engines
+    read :attr:`model_prompt` / :attr:`model_negative` or the weighted :attr:`parts`. Every field
+    has a default, so messages written before a field existed still validate.
+    """
 
     model_config = ConfigDict(frozen=True)
 
@@ -112,6 +137,43 @@ class GenerationParams(BaseModel):
     tile: bool = False
     engine: Engine | None = None  # None: the member's or server's default
     visibility: Visibility | None = None  # None: the member's default
+    # Weighted multi-prompt parts (negative weights go to the negative side); empty: ``prompt``.
+    parts: tuple[PromptPart, ...] = ()
+    image_prompts: tuple[str, ...] = ()  # image URLs written before the text, not yet fetched
+    image_weight: float | None = Field(default=None, ge=0, le=3)  # --iw
+    # Model profile a member asked for ("7", "6.1", "niji 6"); the worker's config maps it to
+    # a checkpoint. None: the server's default model.
+    model_profile: str | None = None
+    speed: Speed | None = None  # --fast / --relax / --turbo; None: the member's default
+    style: str | None = None  # style preset name (--style cinematic)
+    raw: bool = False  # --style raw / --raw: no house style
+    guidance: float | None = Field(default=None, gt=0, le=30)  # set by style presets; wins over stylize
+    stop: int = Field(default=100, ge=10, le=100)  # finish at this percent of the steps
+    weird: int = Field(default=0, ge=0, le=3000)
+    draft: bool = False
+    experimental: int | None = Field(default=None, ge=0, le=100)  # --exp, no SDXL equivalent
+    style_refs: tuple[str, ...] = ()  # --sref: URLs, style codes or "random"
+    style_weight: int | None = Field(default=None, ge=0, le=1000)  # --sw
+    style_version: int | None = None  # --sv
+    character_refs: tuple[str, ...] = ()  # --cref URLs
+    character_weight: int | None = Field(default=None, ge=0, le=100)  # --cw
+    omni_ref: str | None = None  # --oref URL
+    omni_weight: int | None = Field(default=None, ge=1, le=1000)  # --ow
+    personalize: tuple[str, ...] | None = None  # --p; () means "my default profile"
+
+    @property
+    def model_prompt(self) -> str:
+        """The positive text without weights or emphasis syntax (the OpenAI engine's prompt)."""
+        if not self.parts:
+            return self.prompt
+        return ", ".join(part.text for part in self.parts if part.weight > 0 and part.text)
+
+    @property
+    def model_negative(self) -> str:
+        """The negative text: ``--no`` plus the negative-weight parts, without weights."""
+        texts = [self.negative_prompt] if self.negative_prompt else []
+        texts += [part.text for part in self.parts if part.weight < 0 and part.text]
+        return ", ".join(texts)
 
     @property
     def step_count(self) -> int:
@@ -120,8 +182,8 @@ class GenerationParams(BaseModel):
 
     @property
     def guidance_scale(self) -> float:
-        """Classifier-free guidance derived from ``--stylize``."""
-        return stylize_guidance(self.stylize)
+        """Classifier-free guidance: a style preset's value, else derived from ``--stylize``."""
+        return self.guidance if self.guidance is not None else stylize_guidance(self.stylize)
 
 
 class JobRequest(BaseModel):
