@@ -43,7 +43,7 @@ with ``https://discord.com/api/vN``; nothing inside discord.py 2.7.1 calls it, b
 library) may, so ``install()`` also wraps that function so the redirect survives it. Install before
 ``login()``; ``uninstall()`` (or leaving the ``with``/``async with`` block) restores all three.
 
-Discord behaviours modelled (see SPEC §6/§7):
+Discord behaviours modelled (each one a fact of the real API that discord.py depends on):
 
 * Interaction callbacks answer ``?with_response=1`` with ``{"interaction": ..., "resource": ...}``;
   a second callback is 400/40060; a callback after ``ack_deadline`` (3 s) or after the token
