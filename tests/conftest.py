@@ -1,6 +1,6 @@
-"""Shared fixtures: real PostgreSQL and Redis where production uses them, SQLite for embedded.
+"""Shared fixtures: real PostgreSQL, Redis and RabbitMQ where production uses them, SQLite for embedded.
 
-PostgreSQL and Redis tests skip when the server is unreachable, unless MIRAGE_REQUIRE_SERVICES=1
+PostgreSQL, Redis and RabbitMQ tests skip when the server is unreachable, unless MIRAGE_REQUIRE_SERVICES=1
 (CI sets it), where an unreachable server fails the run instead.
 """
 
@@ -22,11 +22,12 @@ from bot.database import make_engine, make_sessionmaker, upgrade
 
 POSTGRES_URL = os.environ.get("TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+RABBITMQ_URL = os.environ.get("TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672//")
 REQUIRE_SERVICES = os.environ.get("MIRAGE_REQUIRE_SERVICES") == "1"
 
 
 def _reachable(url: str, default_port: int) -> bool:
-    parsed = urlparse(url.replace("+psycopg", ""))
+    parsed = urlparse(url.replace("+psycopg", "").replace("amqp://", "http://"))
     try:
         with socket.create_connection((parsed.hostname or "127.0.0.1", parsed.port or default_port), 2):
             return True
@@ -73,6 +74,13 @@ def redis_url() -> str:
     """The Redis server's URL (tests use unique keys and queue names on it)."""
     _need(REDIS_URL, 6379, "Redis")
     return REDIS_URL
+
+
+@pytest.fixture
+def rabbitmq_url() -> str:
+    """The RabbitMQ broker's URL, Celery's recommended production broker (tests use unique queues)."""
+    _need(RABBITMQ_URL, 5672, "RabbitMQ")
+    return RABBITMQ_URL
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
