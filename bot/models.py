@@ -212,3 +212,15 @@ class CreditEntry(Base):
     actor_id: Mapped[int | None] = mapped_column(BigInteger, nullable=True)  # admin for grants
     note: Mapped[str] = mapped_column(String(200), default="")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class Favourite(Base):
+    """A member's ❤️ on a job: one per member and job; counts drive the gallery's "top" view."""
+
+    __tablename__ = "favourites"
+    __table_args__ = (UniqueConstraint("member_id", "job_id", name="uq_favourites_member_job"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    member_id: Mapped[int] = mapped_column(ForeignKey("members.id", ondelete="CASCADE"))
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)

@@ -76,6 +76,14 @@ class BotSettings(BaseSettings):
     web_host: str = "127.0.0.1"
     web_port: int = 8080
     public_url: str = "http://127.0.0.1:8080"
+    # Signs the gallery's private links (stealth job pages, the Vary (Region) editor). Unset: a
+    # random secret is made once and kept in web_secret_file, so links survive restarts.
+    web_secret: SecretStr = SecretStr("")
+    web_secret_file: Path = Field(default_factory=lambda: _data_dir() / "web_secret")
+    gallery_name: str = Field(default="Mirage", min_length=1, max_length=60)
+    gallery_accent: str = Field(default="#8ab4ff", pattern=r"^#(?:[0-9a-fA-F]{3}|[0-9a-fA-F]{6})$")
+    # A path on the gallery's own origin (the pages load nothing from elsewhere), e.g. /brand/logo.png.
+    gallery_logo: str = Field(default="", pattern=r"^(?:/[A-Za-z0-9._~%-][A-Za-z0-9._~%/-]*)?$")
     keep_metadata: bool = False
     log_json: bool = False
     log_level: str = "INFO"

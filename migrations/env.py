@@ -12,6 +12,7 @@ from sqlalchemy.engine import Connection
 from bot.database import is_sqlite, make_engine
 from bot.models import Base
 from bot.settings import BotSettings
+from bot.web.search import include_in_autogenerate
 
 config = context.config
 if config.config_file_name is not None:
@@ -35,6 +36,7 @@ def _configure(connection: Connection) -> None:
         target_metadata=target_metadata,
         render_as_batch=is_sqlite(str(connection.engine.url)),
         compare_type=True,
+        include_name=include_in_autogenerate,
     )
     with context.begin_transaction():
         context.run_migrations()

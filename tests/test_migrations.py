@@ -10,6 +10,7 @@ from sqlalchemy import inspect
 
 from bot.database import downgrade, is_sqlite, make_engine, upgrade
 from bot.models import Base
+from bot.web.search import include_in_autogenerate
 
 TABLES = {"guilds", "members", "jobs", "images", "credit_entries"}
 
@@ -30,7 +31,13 @@ async def _diff(url: str) -> list[object]:
 
             def compare(sync_conn: object) -> list[object]:
                 context = MigrationContext.configure(
-                    sync_conn, opts={"compare_type": True, "render_as_batch": is_sqlite(url)}
+                    sync_conn,
+                    opts={
+                        "compare_type": True,
+                        "render_as_batch": is_sqlite(url),
+                        # The search index (FTS5 tables, a GIN expression index) has no model.
+                        "include_name": include_in_autogenerate,
+                    },
                 )
                 return list(compare_metadata(context, Base.metadata))
 
