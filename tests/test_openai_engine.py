@@ -20,8 +20,10 @@ from workers.openai_engine import OpenAIEngine, RateLimiter, check_credentials, 
 from workers.openai_engine.canvas import outpaint_canvas, pan_layout, zoom_layout
 from workers.openai_engine.errors import redact
 from workers.openai_engine.models import nearest_size
+from workers.output import EngineOutput
 from workers.schema import (
     Direction,
+    Engine,
     ErrorCode,
     GenerationParams,
     JobKind,
@@ -126,10 +128,8 @@ def job(
     )
 
 
-def decoded(result_image: Any) -> Image.Image:
-    image = Image.open(io.BytesIO(base64.b64decode(result_image.data)))
-    image.load()
-    return image
+def sizes(output: EngineOutput) -> list[tuple[int, int]]:
+    return [image.size for image in output.images]
 
 
 def alpha_box(request: RecordedRequest) -> tuple[int, int, int, int] | None:
@@ -151,14 +151,13 @@ def test_dalle3_grid_is_four_requests_of_one(fake: FakeOpenAIServer) -> None:
         assert request.fields["size"] == "1024x1024"
         assert request.fields["response_format"] == "b64_json"
         assert request.headers["Authorization"] == f"Bearer {KEY}"
-    assert len(result.images) == 4
-    assert all((i.width, i.height) == (1024, 1024) for i in result.images)
-    assert all(decoded(i).size == (1024, 1024) for i in result.images)
+    assert sizes(result) == [(1024, 1024)] * 4
+    assert all(image.mode == "RGB" for image in result.images)
     assert result.seed == 1234
-    assert result.engine == "openai"
-    assert "no seeds" in result.info["seed_note"]
-    assert result.info["requests"] == 4
-    assert len(result.info["revised_prompts"]) == 4
+    assert result.report.engine is Engine.OPENAI
+    assert result.report.model == "dall-e-3"
+    assert any("no seeds" in note and "not reproducible" in note for note in result.notes)
+    assert result.phases["api"] > 0
 
 
 def test_dalle2_grid_is_one_request_of_four(fake: FakeOpenAIServer) -> None:
@@ -169,7 +168,7 @@ def test_dalle2_grid_is_one_request_of_four(fake: FakeOpenAIServer) -> None:
     assert request.fields["model"] == "dall-e-2"
     assert request.fields["n"] == 4
     assert request.fields["size"] == "1024x1024"  # dall-e-2 is square only
-    assert [(i.width, i.height) for i in result.images] == [(1024, 1024)] * 4
+    assert sizes(result) == [(1024, 1024)] * 4
 
 
 def test_gpt_image_grid_never_sends_response_format(fake: FakeOpenAIServer) -> None:
@@ -181,7 +180,7 @@ def test_gpt_image_grid_never_sends_response_format(fake: FakeOpenAIServer) -> N
     assert request.fields["n"] == 4
     assert request.fields["size"] == "1536x1024"
     assert "response_format" not in request.fields  # the API rejects it for GPT image models
-    assert [(i.width, i.height) for i in result.images] == [(1536, 1024)] * 4
+    assert sizes(result) == [(1536, 1024)] * 4
 
 
 def test_default_model_is_dalle3(fake: FakeOpenAIServer) -> None:
@@ -214,7 +213,7 @@ def test_aspect_maps_to_nearest_allowed_size(
 def test_wide_dalle3_grid_end_to_end(fake: FakeOpenAIServer) -> None:
     result = make_engine(fake).run(job(model="dall-e-3", aspect=(16, 9)))
     assert {r.fields["size"] for r in fake.image_requests()} == {"1792x1024"}
-    assert all(decoded(i).size == (1792, 1024) for i in result.images)
+    assert sizes(result) == [(1792, 1024)] * 4
 
 
 def test_negative_prompt_becomes_an_avoid_sentence(fake: FakeOpenAIServer) -> None:
@@ -239,12 +238,20 @@ def test_progress_after_each_request(fake: FakeOpenAIServer) -> None:
     assert reports[-1].step == reports[-1].total_steps == 4
 
 
-def test_output_png_carries_no_metadata(fake: FakeOpenAIServer) -> None:
+def test_output_images_carry_no_metadata(fake: FakeOpenAIServer) -> None:
+    # The API's files may hold provenance metadata; the engine hands over bare pixels only.
     result = make_engine(fake).run(job(model="dall-e-2"))
-    image = decoded(result.images[0])
-    assert image.format == "PNG"
-    assert not {"icc_profile", "exif", "dpi"} & set(image.info)
-    assert not getattr(image, "text", {})
+    for image in result.images:
+        assert image.info == {}
+        assert not getattr(image, "text", {})
+
+
+def test_ignored_parameters_are_noted(fake: FakeOpenAIServer) -> None:
+    params = GenerationParams(prompt="a lighthouse", tile=True, steps=40)
+    request = JobRequest(job_id="j", kind=JobKind.IMAGINE, params=params, seed=1, openai_model="dall-e-2")
+    notes = make_engine(fake).run(request).notes
+    assert any("--tile" in note for note in notes)
+    assert any("--steps" in note for note in notes)
 
 
 # ---------------------------------------------------------------------- variations
@@ -259,7 +266,7 @@ def test_dalle2_variation_uses_the_variation_endpoint(fake: FakeOpenAIServer) ->
     assert request.fields["n"] == "4"
     assert request.image is not None and request.image.size == (1024, 1024)
     assert len(result.images) == 4
-    assert any("centre" in note for note in result.info["notes"])
+    assert any("centre" in note for note in result.notes)
 
 
 @pytest.mark.parametrize(("strength", "fidelity"), [(0.5, "high"), (0.85, "low"), (None, "low")])
@@ -275,8 +282,8 @@ def test_dalle3_variation_falls_back_to_gpt_image_edit(
     assert request.fields["model"] == "gpt-image-1"
     assert request.fields["input_fidelity"] == fidelity
     assert request.mask is None
-    assert result.info["model"] == "gpt-image-1"
-    assert any("dall-e-3 has no variations" in note for note in result.info["notes"])
+    assert result.report.model == "gpt-image-1"
+    assert any("dall-e-3 has no variations" in note for note in result.notes)
     assert len(result.images) == 4
 
 
@@ -312,7 +319,7 @@ def test_zoom_out_sends_a_transparent_border_mask(
     assert abs(side - 1024 / scale) <= 1  # the original shrank by exactly the zoom factor
     assert set(alpha.getdata()) == {0, 255}  # fully transparent or fully opaque, nothing between
     assert image.getchannel("A").getbbox() == box  # the image's own transparency matches
-    assert [(i.width, i.height) for i in result.images] == [(1024, 1024)] * 4
+    assert sizes(result) == [(1024, 1024)] * 4
 
 
 def test_zoom_keeps_aspect_on_gpt_image(fake: FakeOpenAIServer) -> None:
@@ -331,7 +338,7 @@ def test_pan_right_extends_the_right_side(fake: FakeOpenAIServer) -> None:
     (request,) = fake.image_requests()
     assert request.fields["size"] == "1536x1024"
     assert alpha_box(request) == (0, 0, 1024, 1024)  # original on the left, new band on the right
-    assert (result.images[0].width, result.images[0].height) == (1536, 1024)
+    assert sizes(result) == [(1536, 1024)] * 4
 
 
 def test_pan_up_on_dalle2_is_square_with_the_band_on_top(fake: FakeOpenAIServer) -> None:
@@ -389,16 +396,15 @@ def test_zoom_factor_validation() -> None:
 def test_upscale_is_a_local_lanczos_resample(fake: FakeOpenAIServer) -> None:
     result = make_engine(fake).run(job(JobKind.UPSCALE, input_image=png_b64((832, 1216)), count=1))
     assert fake.requests == []
-    (image,) = result.images
-    assert (image.width, image.height) == (1664, 2432)
-    assert decoded(image).size == (1664, 2432)
-    assert "resampled 2x (Lanczos), no AI upscaler on the api engine" in result.info["notes"]
+    assert sizes(result) == [(1664, 2432)]
+    assert result.report.model == "lanczos"
+    assert any("Lanczos" in note and "2x" in note for note in result.notes)
 
 
 def test_upscale_works_without_a_key(fake: FakeOpenAIServer) -> None:
     engine = OpenAIEngine.load(make_settings(fake, key=""))
     result = engine.run(job(JobKind.UPSCALE, input_image=png_b64((64, 64)), count=1))
-    assert (result.images[0].width, result.images[0].height) == (128, 128)
+    assert sizes(result) == [(128, 128)]
 
 
 @pytest.mark.parametrize(
@@ -433,7 +439,6 @@ def test_429_is_retried_honouring_retry_after(fake: FakeOpenAIServer) -> None:
     sent = fake.image_requests()
     assert sent[1].started - sent[0].started >= 0.1
     assert len(result.images) == 4
-    assert result.info["attempts"] == 2
 
 
 def test_429_retry_after_ms_wins(fake: FakeOpenAIServer) -> None:
@@ -527,7 +532,7 @@ def test_bad_key_is_engine_unavailable_and_never_leaks(
         make_engine(fake, WRONG_KEY).run(job(model="dall-e-3"))
     err = info.value
     assert err.code is ErrorCode.ENGINE_UNAVAILABLE
-    assert err.message.startswith("The DALL-E engine is unavailable right now")
+    assert err.message.startswith("The OpenAI image engine is unavailable right now")
     assert (err.__cause__, err.__suppress_context__) == (None, True)  # no chained API error
     fragments = (WRONG_KEY, WRONG_KEY[-4:] + ".", WRONG_KEY[8:20])
     for text in (err.message, str(err), caplog.text):
@@ -605,7 +610,7 @@ def test_url_responses_are_downloaded(fake: FakeOpenAIServer) -> None:
     )
     assert response.data and response.data[0].url
     outcome = engine._collect(response, 1)
-    assert [(w, h) for _, w, h in outcome.images] == [(256, 256)] * 2
+    assert [image.size for image in outcome.images] == [(256, 256)] * 2
     client.close()
 
 

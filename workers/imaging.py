@@ -1,7 +1,8 @@
 """Pillow-only image helpers shared by both sides: grids, decoding, encoding under a byte limit.
 
 Like ``workers.schema`` this module imports no torch, so the bot may use it (U# crops are a
-split of the grid; oversized grids are re-encoded before upload).
+split of the grid; oversized grids are re-encoded before upload). Result images are encoded with
+:func:`encode_image`; :func:`encode_png` makes the PNG files that uploads to APIs need.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from collections.abc import Sequence
 
 from PIL import Image, ImageFile, UnidentifiedImageError
 
-from workers.schema import ErrorCode, WorkerError
+from workers.schema import ErrorCode, ImageFormat, WorkerError
 
 # A decompression bomb is hostile input, not an engine failure: refuse images above ~64 MP.
 MAX_INPUT_PIXELS = 64 * 1024 * 1024
@@ -28,7 +29,9 @@ def compose_grid(images: Sequence[Image.Image]) -> Image.Image:
         raise ValueError("grid images must share one size")
     grid = Image.new("RGB", (width * 2, height * 2))
     for index, image in enumerate(images):
-        grid.paste(image.convert("RGB"), ((index % 2) * width, (index // 2) * height))
+        # convert() copies even an RGB image; pasting RGB as it is saves four 3-12 MB copies.
+        tile = image if image.mode == "RGB" else image.convert("RGB")
+        grid.paste(tile, ((index % 2) * width, (index // 2) * height))
     return grid
 
 
@@ -63,6 +66,42 @@ def encode_png(image: Image.Image) -> bytes:
     clean.paste(image)
     buffer = io.BytesIO()
     clean.save(buffer, format="PNG", optimize=False, compress_level=6)
+    return buffer.getvalue()
+
+
+# libwebp's lossless presets, (method, quality) per level 0..9: what ``cwebp -lossless -z N``
+# uses (WebPConfigLosslessPreset), so one compress level means the same effort as the CLI.
+WEBP_LOSSLESS_PRESETS: tuple[tuple[int, int], ...] = (
+    (0, 0), (1, 20), (2, 25), (3, 30), (3, 50), (4, 50), (4, 75), (4, 90), (5, 90), (6, 100),
+)  # fmt: skip
+
+# Measured on 2048x2048 grids (bench/bench_encode.py): the fastest lossless level of each format.
+DEFAULT_COMPRESS_LEVEL = {ImageFormat.PNG: 1, ImageFormat.WEBP: 0}
+
+
+def encode_image(image: Image.Image, image_format: ImageFormat, compress_level: int | None = None) -> bytes:
+    """Losslessly encode ``image`` as ``image_format`` without metadata (no EXIF, ICC, text).
+
+    ``compress_level`` (0..9) is the zlib level for PNG and the lossless preset for WebP; None
+    takes the format's measured default. RGB and RGBA keep their mode, anything else becomes RGB
+    (or RGBA when it has transparency).
+    """
+    level = DEFAULT_COMPRESS_LEVEL[image_format] if compress_level is None else compress_level
+    if not 0 <= level <= 9:
+        raise ValueError(f"compress level {level} is outside 0..9")
+    if image.mode not in ("RGB", "RGBA"):
+        image = image.convert("RGBA" if "A" in image.getbands() or "transparency" in image.info else "RGB")
+    if image.info:
+        # The encoders copy ICC profiles, EXIF and text from ``info``: start from none. A
+        # freshly made grid has an empty ``info``, so the common case costs no copy.
+        image = image.copy()
+        image.info = {}
+    buffer = io.BytesIO()
+    if image_format is ImageFormat.PNG:
+        image.save(buffer, format="PNG", compress_level=level)
+    else:
+        method, quality = WEBP_LOSSLESS_PRESETS[level]
+        image.save(buffer, format="WEBP", lossless=True, method=method, quality=quality, exact=True)
     return buffer.getvalue()
 
 

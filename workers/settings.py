@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import logging
+import os
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field, SecretStr
+from pydantic import AliasChoices, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from workers.schema import ImageFormat
+
+log = logging.getLogger(__name__)
+
+# Old setting names still read, each with its current name; a line at start says to rename it.
+DEPRECATED_NAMES = {"progress_interval_s": "progress_report_interval_s"}
 
 
 class WorkerSettings(BaseSettings):
@@ -42,7 +51,64 @@ class WorkerSettings(BaseSettings):
     task_time_limit_s: int = Field(default=1260, ge=1)
     visibility_timeout_s: int = Field(default=1800, ge=1)
     max_redeliveries: int = Field(default=3, ge=0)
-    progress_interval_s: float = Field(default=1.5, gt=0)
+    # The worker's minimum gap between two progress reports of one job. PROGRESS_INTERVAL_S, its
+    # old name, is also the bot's (progress edits), so one variable used to set both.
+    progress_report_interval_s: float = Field(
+        default=1.5, gt=0, validation_alias=AliasChoices("progress_report_interval_s", "progress_interval_s")
+    )
+
+    # How result images are encoded: lossless either way (see bench/RESULTS.md for the numbers).
+    image_format: ImageFormat = ImageFormat.WEBP
+    # zlib level for PNG, libwebp's lossless preset (cwebp -z) for WebP; None: the measured default.
+    image_compress_level: int | None = Field(default=None, ge=0, le=9)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _warn_deprecated(cls, data: object) -> object:
+        # The sources have already mapped old names onto fields, so look where operators set them.
+        present = {key.lower() for key in os.environ} | (
+            {str(key).lower() for key in data} if isinstance(data, dict) else set()
+        )
+        for old, new in DEPRECATED_NAMES.items():
+            if old in present:
+                log.warning("setting %s is deprecated; use %s", old.upper(), new.upper())
+        return data
+
+    @property
+    def progress_interval_s(self) -> float:
+        """The old name of :attr:`progress_report_interval_s`, for code not yet renamed."""
+        return self.progress_report_interval_s
+
+    # SDXL speed levers (bench/bench_sdxl.py measures each one on and off).
+    # VAE precision, cast once at load: auto takes fp16 for an fp16-fix VAE, bf16 on GPUs that
+    # have it, else fp16 with an fp32 retry of any decode that overflows; float32 is the slow,
+    # exact reference.
+    vae_dtype: str = "auto"  # auto, float16, bfloat16, float32
+    gpu_postprocess: bool = True  # pixels to uint8 on the device: one small copy to the host
+    gpu_previews: bool = True  # previews projected on the device, copied without waiting
+    preview_every_steps: int = Field(default=4, ge=1)  # latent previews at most this often
+    compile_mode: str = "default"  # torch.compile mode: default, max-autotune-no-cudagraphs...
+    compile_vae: bool = True  # with TORCH_COMPILE, compile the VAE decoder as well as the UNet
+    # Aspect ratios whose bucket is compiled at start when TORCH_COMPILE is on; "all": every bucket.
+    compile_warmup_aspects: str = "1:1,2:3,3:2,3:4,4:3,9:16,16:9"
+    attention_backend: str = "auto"  # auto, flash, efficient, cudnn, math (SDPA kernels)
+    fp8: bool = False  # FP8 UNet linear layers through torchao (Hopper or newer)
+    upscale_fewest_tiles: bool = True  # cover the upscale with the fewest (slightly larger) tiles
+
+    # Image inputs: image prompts, --sref, --cref/--oref through an IP-Adapter, and /describe.
+    # IP_ADAPTER_MODEL: hub id or local folder holding IP-Adapter weights (e.g. h94/IP-Adapter);
+    # unset, image prompts fall back to img2img and --sref/--cref/--oref are noted as ignored.
+    ip_adapter_model: str | None = None
+    ip_adapter_subfolder: str = "sdxl_models"
+    ip_adapter_weight_name: str = "ip-adapter_sdxl.safetensors"
+    # The CLIP image encoder: unset, the "image_encoder" folder beside the weights; else a local
+    # folder of its own, or a path inside the IP-Adapter repository (models/image_encoder).
+    image_encoder_model: str | None = None
+    # /describe: an image-to-text (captioning) model, hub id or local folder.
+    describe_model: str = "Salesforce/blip-image-captioning-base"
+    describe_max_tokens: int = Field(default=40, ge=4, le=200)
+    # /describe on the OpenAI engine: a vision-capable chat model.
+    openai_describe_model: str = "gpt-4o-mini"
 
 
 @lru_cache(maxsize=1)

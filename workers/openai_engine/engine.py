@@ -50,25 +50,25 @@ from workers.openai_engine.models import (
     style_option,
 )
 from workers.openai_engine.ratelimit import RateLimiter, shared_rate_limiter
+from workers.output import EngineOutput
 from workers.schema import (
     Engine,
+    EngineReport,
     ErrorCode,
     GenerationParams,
-    ImageOut,
     JobKind,
     JobRequest,
-    JobResult,
     Progress,
     WorkerError,
     b64decode_text,
-    b64encode_bytes,
 )
 from workers.settings import WorkerSettings
 
 log = logging.getLogger("workers.openai_engine")
 
 SEED_NOTE = "The OpenAI image API has no seeds: the seed is recorded for reference only, not reproducible."
-UPSCALE_NOTE = "resampled 2x (Lanczos), no AI upscaler on the api engine"
+UPSCALE_NOTE = "Upscaled 2x by Lanczos resampling: the OpenAI engine has no AI upscaler."
+LANCZOS = "lanczos"
 # dall-e-2 rejects uploads of 4 MB or more (image and mask each).
 DALLE2_MAX_UPLOAD = 4 * 1024 * 1024
 MAX_DOWNLOAD = 64 * 1024 * 1024
@@ -102,9 +102,9 @@ class _Plan:
 
 @dataclass
 class _Outcome:
-    """What one request produced: clean PNGs with their sizes, revised prompts, HTTP attempts."""
+    """What one request produced: decoded RGB images, revised prompts, HTTP attempts."""
 
-    images: list[tuple[bytes, int, int]]
+    images: list[Image.Image]
     revised_prompts: list[str]
     attempts: int
 
@@ -169,19 +169,19 @@ class OpenAIEngine:
         request: JobRequest,
         progress: Callable[[Progress], None] | None = None,
         cancelled: Callable[[], bool] | None = None,
-    ) -> JobResult:
+    ) -> EngineOutput:
         """Run one job and return its images, or raise ``WorkerError`` with a member-facing reason.
 
         ``progress`` gets 0 % at the start, then a report after each completed API request;
-        ``cancelled`` is polled while requests are in flight and between retries.
+        ``cancelled`` is polled while requests are in flight and between retries. The images are
+        decoded RGB, not encoded: the task encodes the result once.
         """
-        started = time.monotonic()
         is_cancelled: Stop = cancelled or (lambda: False)
         report = _Reporter(request.job_id, progress)
         report(0, 0, 1)
 
         if request.kind is JobKind.UPSCALE:
-            return self._upscale(request, started, report)
+            return self._upscale(request, report)
         if request.kind is JobKind.CROP:
             raise WorkerError(ErrorCode.BAD_INPUT, "A crop needs no engine; the bot makes it from the grid.")
         spec = model_spec(request.openai_model)
@@ -191,30 +191,37 @@ class OpenAIEngine:
         if is_cancelled():
             raise WorkerError(ErrorCode.CANCELLED, "The job was cancelled.")
 
+        plan_started = time.perf_counter()
         plan = self._plan(request, spec)
+        api_started = time.perf_counter()
         outcomes = self._execute(plan, request.job_id, report, is_cancelled)
+        api_done = time.perf_counter()
 
-        images = [
-            ImageOut(data=b64encode_bytes(png), width=w, height=h) for o in outcomes for png, w, h in o.images
-        ]
+        images = [image for outcome in outcomes for image in outcome.images]
         if not images:
             raise WorkerError(ErrorCode.ENGINE_ERROR, "OpenAI returned no images. Please try again.")
         revised = [p for o in outcomes for p in o.revised_prompts]
-        info: dict[str, Any] = {
-            "model": plan.model,
-            "requested_model": spec.name,
-            "size": size_text(plan.size),
-            "requests": len(plan.calls),
-            "attempts": sum(o.attempts for o in outcomes),
-            "seed_note": SEED_NOTE,
-            "notes": [*plan.notes, SEED_NOTE],
-            "elapsed_s": round(time.monotonic() - started, 3),
-        }
         if revised:
-            info["revised_prompts"] = revised
+            # The API rewrites dall-e-3 prompts; admins may want to see how, members do not need to.
+            log.info("job %s: OpenAI revised the prompt %d time(s)", request.job_id, len(revised))
+        log.info(
+            "job %s: %d OpenAI request(s), %d attempt(s), model %s, size %s",
+            request.job_id,
+            len(plan.calls),
+            sum(o.attempts for o in outcomes),
+            plan.model,
+            size_text(plan.size),
+        )
         report(100, len(plan.calls), len(plan.calls))
-        return JobResult(
-            job_id=request.job_id, images=images, seed=request.seed, engine=Engine.OPENAI, info=info
+        return EngineOutput(
+            images=images,
+            seed=request.seed,
+            report=EngineReport(engine=Engine.OPENAI, model=plan.model),
+            phases={
+                "prepare": api_started - plan_started,
+                "api": api_done - api_started,
+            },
+            notes=[*plan.notes, SEED_NOTE],
         )
 
     # ------------------------------------------------------------------ planning
@@ -439,8 +446,8 @@ class OpenAIEngine:
         return min(self._backoff_max_s, self._backoff_base_s * 2**attempt) * (0.75 + 0.25 * random.random())
 
     def _collect(self, response: Any, attempts: int) -> _Outcome:
-        """Decode the response's images (b64 or URL) into clean PNGs without metadata."""
-        images: list[tuple[bytes, int, int]] = []
+        """Decode the response's images (b64 or URL) into RGB images (no metadata survives)."""
+        images: list[Image.Image] = []
         revised: list[str] = []
         for item in response.data or []:
             if item.b64_json:
@@ -452,7 +459,7 @@ class OpenAIEngine:
                 raw = self._download(item.url)
             else:
                 continue
-            images.append(_clean_output(raw))
+            images.append(_decode_output(raw))
             if getattr(item, "revised_prompt", None):
                 revised.append(item.revised_prompt)
         return _Outcome(images, revised, attempts)
@@ -476,26 +483,20 @@ class OpenAIEngine:
 
     # ------------------------------------------------------------------ local work
 
-    def _upscale(self, request: JobRequest, started: float, report: _Reporter) -> JobResult:
+    def _upscale(self, request: JobRequest, report: _Reporter) -> EngineOutput:
+        """Lanczos resampling, locally: the Images API has no upscaler."""
+        started = time.perf_counter()
         image = _input_image(request)
         factor = request.scale if request.scale is not None else 2.0
         bigger = canvas.upscale_lanczos(image, factor)
         note = UPSCALE_NOTE if factor == 2.0 else UPSCALE_NOTE.replace("2x", f"{factor:g}x")
-        out = ImageOut(
-            data=b64encode_bytes(imaging.encode_png(bigger)), width=bigger.width, height=bigger.height
-        )
         report(100, 1, 1)
-        return JobResult(
-            job_id=request.job_id,
-            images=[out],
+        return EngineOutput(
+            images=[bigger],
             seed=request.seed,
-            engine=Engine.OPENAI,
-            info={
-                "model": "lanczos",
-                "upscaler": "lanczos",
-                "notes": [note],
-                "elapsed_s": round(time.monotonic() - started, 3),
-            },
+            report=EngineReport(engine=Engine.OPENAI, model=LANCZOS),
+            phases={"upscale": time.perf_counter() - started},
+            notes=[note],
         )
 
 
@@ -533,16 +534,16 @@ def check_credentials(settings: WorkerSettings, *, models: tuple[str, ...] = ())
     """
     key = settings.openai_api_key.get_secret_value().strip()
     if not key:
-        return "OPENAI_API_KEY is not set: the DALL-E engine is disabled until it is."
+        return "OPENAI_API_KEY is not set: the OpenAI engine is disabled until it is."
     client = make_client(settings, timeout_s=min(settings.openai_timeout_s, 15.0))
     try:
         available = {model.id for model in client.models.list()}
     except openai.AuthenticationError:
-        return "OpenAI rejected OPENAI_API_KEY (401): the DALL-E engine will fail until it is fixed."
+        return "OpenAI rejected OPENAI_API_KEY (401): the OpenAI engine will fail until it is fixed."
     except openai.PermissionDeniedError:
         return "OPENAI_API_KEY may not list models (403): check the key's permissions and project."
     except openai.APITimeoutError:
-        return "OpenAI did not answer the credentials check in time; the DALL-E engine may not work."
+        return "OpenAI did not answer the credentials check in time; the OpenAI engine may not work."
     except openai.APIConnectionError:
         return "Could not reach the OpenAI API (check OPENAI_BASE_URL and the network)."
     except openai.APIStatusError as exc:
@@ -608,8 +609,8 @@ def _input_image(request: JobRequest) -> Image.Image:
     return imaging.decode_image(data)
 
 
-def _clean_output(raw: bytes) -> tuple[bytes, int, int]:
-    """An API image re-encoded as a metadata-free PNG (the API may embed C2PA provenance data)."""
+def _decode_output(raw: bytes) -> Image.Image:
+    """An API image as RGB pixels; the API may embed C2PA provenance data, which is not kept."""
     try:
         with Image.open(io.BytesIO(raw)) as image:
             image.load()
@@ -618,7 +619,8 @@ def _clean_output(raw: bytes) -> tuple[bytes, int, int]:
         raise WorkerError(
             ErrorCode.ENGINE_ERROR, "OpenAI returned an image that could not be read."
         ) from None
-    return imaging.encode_png(rgb), rgb.width, rgb.height
+    rgb.info = {}
+    return rgb
 
 
 __all__ = ["OpenAIEngine", "check_credentials", "make_client", "redact"]

@@ -19,7 +19,7 @@ CONTENT_POLICY_CODES = frozenset({"content_policy_violation", "moderation_blocke
 RETRYABLE_STATUS = frozenset({408, 409, 429})  # plus every 5xx
 
 UNAVAILABLE_MESSAGE = (
-    "The DALL-E engine is unavailable right now (the bot's OpenAI credentials are missing or were "
+    "The OpenAI image engine is unavailable right now (the bot's OpenAI credentials are missing or were "
     "rejected). Please tell a server admin, or use --model sdxl."
 )
 CONTENT_POLICY_MESSAGE = (
@@ -113,10 +113,10 @@ def to_worker_error(exc: openai.OpenAIError, model: str, secret: str = "") -> Wo
         )
     if isinstance(exc, openai.APIConnectionError):
         return WorkerError(
-            ErrorCode.ENGINE_ERROR, "The DALL-E engine could not reach OpenAI. Please try again later."
+            ErrorCode.ENGINE_ERROR, "The OpenAI image engine could not reach OpenAI. Please try again later."
         )
     if not isinstance(exc, openai.APIStatusError):
-        return WorkerError(ErrorCode.ENGINE_ERROR, "The DALL-E engine failed unexpectedly.")
+        return WorkerError(ErrorCode.ENGINE_ERROR, "The OpenAI image engine failed unexpectedly.")
     code = error_code(exc)
     status = exc.status_code
     # Older rejections sometimes came without a code; the wording is the stable part.
@@ -127,7 +127,7 @@ def to_worker_error(exc: openai.OpenAIError, model: str, secret: str = "") -> Wo
     if code == "insufficient_quota":
         return WorkerError(
             ErrorCode.ENGINE_UNAVAILABLE,
-            "The DALL-E engine is unavailable right now (the OpenAI account is out of credit). "
+            "The OpenAI image engine is unavailable right now (the OpenAI account is out of credit). "
             "Please tell a server admin, or use --model sdxl.",
         )
     if status == 404:
