@@ -88,6 +88,11 @@ class BotSettings(BaseSettings):
     log_json: bool = False
     log_level: str = "INFO"
 
+    # Images members give (attachments, URLs in prompts): byte cap, whole-fetch time cap, redirects.
+    image_fetch_max_bytes: int = Field(default=10 * 1024 * 1024, ge=1024)
+    image_fetch_timeout_s: float = Field(default=20.0, gt=0)
+    image_fetch_max_redirects: int = Field(default=3, ge=0, le=10)
+
     @model_validator(mode="before")
     @classmethod
     def _warn_deprecated(cls, data: object) -> object:
