@@ -22,13 +22,14 @@ pytest.importorskip("diffusers")
 import torch
 
 from workers.imaging import encode_png
+from workers.output import EngineOutput
 from workers.schema import (
     Direction,
+    Engine,
     ErrorCode,
     GenerationParams,
     JobKind,
     JobRequest,
-    JobResult,
     Progress,
     WorkerError,
     scale_bucket,
@@ -115,16 +116,12 @@ def _request(kind: JobKind = JobKind.IMAGINE, *, seed: int = 42, **fields: Any) 
     return JobRequest(job_id="job-1", kind=kind, params=GenerationParams(**params), seed=seed, **fields)
 
 
-def _images(result: JobResult) -> list[Image.Image]:
-    images = []
-    for out in result.images:
-        image = Image.open(io.BytesIO(base64.b64decode(out.data)))
-        assert image.format == "PNG" and image.size == (out.width, out.height)
-        images.append(image.convert("RGB"))
-    return images
+def _images(result: EngineOutput) -> list[Image.Image]:
+    assert all(image.mode == "RGB" and image.size == result.images[0].size for image in result.images)
+    return result.images
 
 
-def _pixels(result: JobResult) -> list[np.ndarray]:
+def _pixels(result: EngineOutput) -> list[np.ndarray]:
     return [np.asarray(image) for image in _images(result)]
 
 
@@ -197,11 +194,16 @@ def test_pipelines_share_one_set_of_weights(sdxl: SDXLEngine) -> None:
 
 def test_imagine_grid_is_four_images_at_the_bucket(sdxl: SDXLEngine) -> None:
     result = sdxl.run(_request())
+    assert isinstance(result, EngineOutput) and result.seed == 42
     assert len(result.images) == 4
     assert {(out.width, out.height) for out in result.images} == {(64, 64)}
-    assert result.info["steps"] == STEPS and result.info["sampler"] == "dpm"
-    assert result.info["seeds"] == [42, 43, 44, 45]
-    assert result.info["size"] == [64, 64] and "total_s" in result.info["timings"]
+    assert result.report.engine is Engine.SDXL
+    assert result.report.steps == STEPS and result.report.sampler == "dpm"
+    assert result.report.device == "cpu" and result.report.dtype == "float32"
+    assert sdxl.last_info["seeds"] == [42, 43, 44, 45]
+    assert set(result.phases) == {"text_encode", "denoise", "vae_decode", "postprocess"}
+    assert all(seconds > 0 for seconds in result.phases.values())
+    assert result.notes == []
     pixels = _pixels(result)
     assert not np.array_equal(pixels[0], pixels[1])  # different seeds within the grid
 
@@ -234,7 +236,7 @@ def test_chaos_is_deterministic_and_adds_variety(sdxl: SDXLEngine) -> None:
 @pytest.mark.parametrize("sampler", ["euler", "euler_a", "ddim", "ddpm"])
 def test_every_sampler_runs(sdxl: SDXLEngine, sampler: str) -> None:
     result = sdxl.run(_request(count=1, params={"sampler": sampler}))
-    assert len(result.images) == 1 and result.info["sampler"] == sampler
+    assert len(result.images) == 1 and result.report.sampler == sampler
 
 
 def test_tile_pads_circularly_only_during_the_job(sdxl: SDXLEngine) -> None:
@@ -249,7 +251,7 @@ def test_variation_is_four_img2img_images(sdxl: SDXLEngine, source_image: Image.
     result = sdxl.run(_request(JobKind.VARIATION, input_image=_b64(source_image), strength=0.5))
     assert len(result.images) == 4
     assert {(out.width, out.height) for out in result.images} == {(64, 64)}
-    assert result.info["strength"] == 0.5
+    assert sdxl.last_info["strength"] == 0.5
 
 
 def test_upscale_doubles_the_size(sdxl: SDXLEngine, source_image: Image.Image) -> None:
@@ -257,7 +259,7 @@ def test_upscale_doubles_the_size(sdxl: SDXLEngine, source_image: Image.Image) -
     result = sdxl.run(_request(JobKind.UPSCALE, input_image=_b64(wide), count=1, strength=0.55))
     assert len(result.images) == 1
     assert (result.images[0].width, result.images[0].height) == (160, 96)
-    assert result.info["tiles"] > 1  # 160x96 is covered by several 64 px tiles
+    assert sdxl.last_info["tiles"] > 1  # 160x96 is covered by several 64 px tiles
 
 
 def test_zoom_keeps_the_original_in_the_centre(sdxl: SDXLEngine, source_image: Image.Image) -> None:
@@ -395,7 +397,7 @@ def test_refiner_and_separate_vae_are_used(sdxl_extras: SDXLEngine) -> None:
     assert sdxl_extras.refiner.text_encoder_2 is sdxl_extras.txt2img.text_encoder_2
     reports: list[Progress] = []
     result = sdxl_extras.run(_request(params={"steps": 5}), reports.append)
-    assert result.info["refined"] is True and len(result.images) == 4
+    assert sdxl_extras.last_info["refined"] is True and len(result.images) == 4
     assert reports[-1].percent == 100
 
 

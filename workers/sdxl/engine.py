@@ -23,10 +23,21 @@ with the same seed and chaos gives the same pixels.
 
 ``--tile`` switches every Conv2d of the UNet and VAE to circular padding for the job (restored
 afterwards), which makes the image wrap seamlessly; it applies to txt2img and variations.
+
+``--draft`` halves the steps (at least 8) and reuses the UNet's deep features on every other
+step (:mod:`workers.sdxl.deepcache`): a rough grid at a fraction of the cost.
+
+``run`` returns an :class:`~workers.output.EngineOutput`: PIL images, never encoded here (the task
+layer encodes once), with per-phase timings. Every pipeline call stops at latents; the engine
+encodes the prompt itself (``text_encode``), decodes with its fixed-precision VAE
+(``vae_decode``, :mod:`workers.sdxl.vae`) and turns pixels into uint8 on the device
+(``postprocess``). The speed levers are worker settings (see ``WorkerSettings``) and
+:attr:`SDXLEngine.levers`, which the benchmark switches at run time.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -51,17 +62,19 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
 from workers import canvas
-from workers.imaging import decode_image, encode_png
+from workers.imaging import decode_image
+from workers.output import EngineOutput
 from workers.schema import (
     GRID_SIZE,
     MAX_SEED,
+    SDXL_BUCKETS,
     Direction,
     Engine,
+    EngineReport,
     ErrorCode,
-    ImageOut,
+    GenerationParams,
     JobKind,
     JobRequest,
-    JobResult,
     Progress,
     Sampler,
     WorkerError,
@@ -69,11 +82,12 @@ from workers.schema import (
     nearest_bucket,
     scale_bucket,
 )
-from workers.schema import b64encode_bytes as to_base64
 from workers.sdxl import loading
+from workers.sdxl.deepcache import deep_cache, draft_steps
 from workers.sdxl.progress import ProgressReporter
 from workers.sdxl.prompt import parse_lora_tags
-from workers.sdxl.tiles import ramp, tile_grid
+from workers.sdxl.tiles import fewest_tiles, ramp, tile_grid
+from workers.sdxl.vae import VaeRunner, to_images
 from workers.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
@@ -85,6 +99,8 @@ UPSCALE_FACTOR = 2.0
 MAX_UPSCALE = 4.0
 ZOOM_SCALE = 2.0
 TILE_BATCH = 4  # upscale tiles per pipeline call: the same memory as a grid
+MAX_TILE_FACTOR = 1.25  # upscale tiles may be this much larger than the base side (1280 px for SDXL)
+PHASES = ("text_encode", "denoise", "vae_decode", "postprocess")
 CHAOS_NOISE = 0.7
 CHAOS_EMBED = 0.15
 _CHAOS_SALT = 0x5EED_C4A0  # keeps the chaos streams independent of the seeds' own noise
@@ -147,6 +163,32 @@ def _padding(layer: torch.nn.Conv2d) -> tuple[int, ...]:
 
 
 @dataclass
+class Levers:
+    """The speed levers read per job; the benchmark flips them on a loaded engine.
+
+    Load-time levers (VAE precision, compile, FP8) live in the settings; the VAE's precision can
+    also be changed later with :meth:`SDXLEngine.set_vae_dtype`, which casts once.
+    """
+
+    gpu_postprocess: bool = True
+    gpu_previews: bool = True
+    preview_every_steps: int = 4
+    attention_backend: str = "auto"
+    upscale_fewest_tiles: bool = True
+
+    @classmethod
+    def from_settings(cls, settings: WorkerSettings) -> Levers:
+        """The levers as the worker's settings configure them."""
+        return cls(
+            gpu_postprocess=settings.gpu_postprocess,
+            gpu_previews=settings.gpu_previews,
+            preview_every_steps=settings.preview_every_steps,
+            attention_backend=settings.attention_backend,
+            upscale_fewest_tiles=settings.upscale_fewest_tiles,
+        )
+
+
+@dataclass
 class _Job:
     """What one ``run`` works with, resolved from the request."""
 
@@ -157,7 +199,8 @@ class _Job:
     guidance: float
     reporter: ProgressReporter
     cancelled: Callable[[], bool] | None
-    denoise_s: float = 0.0
+    draft: bool = False
+    phases: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
     info: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
@@ -195,6 +238,9 @@ class SDXLEngine:
         self._scheduler_config = txt2img.scheduler.config
         self._refiner_scheduler_config = refiner.scheduler.config if refiner is not None else None
         self._active_loras: dict[str, float] = {}
+        self.levers = Levers.from_settings(settings)
+        self.vae = VaeRunner(txt2img.vae, device=device, model_dtype=dtype, mode=settings.vae_dtype)
+        self.last_info: dict[str, Any] = {}  # the facts of the last job, for logs and tests
         for pipe in self._pipelines():
             pipe.set_progress_bar_config(disable=True)
 
@@ -249,13 +295,21 @@ class SDXLEngine:
                 vae=pipe.vae,
             )
             refiner.to(device)
+        fp8_skipped = None
+        if settings.fp8:
+            fp8_skipped = loading.quantize_fp8(pipe.unet)
+            if fp8_skipped:
+                log.warning("%s", fp8_skipped)
         if gpu:
-            # SDPA is diffusers' default attention processor on torch 2; nothing to switch on.
-            loading.speed_up_for_gpu(pipe, fuse_qkv=not loras)
+            # SDPA is diffusers' default attention processor on torch 2 (ATTENTION_BACKEND picks
+            # its kernel). Fused QKV would bypass LoRA adapters and FP8's per-layer quantization.
+            loading.speed_up_for_gpu(pipe, fuse_qkv=not loras and not (settings.fp8 and not fp8_skipped))
             if refiner is not None:
                 refiner.unet.to(memory_format=torch.channels_last)
         if settings.torch_compile:
-            loading.enable_compile(pipe, settings.compile_cache_dir)
+            loading.enable_compile(
+                pipe, settings.compile_cache_dir, mode=settings.compile_mode, vae=settings.compile_vae
+            )
             if refiner is not None:
                 refiner.unet.compile(fullgraph=False, dynamic=False)
         if settings.upscaler_model:
@@ -284,17 +338,45 @@ class SDXLEngine:
         return engine
 
     def warm_up(self) -> None:
-        """One short grid at the base size: allocator, cuDNN choices and any compile happen now."""
-        base = self.base_resolution
-        self.txt2img.scheduler = _scheduler_for(Sampler.DPM, self._scheduler_config)
-        self.txt2img(
-            prompt="warm-up",
-            height=base,
-            width=base,
-            num_inference_steps=2,
-            num_images_per_prompt=GRID_SIZE,
-            generator=self._generators(0, GRID_SIZE),
-        )
+        """Short grids through the real job path: allocator, kernel choices and compiles happen now.
+
+        One grid at the base size; with ``TORCH_COMPILE`` one per bucket of
+        ``COMPILE_WARMUP_ASPECTS``, so no member's first grid at those aspects waits for a compile.
+        """
+        for width, height in self.warmup_buckets():
+            request = JobRequest(
+                job_id="warm-up",
+                kind=JobKind.IMAGINE,
+                params=GenerationParams(prompt="warm-up", steps=2, width=width, height=height),
+                seed=0,
+                count=GRID_SIZE,
+            )
+            self.run(request)
+
+    def warmup_buckets(self) -> list[tuple[int, int]]:
+        """The 1024-base buckets :meth:`warm_up` runs (the square one first)."""
+        if not self.settings.torch_compile:
+            return [(1024, 1024)]
+        text = self.settings.compile_warmup_aspects.strip().lower()
+        if text == "all":
+            return sorted(SDXL_BUCKETS, key=lambda wh: wh != (1024, 1024))
+        buckets: list[tuple[int, int]] = []
+        for item in text.split(","):
+            if not item.strip():
+                continue
+            try:
+                ratio_w, ratio_h = (int(side) for side in item.split(":"))
+            except ValueError:
+                log.warning("COMPILE_WARMUP_ASPECTS: %r is not an aspect ratio like 16:9; skipped", item)
+                continue
+            bucket = nearest_bucket(ratio_w, ratio_h)
+            if bucket not in buckets:
+                buckets.append(bucket)
+        return buckets or [(1024, 1024)]
+
+    def set_vae_dtype(self, mode: str) -> torch.dtype:
+        """Cast the VAE once to ``mode``'s precision (auto, float16, bfloat16, float32)."""
+        return self.vae.set_dtype(mode)
 
     # ------------------------------------------------------------------------- properties
 
@@ -326,8 +408,8 @@ class SDXLEngine:
         request: JobRequest,
         progress: Callable[[Progress], None] | None = None,
         cancelled: Callable[[], bool] | None = None,
-    ) -> JobResult:
-        """Do one job and return its images (PNG, base64) with steps, sampler, sizes and timings.
+    ) -> EngineOutput:
+        """Do one job and return its images (not encoded), seed, report, phase timings and notes.
 
         ``progress`` receives throttled reports (first step, then at most every
         ``progress_interval_s``, then 100 %). ``cancelled`` is polled every step; when it returns
@@ -351,54 +433,77 @@ class SDXLEngine:
         params = request.params
         prompt, loras = parse_lora_tags(params.prompt)
         self._apply_loras(loras)
+        draft = params.draft and request.kind is not JobKind.UPSCALE
+        steps = draft_steps(params.step_count) if draft else params.step_count
         job = _Job(
             request=request,
             prompt=prompt,
             negative=params.negative_prompt.strip() or None,
-            steps=params.step_count,
+            steps=steps,
             guidance=params.guidance_scale,
             reporter=ProgressReporter(
                 request.job_id,
                 progress,
                 interval_s=self.progress_interval_s,
-                total_steps=params.step_count,
+                total_steps=steps,
                 clock=self.clock,
+                preview_every=self.levers.preview_every_steps,
+                gpu_previews=self.levers.gpu_previews,
             ),
             cancelled=cancelled,
+            draft=draft,
         )
-        images = handler(job)
-        encode_started = time.perf_counter()
-        outputs = [
-            ImageOut(data=to_base64(encode_png(image)), width=image.width, height=image.height)
-            for image in images
-        ]
+        if draft:
+            job.notes.append(
+                f"Draft: {steps} steps, deep features reused every other step; "
+                "rerun without --draft for full detail."
+            )
+        elif params.draft:
+            job.notes.append("--draft does not apply to upscales: upscaled at full quality.")
+        with loading.attention_backend(self.levers.attention_backend, self.device):
+            images = handler(job)
         job.reporter.finish()
-        done = time.perf_counter()
-        info: dict[str, Any] = {
-            "engine": "sdxl",
-            "model": self.settings.sdxl_model,
-            "refiner": self.settings.sdxl_refiner if self.refiner is not None else None,
+        seeds = [(request.seed + index) % (MAX_SEED + 1) for index in range(len(images))]
+        self.last_info = {
             "kind": str(request.kind),
             "steps": job.steps,
             "sampler": str(params.sampler),
             "guidance": job.guidance,
             "size": [images[0].width, images[0].height],
-            "seeds": [(request.seed + index) % (MAX_SEED + 1) for index in range(len(images))],
-            "device": str(self.device),
-            "dtype": str(self.dtype).removeprefix("torch."),
+            "seeds": seeds,
+            "refiner": self.settings.sdxl_refiner if self.refiner is not None else None,
+            "vae_dtype": str(self.vae.dtype).removeprefix("torch."),
             "loras": loras,
             **job.info,
-            "timings": {
-                "total_s": round(done - started, 3),
-                "denoise_s": round(job.denoise_s, 3),
-                "encode_s": round(done - encode_started, 3),
-            },
+            "phases": {name: round(value, 4) for name, value in job.phases.items()},
+            "total_s": round(time.perf_counter() - started, 3),
         }
-        if job.notes:
-            info["notes"] = job.notes
-        return JobResult(
-            job_id=request.job_id, images=outputs, seed=request.seed, engine=Engine.SDXL, info=info
+        log.info("sdxl job %s: %s", request.job_id, self.last_info)
+        return EngineOutput(
+            images=images,
+            seed=request.seed,
+            report=EngineReport(
+                engine=Engine.SDXL,
+                model=self.settings.sdxl_model,
+                device=str(self.device),
+                dtype=str(self.dtype).removeprefix("torch."),
+                sampler=str(params.sampler),
+                steps=job.steps,
+            ),
+            phases=dict(job.phases),
+            notes=list(job.notes),
         )
+
+    @contextmanager
+    def _phase(self, job: _Job, name: str) -> Iterator[None]:
+        """Time a phase; on a GPU it waits for the phase's kernels so the time is the phase's own."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            job.phases[name] = job.phases.get(name, 0.0) + time.perf_counter() - started
 
     # ------------------------------------------------------------------------- operations
 
@@ -413,14 +518,13 @@ class SDXLEngine:
             "num_inference_steps": job.steps,
             "guidance_scale": job.guidance,
             "generator": generators,
+            **self._encode_prompt(job, count),
         }
         if params.chaos > 0:
-            kwargs.update(self._chaos_inputs(job, count, width, height, generators))
+            kwargs.update(self._chaos_inputs(job, count, width, height, generators, kwargs))
             job.info["chaos"] = params.chaos
-        else:
-            kwargs.update(prompt=job.prompt, negative_prompt=job.negative, num_images_per_prompt=count)
         with circular_padding([self.txt2img.unet, self.txt2img.vae], params.tile):
-            return self._denoise(self.txt2img, job, kwargs, count=count)
+            return self._decode(job, self._denoise(self.txt2img, job, kwargs, count=count))
 
     def _variation(self, job: _Job) -> list[Image.Image]:
         count = max(1, job.request.count)
@@ -428,18 +532,33 @@ class SDXLEngine:
         strength = _strength(job.request.strength, VARY_STRENGTH)
         job.info["strength"] = strength
         kwargs: dict[str, Any] = {
-            "prompt": job.prompt,
-            "negative_prompt": job.negative,
             "image": source,
             "strength": strength,
             "num_inference_steps": _steps_for_strength(job.steps, strength),
             "guidance_scale": job.guidance,
-            "num_images_per_prompt": count,
             "generator": self._generators(job.request.seed, count),
+            **self._encode_prompt(job, count),
         }
         job.reporter.set_phases([1.0], total_steps=max(1, int(kwargs["num_inference_steps"] * strength)))
         with circular_padding([self.img2img.unet, self.img2img.vae], job.request.params.tile):
-            return self._denoise(self.img2img, job, kwargs, count=count)
+            return self._decode(job, self._denoise(self.img2img, job, kwargs, count=count))
+
+    def upscale_tiles(self, width: int, height: int) -> list[tuple[int, int, int, int]]:
+        """Latent-cell boxes an upscale to ``width`` x ``height`` px is denoised in.
+
+        With ``upscale_fewest_tiles`` the fewest equal tiles (up to 1.25x the base side) that
+        cover the image with a blending overlap of 1/8 of the base side; otherwise base-size tiles
+        at that overlap (9 instead of 4 for a 2x upscale of a 1024 px image).
+        """
+        scale = self.vae_scale_factor
+        base = self.base_resolution // scale  # latent cells per base-size side
+        overlap = max(1, base // 8)
+        latent_w, latent_h = width // scale, height // scale
+        if not self.levers.upscale_fewest_tiles:
+            return tile_grid(latent_w, latent_h, base, overlap)
+        multiple = max(1, self.size_multiple // scale)
+        max_tile = int(base * MAX_TILE_FACTOR) // multiple * multiple
+        return fewest_tiles(latent_w, latent_h, max_tile, overlap, multiple)
 
     def _upscale(self, job: _Job) -> list[Image.Image]:
         source = self._input_image(job)
@@ -462,38 +581,39 @@ class SDXLEngine:
         strength = _strength(job.request.strength, UPSCALE_STRENGTH)
         steps = _steps_for_strength(job.steps, strength)
         scale = self.vae_scale_factor
-        tile = self.base_resolution // scale  # latent cells per tile side
-        overlap = max(1, tile // 8)
         latent_w, latent_h = target[0] // scale, target[1] // scale
-        boxes = tile_grid(latent_w, latent_h, tile, overlap)
+        overlap = max(1, self.base_resolution // scale // 8)
+        boxes = self.upscale_tiles(*target)
         chunks = [boxes[i : i + TILE_BATCH] for i in range(0, len(boxes), TILE_BATCH)]
         per_call = max(1, int(steps * strength))
         job.reporter.set_phases([len(chunk) for chunk in chunks], total_steps=per_call * len(chunks))
         job.info.update(strength=strength, tiles=len(boxes), upscaled_from=[source.width, source.height])
         pipe = self.img2img
-        total = torch.zeros((1, 4, latent_h, latent_w), dtype=torch.float32)
-        weight = torch.zeros((1, 1, latent_h, latent_w), dtype=torch.float32)
+        # Blending happens on the device: the tiles' latents never make a round trip to the host.
+        total = torch.zeros((1, 4, latent_h, latent_w), dtype=torch.float32, device=self.device)
+        weight = torch.zeros((1, 1, latent_h, latent_w), dtype=torch.float32, device=self.device)
+        embeds: dict[str, torch.Tensor] = {}
         first = 0
         for chunk in chunks:
+            if not embeds or embeds["prompt_embeds"].shape[0] != len(chunk):
+                embeds = self._encode_prompt(job, len(chunk))
             crops = [enlarged.crop(tuple(edge * scale for edge in box)) for box in chunk]
             latents = self._call(
                 pipe,
                 job,
                 {
-                    "prompt": [job.prompt] * len(chunk),
-                    "negative_prompt": [job.negative] * len(chunk) if job.negative else None,
                     "image": crops,
                     "strength": strength,
                     "num_inference_steps": steps,
                     "guidance_scale": job.guidance,
                     "generator": self._generators(job.request.seed + first, len(chunk)),
-                    "output_type": "latent",
+                    **embeds,
                 },
             )
             first += len(chunk)
-            for (left, top, right, bottom), latent in zip(chunk, latents.float().cpu(), strict=True):
-                ramp_x = torch.tensor(ramp(left, right, latent_w, overlap))
-                ramp_y = torch.tensor(ramp(top, bottom, latent_h, overlap))
+            for (left, top, right, bottom), latent in zip(chunk, latents.float(), strict=True):
+                ramp_x = torch.tensor(ramp(left, right, latent_w, overlap), device=self.device)
+                ramp_y = torch.tensor(ramp(top, bottom, latent_h, overlap), device=self.device)
                 mix = (ramp_y[:, None] * ramp_x[None, :])[None, None]
                 total[:, :, top:bottom, left:right] += latent[None] * mix
                 weight[:, :, top:bottom, left:right] += mix
@@ -502,7 +622,7 @@ class SDXLEngine:
         # The whole upscaled latent is decoded at once; VAE tiling keeps that within memory.
         pipe.vae.enable_tiling()
         try:
-            return self._decode(pipe, blended)
+            return self._decode(job, blended)
         finally:
             pipe.vae.disable_tiling()
 
@@ -534,8 +654,6 @@ class SDXLEngine:
         count = max(1, job.request.count)
         feather = canvas.feather_for(image.size)
         kwargs: dict[str, Any] = {
-            "prompt": job.prompt,
-            "negative_prompt": job.negative,
             "image": image,
             # Repaint a band of the original too, so the new area grows out of it seamlessly.
             "mask_image": canvas.inpaint_mask(mask, feather),
@@ -544,22 +662,41 @@ class SDXLEngine:
             "strength": 1.0,
             "num_inference_steps": job.steps,
             "guidance_scale": job.guidance,
-            "num_images_per_prompt": count,
             "generator": self._generators(job.request.seed, count),
+            **self._encode_prompt(job, count),
         }
-        painted = self._denoise(self.inpaint, job, kwargs, count=count, refine=False)
+        painted = self._decode(job, self._denoise(self.inpaint, job, kwargs, count=count, refine=False))
         return [canvas.blend_seam(result, image, mask, feather) for result in painted]
 
     # ---------------------------------------------------------------------------- helpers
 
+    def _encode_prompt(self, job: _Job, count: int) -> dict[str, torch.Tensor]:
+        """The prompt's embeddings for ``count`` images (timed as ``text_encode``).
+
+        Encoding here rather than inside the pipeline is what makes the text encoders' time
+        visible; the embeddings are exactly the ones the pipeline would compute.
+        """
+        with self._phase(job, "text_encode"), torch.inference_mode():
+            embeds, negative, pooled, negative_pooled = self.txt2img.encode_prompt(
+                prompt=job.prompt,
+                device=self.device,
+                num_images_per_prompt=count,
+                do_classifier_free_guidance=job.guidance > 1.0,
+                negative_prompt=job.negative,
+            )
+        out = {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
+        if negative is not None:
+            out.update(negative_prompt_embeds=negative, negative_pooled_prompt_embeds=negative_pooled)
+        return out
+
     def _denoise(
         self, pipe: Any, job: _Job, kwargs: dict[str, Any], *, count: int, refine: bool = True
-    ) -> list[Image.Image]:
-        """Run ``pipe`` (and the refiner for the last 20 % of the schedule, when there is one)."""
+    ) -> torch.Tensor:
+        """Run ``pipe`` (and the refiner for the last 20 % of the schedule, when there is one) to latents."""
         if self.refiner is None or not refine:
-            return list(self._call(pipe, job, kwargs))
+            return self._call(pipe, job, kwargs)
         job.reporter.set_phases([REFINER_SWITCH, 1 - REFINER_SWITCH])
-        latents = self._call(pipe, job, {**kwargs, "denoising_end": REFINER_SWITCH, "output_type": "latent"})
+        latents = self._call(pipe, job, {**kwargs, "denoising_end": REFINER_SWITCH})
         refined = self._call(
             self.refiner,
             job,
@@ -575,10 +712,10 @@ class SDXLEngine:
             refiner=True,
         )
         job.info["refined"] = True
-        return list(refined)
+        return refined
 
-    def _call(self, pipe: Any, job: _Job, kwargs: dict[str, Any], *, refiner: bool = False) -> Any:
-        """One pipeline call with a fresh scheduler, progress and cancellation wired in."""
+    def _call(self, pipe: Any, job: _Job, kwargs: dict[str, Any], *, refiner: bool = False) -> torch.Tensor:
+        """One pipeline call to latents, with a fresh scheduler, progress and cancellation wired in."""
         config = self._refiner_scheduler_config if refiner else self._scheduler_config
         pipe.scheduler = _scheduler_for(job.request.params.sampler, config)
         reporter = job.reporter
@@ -593,41 +730,39 @@ class SDXLEngine:
             reporter.step(index, pipeline.num_timesteps, tensors.get("latents"))
             return {}
 
-        started = time.perf_counter()
-        output = pipe(
-            **kwargs, callback_on_step_end=on_step_end, callback_on_step_end_tensor_inputs=["latents"]
-        )
-        job.denoise_s += time.perf_counter() - started
+        draft = job.draft and not refiner
+        with self._phase(job, "denoise"), contextlib.ExitStack() as stack:
+            cache = stack.enter_context(deep_cache(pipe)) if draft else None
+            output = pipe(
+                **kwargs,
+                output_type="latent",
+                callback_on_step_end=on_step_end,
+                callback_on_step_end_tensor_inputs=["latents"],
+            )
+        if cache is not None:
+            job.info["unet_full"] = job.info.get("unet_full", 0) + cache.full_evaluations
+            job.info["unet_shallow"] = job.info.get("unet_shallow", 0) + cache.shallow_evaluations
         reporter.end_phase(steps_seen)
         _check_cancel(job.cancelled)
         return output.images
 
-    def _decode(self, pipe: Any, latents: torch.Tensor) -> list[Image.Image]:
-        """Latents (as the pipelines return them) to images, upcasting the VAE like diffusers does."""
-        vae = pipe.vae
-        upcast = vae.dtype == torch.float16 and vae.config.force_upcast
-        if upcast:
-            vae.to(dtype=torch.float32)
-        try:
-            dtype = next(iter(vae.post_quant_conv.parameters())).dtype
-            latents = latents.to(device=self.device, dtype=dtype)
-            mean = getattr(vae.config, "latents_mean", None)
-            std = getattr(vae.config, "latents_std", None)
-            if mean is not None and std is not None:
-                mean_t = torch.tensor(mean, device=latents.device, dtype=dtype).view(1, 4, 1, 1)
-                std_t = torch.tensor(std, device=latents.device, dtype=dtype).view(1, 4, 1, 1)
-                latents = latents * std_t / vae.config.scaling_factor + mean_t
-            else:
-                latents = latents / vae.config.scaling_factor
-            with torch.inference_mode():
-                decoded = vae.decode(latents, return_dict=False)[0]
-        finally:
-            if upcast:
-                vae.to(dtype=torch.float16)
-        return list(pipe.image_processor.postprocess(decoded, output_type="pil"))
+    def _decode(self, job: _Job, latents: torch.Tensor) -> list[Image.Image]:
+        """Latents (as the pipelines return them) to images: ``vae_decode`` then ``postprocess``."""
+        with self._phase(job, "vae_decode"):
+            pixels = self.vae.decode(latents)
+        with self._phase(job, "postprocess"):
+            return to_images(
+                pixels, on_device=self.levers.gpu_postprocess, image_processor=self.txt2img.image_processor
+            )
 
     def _chaos_inputs(
-        self, job: _Job, count: int, width: int, height: int, generators: list[torch.Generator]
+        self,
+        job: _Job,
+        count: int,
+        width: int,
+        height: int,
+        generators: list[torch.Generator],
+        embeds: dict[str, Any],
     ) -> dict[str, Any]:
         """Per-image starting noise and prompt embeddings, jittered in proportion to ``--chaos``."""
         amount = job.request.params.chaos / 100
@@ -650,26 +785,15 @@ class SDXLEngine:
         # Mixing two unit-variance fields with weights whose squares sum to 1 keeps unit variance,
         # which is what the scheduler's first step expects.
         latents = math.sqrt(1 - mix**2) * noise + mix * coarse
-        with torch.inference_mode():
-            embeds, negative, pooled, negative_pooled = pipe.encode_prompt(
-                prompt=job.prompt,
-                device=self.device,
-                num_images_per_prompt=count,
-                do_classifier_free_guidance=job.guidance > 1.0,
-                negative_prompt=job.negative,
-            )
+        prompt_embeds = embeds["prompt_embeds"]
         jitter = [
-            torch.randn(embeds.shape[1:], generator=gen, dtype=torch.float32).to(embeds.device)
+            torch.randn(prompt_embeds.shape[1:], generator=gen, dtype=torch.float32).to(prompt_embeds.device)
             for gen in chaos_gens
         ]
-        sigma = CHAOS_EMBED * amount * embeds.float().std()
-        embeds = embeds + (sigma * torch.stack(jitter)).to(embeds.dtype)
+        sigma = CHAOS_EMBED * amount * prompt_embeds.float().std()
         return {
             "latents": latents.to(self.device, self.dtype),
-            "prompt_embeds": embeds,
-            "negative_prompt_embeds": negative,
-            "pooled_prompt_embeds": pooled,
-            "negative_pooled_prompt_embeds": negative_pooled,
+            "prompt_embeds": prompt_embeds + (sigma * torch.stack(jitter)).to(prompt_embeds.dtype),
         }
 
     def _generators(self, seed: int, count: int) -> list[torch.Generator]:

@@ -6,6 +6,7 @@ so CUDA is initialised after the fork as it must be.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -240,12 +241,17 @@ def _share_fused_storage(attention: Any) -> None:
                 offset += size
 
 
-def enable_compile(pipe: Any, cache_dir: Path | None) -> None:
-    """``torch.compile`` the UNet in place, with Inductor's caches persisted in ``cache_dir``.
+COMPILE_CACHE_LIMIT = 64  # graphs per compiled function: above the 41 aspect buckets
 
-    In-place (``Module.compile``) keeps the module object, so the img2img and inpaint pipelines
-    built from it share the compiled UNet. The persistent cache turns the minutes of the first
-    compile into seconds on every later worker start.
+
+def enable_compile(pipe: Any, cache_dir: Path | None, *, mode: str = "default", vae: bool = True) -> None:
+    """``torch.compile`` the UNet (and the VAE decoder) in place, with Inductor's caches persisted.
+
+    In-place (``Module.compile``) keeps the module objects, so the img2img and inpaint pipelines
+    built from them share the compiled code. Shapes are static: each aspect bucket compiles its
+    own, fastest kernels (the engine warms them up at start), and the recompile limit is raised
+    above the number of buckets so no bucket ever falls back to eager. The persistent cache
+    turns the minutes of the first compile into seconds on every later worker start.
     """
     if cache_dir is not None:
         cache_dir = Path(cache_dir).expanduser()
@@ -253,8 +259,80 @@ def enable_compile(pipe: Any, cache_dir: Path | None) -> None:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir)
     os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
     os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "1")
+    import torch._dynamo.config as dynamo_config
     import torch._inductor.config as inductor_config
 
     inductor_config.fx_graph_cache = True
-    # Grids come in a handful of bucket shapes; static shapes compile the fastest kernels.
-    pipe.unet.compile(fullgraph=False, dynamic=False)
+    for name in ("cache_size_limit", "recompile_limit"):
+        if hasattr(dynamo_config, name):
+            setattr(dynamo_config, name, max(getattr(dynamo_config, name), COMPILE_CACHE_LIMIT))
+    if hasattr(dynamo_config, "accumulated_cache_size_limit"):
+        dynamo_config.accumulated_cache_size_limit = max(dynamo_config.accumulated_cache_size_limit, 256)
+    if hasattr(dynamo_config, "accumulated_recompile_limit"):
+        dynamo_config.accumulated_recompile_limit = max(dynamo_config.accumulated_recompile_limit, 256)
+    options = {"mode": mode} if mode and mode != "default" else {}
+    pipe.unet.compile(fullgraph=False, dynamic=False, **options)
+    if vae:
+        pipe.vae.decoder.compile(fullgraph=False, dynamic=False, **options)
+
+
+ATTENTION_BACKENDS = ("auto", "flash", "efficient", "cudnn", "math")
+
+
+def attention_backend(name: str, device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """A context in which scaled-dot-product attention uses only the named kernel.
+
+    ``auto`` (and any CPU) leaves PyTorch's own choice. The choice is made per call, so a
+    kernel that cannot run a shape raises instead of silently falling back.
+    """
+    name = name.strip().lower()
+    if name not in ATTENTION_BACKENDS:
+        raise WorkerError(
+            ErrorCode.ENGINE_UNAVAILABLE,
+            f"Unknown attention backend {name!r} ({', '.join(ATTENTION_BACKENDS)}).",
+        )
+    if name == "auto" or device.type != "cuda":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend = {
+        "flash": SDPBackend.FLASH_ATTENTION,
+        "efficient": SDPBackend.EFFICIENT_ATTENTION,
+        "cudnn": SDPBackend.CUDNN_ATTENTION,
+        "math": SDPBackend.MATH,
+    }[name]
+    return sdpa_kernel([backend])
+
+
+def quantize_fp8(unet: torch.nn.Module) -> str | None:
+    """FP8 (e4m3, dynamic per-row activation scales) for the UNet's linear layers via torchao.
+
+    Returns None when applied, else the reason it was skipped (no torchao, no FP8-capable GPU),
+    which the caller logs: FP8 is an opt-in lever and its absence must not stop a worker.
+    """
+    try:
+        from torchao.quantization import quantize_
+    except ImportError:
+        return "FP8 skipped: torchao is not installed (pip install torchao)"
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9):
+        return "FP8 skipped: it needs an Ada, Hopper or newer GPU"
+    try:
+        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow
+
+        config: Any = Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
+    except ImportError:  # torchao before the config classes
+        from torchao.quantization import float8_dynamic_activation_float8_weight
+
+        config = float8_dynamic_activation_float8_weight()
+
+    def eligible(module: torch.nn.Module, _fqn: str) -> bool:
+        # FP8 matmuls need both sides a multiple of 16; the tiny embedding layers stay as they are.
+        return (
+            isinstance(module, torch.nn.Linear)
+            and module.in_features % 16 == 0
+            and module.out_features % 16 == 0
+            and module.in_features >= 256
+        )
+
+    quantize_(unet, config, filter_fn=eligible)
+    return None

@@ -2,7 +2,9 @@
 
 The preview never touches the VAE: SDXL's four latent channels map to RGB almost linearly, so a
 fixed 4x3 matrix (plus a bias) turns the current latents into a recognisable thumbnail for the
-cost of one small matrix product.
+cost of one small matrix product. On a GPU that product runs where the latents are and its
+uint8 result is copied to the host without waiting (:class:`PendingPreview`): the denoising loop
+never stalls for a preview, which arrives with a later report instead.
 """
 
 from __future__ import annotations
@@ -32,18 +34,26 @@ PREVIEW_SIDE = 128  # px, the long side of each image in the preview
 PREVIEW_QUALITY = 70
 
 
+def latents_to_rgb(latents: torch.Tensor) -> torch.Tensor:
+    """``[B, h, w, 3]`` uint8 thumbnails of ``latents`` [B, 4, h, w], computed on their device."""
+    weights = torch.tensor(SDXL_LATENT_RGB, dtype=torch.float32, device=latents.device)
+    bias = torch.tensor(SDXL_LATENT_RGB_BIAS, dtype=torch.float32, device=latents.device)
+    rgb = torch.einsum("bchw,cr->bhwr", latents.detach()[:, :4].float(), weights) + bias
+    return ((rgb.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
 def latents_to_images(latents: torch.Tensor) -> list[Image.Image]:
     """Approximate RGB thumbnails (one per batch item) of ``latents`` [B, 4, h, w]."""
-    weights = torch.tensor(SDXL_LATENT_RGB, dtype=torch.float32)
-    bias = torch.tensor(SDXL_LATENT_RGB_BIAS, dtype=torch.float32)
-    rgb = torch.einsum("bchw,cr->bhwr", latents.detach().float().cpu()[:, :4], weights) + bias
-    pixels = ((rgb.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
-    return [Image.fromarray(item) for item in pixels]
+    return [Image.fromarray(item) for item in latents_to_rgb(latents.detach().cpu()).numpy()]
 
 
 def preview_jpeg(latents: torch.Tensor, side: int = PREVIEW_SIDE) -> str:
     """Base64 JPEG preview: each image's thumbnail scaled to ``side``, four of them as a 2x2 grid."""
-    thumbs = latents_to_images(latents[:4])
+    return thumbnails_jpeg(latents_to_images(latents[:4]), side)
+
+
+def thumbnails_jpeg(thumbs: list[Image.Image], side: int = PREVIEW_SIDE) -> str:
+    """Base64 JPEG of up to four thumbnails scaled to ``side``, four as a 2x2 grid."""
     first = thumbs[0]
     factor = side / max(first.size)
     size = (max(1, round(first.width * factor)), max(1, round(first.height * factor)))
@@ -57,6 +67,40 @@ def preview_jpeg(latents: torch.Tensor, side: int = PREVIEW_SIDE) -> str:
     buffer = io.BytesIO()
     sheet.save(buffer, format="JPEG", quality=PREVIEW_QUALITY)
     return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+class PendingPreview:
+    """A preview whose pixels are on their way from the GPU to the host.
+
+    The projection runs on the latents' device and the uint8 result (a few hundred KiB at most)
+    is copied into pinned memory with ``non_blocking``; an event marks when it has landed. On a
+    CPU everything is done at once and the preview is ready immediately.
+    """
+
+    def __init__(self, latents: torch.Tensor) -> None:
+        """Start the projection and copy of the first four images of ``latents``."""
+        # Thumbnails never need more than PREVIEW_SIDE cells a side: pool on the device first.
+        latents = latents.detach()[:4]
+        factor = max(1, math.ceil(max(latents.shape[-2:]) / PREVIEW_SIDE))
+        if factor > 1:
+            latents = torch.nn.functional.avg_pool2d(latents.float(), factor)
+        pixels = latents_to_rgb(latents)
+        self._event: torch.cuda.Event | None = None
+        if pixels.device.type == "cuda":
+            self._host = torch.empty(pixels.shape, dtype=torch.uint8, pin_memory=True)
+            self._host.copy_(pixels, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._host = pixels.cpu()
+
+    def ready(self) -> bool:
+        """True once the pixels are on the host (never blocks)."""
+        return self._event is None or self._event.query()
+
+    def jpeg(self) -> str:
+        """The base64 JPEG preview; only call once :meth:`ready`."""
+        return thumbnails_jpeg([Image.fromarray(item) for item in self._host.numpy()])
 
 
 class ProgressReporter:
@@ -77,8 +121,14 @@ class ProgressReporter:
         total_steps: int,
         weights: Sequence[float] = (1.0,),
         clock: Callable[[], float] = time.monotonic,
+        preview_every: int = 1,
+        gpu_previews: bool = True,
     ) -> None:
         self.job_id = job_id
+        self.preview_every = max(1, preview_every)
+        self.gpu_previews = gpu_previews
+        self._pending: PendingPreview | None = None
+        self._preview_step = -(10**9)  # overall step of the last preview started
         self.sink = sink
         self.interval_s = interval_s
         self.total_steps = max(1, total_steps)
@@ -108,8 +158,25 @@ class ProgressReporter:
         phase = min(self._phase, len(self._weights) - 1)
         fraction = sum(self._weights[:phase]) + self._weights[phase] * (index + 1) / max(1, steps_in_phase)
         percent = min(99, math.floor(100 * fraction))
-        preview = preview_jpeg(latents) if latents is not None else None
-        self._emit(percent, min(self.total_steps, self._steps_done + index + 1), preview)
+        step = min(self.total_steps, self._steps_done + index + 1)
+        self._emit(percent, step, self._preview(latents, step))
+
+    def _preview(self, latents: torch.Tensor | None, step: int) -> str | None:
+        """A finished preview to send now, if any; starts the next one every ``preview_every`` steps."""
+        if latents is None:
+            return None
+        if not self.gpu_previews:
+            # The reference path: project on the host now (a device sync on a GPU).
+            return preview_jpeg(latents)
+        ready = None
+        if self._pending is not None and self._pending.ready():
+            ready, self._pending = self._pending.jpeg(), None
+        if self._pending is None and step - self._preview_step >= self.preview_every:
+            self._pending = PendingPreview(latents)
+            self._preview_step = step
+            if ready is None and self._pending.ready():  # on a CPU: at once
+                ready, self._pending = self._pending.jpeg(), None
+        return ready
 
     def end_phase(self, steps_in_phase: int) -> None:
         """Close the current phase after its pipeline call returned."""

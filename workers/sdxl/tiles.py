@@ -46,3 +46,30 @@ def ramp(start: int, end: int, length: int, width: int) -> list[float]:
             near = min(near, end - start - offset - 0.5)
         weights.append(max(1e-3, min(1.0, near / max(1, width))))
     return weights
+
+
+def fewest_tile_starts(length: int, max_tile: int, overlap: int, multiple: int) -> tuple[int, list[int]]:
+    """The fewest tiles of one size (at most ``max_tile``, a multiple of ``multiple``) covering ``length``.
+
+    Neighbours share at least ``overlap`` cells. Returns ``(tile, starts)``: the tile is the
+    smallest multiple of ``multiple`` that covers ``length`` with that many tiles, so a 2x upscale
+    of SDXL's 1024 px (256 latent cells with a 128 cell base) takes 2 tiles of 136 cells a side
+    instead of 3 of 128. One tile when ``length`` already fits.
+    """
+    if length <= max_tile:
+        return length, [0]
+    if not 0 <= overlap < max_tile:
+        raise ValueError("overlap must be smaller than the tile")
+    count = max(2, math.ceil((length - overlap) / (max_tile - overlap)))
+    tile = math.ceil((length + (count - 1) * overlap) / count)
+    tile = min(length, math.ceil(tile / multiple) * multiple)
+    return tile, tile_starts(length, tile, min(overlap, tile - 1))
+
+
+def fewest_tiles(
+    width: int, height: int, max_tile: int, overlap: int, multiple: int
+) -> list[tuple[int, int, int, int]]:
+    """``(left, top, right, bottom)`` boxes, row by row, all of one size: the fewest that cover."""
+    tile_w, xs = fewest_tile_starts(width, max_tile, overlap, multiple)
+    tile_h, ys = fewest_tile_starts(height, max_tile, overlap, multiple)
+    return [(left, top, left + tile_w, top + tile_h) for top in ys for left in xs]
