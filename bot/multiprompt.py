@@ -2,8 +2,8 @@
 
 ``::`` ends a part; a number right after it is the part's weight (1 when missing). Weights are
 relative, so ``a::2 b::1`` equals ``a::4 b::2``: they are normalised so the positive weights sum
-to 1, and negative-weight parts go to the negative side with the same scale. The positive
-weights must add up to more than zero, as on Midjourney.
+to 1, and negative-weight parts go to the negative side with the same scale. All weights together
+must add up to more than zero, as on Midjourney.
 
 Inside a part, ``(words:1.3)`` (the Automatic1111 convention many SDXL users write) gives those
 tokens a weight of their own; the parentheses and number leave the text.
@@ -98,7 +98,7 @@ def split_multiprompt(text: str, problems: list[PromptProblem]) -> tuple[PromptP
     kept = [(" ".join(part.split()).strip(" ,"), weight) for part, weight in raw]
     kept = [(part, weight) for part, weight in kept if part and weight != 0]
     total = sum((weight for _, weight in kept if weight > 0), Decimal(0))
-    if total <= 0:
+    if total <= 0 or sum((weight for _, weight in kept), Decimal(0)) <= 0:
         problems.append(
             PromptProblem(
                 "The multi-prompt weights must add up to more than 0, e.g. `castle::2 fog::-.5`.",

@@ -822,20 +822,21 @@ def prompt_text(params: GenerationParams, seed: int | None = None) -> str:
     if params.model_profile:
         profile = params.model_profile
         words.append(f"--niji {profile.split()[1]}" if profile.startswith("niji") else f"--v {profile}")
-    for attribute, name in (("style_refs", "sref"), ("character_refs", "cref")):
-        if getattr(params, attribute):
-            words.append(f"--{name} " + " ".join(getattr(params, attribute)))
-    optional = (
+    references = (
+        ("style_refs", "sref"),
         ("style_weight", "sw"),
         ("style_version", "sv"),
+        ("character_refs", "cref"),
         ("character_weight", "cw"),
         ("omni_ref", "oref"),
         ("omni_weight", "ow"),
         ("experimental", "exp"),
     )
-    for attribute, name in optional:
-        if getattr(params, attribute) is not None:
-            words.append(f"--{name} {getattr(params, attribute)}")
+    for attribute, name in references:
+        value = getattr(params, attribute)
+        if value is None or value == ():
+            continue
+        words.append(f"--{name} {' '.join(value) if isinstance(value, tuple) else value}")
     if params.personalize is not None:
         words.append(" ".join(["--p", *params.personalize]))
     if params.draft:
