@@ -134,10 +134,12 @@ def expand_permutations(text: str, limit: int = MAX_PROMPTS) -> list[str]:
         raise PromptError([exc.problem]) from None
     count = _count(tree)
     if count > limit:
+        # A few dozen braces already make a number too long to read (or to fit in a reply).
+        shown = str(count) if count < 1_000_000 else "more than a million"
         raise PromptError(
-            f"This prompt's permutations make {count} prompts; the limit is {limit}.",
+            f"This prompt's permutations make {shown} prompts; the limit is {limit}.",
             parameter="prompt",
-            value=str(count),
+            value=shown,
             allowed=f"at most {limit} prompts",
         )
     return list(_expand(tree))

@@ -58,7 +58,8 @@ def test_huge_products_are_refused_without_expanding() -> None:
     text = "x" + " {a, b, c, d}" * 40  # 4**40 prompts: counting must not enumerate them
     with pytest.raises(PromptError) as caught:
         expand_permutations(text)
-    assert str(4**40) in str(caught.value)
+    assert "more than a million prompts" in str(caught.value)
+    assert len(str(caught.value)) < 100
 
 
 @pytest.mark.parametrize(("text", "brace"), [("a {red, blue car", "{"), ("a red} car", "}"), ("{{a}", "{")])
