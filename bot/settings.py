@@ -93,6 +93,13 @@ class BotSettings(BaseSettings):
     image_fetch_timeout_s: float = Field(default=20.0, gt=0)
     image_fetch_max_redirects: int = Field(default=3, ge=0, le=10)
 
+    # Content rules (bot/banned_words.py, bot/content_rules.py).
+    banned_words: str = ""  # comma-separated words, phrases or prefixes ending in *
+    banned_words_file: Path | None = None  # one term a line, # starts a comment
+    # What happens to a result the workers' image classifier flagged, outside NSFW channels.
+    safety_action: Literal["block", "spoiler"] = "block"
+    safety_allow_nsfw_channels: bool = True  # age-restricted channels get flagged results as they are
+
     @model_validator(mode="before")
     @classmethod
     def _warn_deprecated(cls, data: object) -> object:

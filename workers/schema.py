@@ -250,6 +250,18 @@ class EngineReport(BaseModel):
     steps: int | None = None
 
 
+class SafetyVerdict(BaseModel):
+    """What the worker's image classifier said about one image.
+
+    ``label`` is the classifier's top label, ``score`` the probability that the image belongs
+    to one of the unsafe labels, and ``unsafe`` whether that reached the configured threshold.
+    """
+
+    label: str
+    score: float = Field(ge=0, le=1)
+    unsafe: bool
+
+
 class JobResult(BaseModel):
     """What a worker returns for a finished job.
 
@@ -268,6 +280,9 @@ class JobResult(BaseModel):
     timings: Timings
     report: EngineReport
     notes: list[str] = Field(default_factory=list)
+    # One verdict per generated image (each tile of a grid, in order); empty when no image
+    # classifier ran. The bot decides from them whether to post, spoiler or block.
+    safety: list[SafetyVerdict] = Field(default_factory=list)
 
 
 class ErrorCode(StrEnum):
@@ -279,6 +294,7 @@ class ErrorCode(StrEnum):
     ENGINE_ERROR = "engine_error"
     TIMEOUT = "timeout"
     CANCELLED = "cancelled"
+    BLOCKED = "blocked"  # this server's own image safety filter withheld the result
 
 
 class JobError(BaseModel):

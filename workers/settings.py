@@ -110,6 +110,16 @@ class WorkerSettings(BaseSettings):
     # /describe on the OpenAI engine: a vision-capable chat model.
     openai_describe_model: str = "gpt-4o-mini"
 
+    # Image safety classifier on SDXL results (workers/safety.py): a transformers image
+    # classifier, folder or hub id; unset, results are not classified.
+    safety_model: str | None = None
+    # An image is flagged when its unsafe labels' probability reaches this.
+    safety_threshold: float = Field(default=0.5, ge=0, le=1)
+    # Comma-separated label names that count as unsafe, matched case-insensitively.
+    safety_unsafe_labels: str = "nsfw,porn,hentai,explicit,unsafe"
+    # Input pixels per tile side when UPSCALER_MODEL runs tiled (workers/upscaler.py).
+    upscaler_tile_px: int = Field(default=512, ge=64)
+
 
 @lru_cache(maxsize=1)
 def get_settings() -> WorkerSettings:
