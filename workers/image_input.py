@@ -1,0 +1,54 @@
+"""Input images on the worker side: decoded once, checked, and given back as plain RGB pictures.
+
+The bot has already fetched, checked and re-encoded every image (``bot/imagefetch.py``), but a
+worker trusts nothing that comes over the broker: the bytes are decoded again here with the same
+pixel cap, and any problem becomes a ``WorkerError(BAD_INPUT)`` naming the image.
+"""
+
+from __future__ import annotations
+
+import binascii
+import io
+import warnings
+
+from PIL import Image, ImageOps
+
+from workers.schema import ErrorCode, WorkerError, b64decode_text
+
+MAX_INPUT_PIXELS = 64 * 1024 * 1024  # 8192 x 8192: above anything the bot lets through
+
+
+def decode_image(data: bytes | str, label: str, *, max_pixels: int = MAX_INPUT_PIXELS) -> Image.Image:
+    """Decode an input image (bytes, or base64 text from a message) into an RGB picture.
+
+    ``label`` names the image in the error ("image 2"). Raises ``WorkerError(BAD_INPUT)`` for
+    bad base64, anything Pillow cannot read, and images with more than ``max_pixels`` pixels
+    (checked from the header, before decoding).
+    """
+    if isinstance(data, str):
+        try:
+            data = b64decode_text(data)
+        except (binascii.Error, ValueError):
+            raise WorkerError(ErrorCode.BAD_INPUT, f"{_cap(label)} is not valid base64 data.") from None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+        if img.width * img.height > max_pixels:
+            raise WorkerError(
+                ErrorCode.BAD_INPUT, f"{_cap(label)} has too many pixels ({img.width}x{img.height})."
+            )
+        img.seek(0)
+        img.load()
+        rgb = ImageOps.exif_transpose(img).convert("RGB")
+    except WorkerError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise WorkerError(ErrorCode.BAD_INPUT, f"{_cap(label)} has too many pixels.") from None
+    except (OSError, SyntaxError, ValueError, EOFError):
+        raise WorkerError(ErrorCode.BAD_INPUT, f"{_cap(label)} is not a readable image.") from None
+    return rgb
+
+
+def _cap(label: str) -> str:
+    return label[:1].upper() + label[1:]
