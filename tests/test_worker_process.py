@@ -18,7 +18,7 @@ import pytest
 import redis
 from celery import Celery
 from conftest import REDIS_URL, _need
-from workerutil import WorkerProcess, client_app, png_b64, request, wait_for, wait_outcome
+from workerutil import WorkerProcess, client_app, decoded, png_b64, request, wait_for, wait_outcome
 
 from workers.schema import (
     QUEUE_API,
@@ -27,6 +27,7 @@ from workers.schema import (
     TASK_SDXL,
     ErrorCode,
     JobKind,
+    Layout,
     Progress,
     TaskOutcome,
 )
@@ -61,7 +62,7 @@ def _worker_env(model: Path, broker: str, backend: str, **extra: str) -> dict[st
         "BROKER_URL": broker,
         "RESULT_BACKEND": backend,
         "WARMUP": "1",
-        "PROGRESS_INTERVAL_S": "0.001",  # report every step, so PROGRESS is seen several times
+        "PROGRESS_REPORT_INTERVAL_S": "0.001",  # report every step, so PROGRESS is seen several times
         "TASK_SOFT_TIME_LIMIT_S": "90",
         "TASK_TIME_LIMIT_S": "100",
         "VISIBILITY_TIMEOUT_S": "120",
@@ -112,14 +113,15 @@ def redis_worker(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory)
         worker.stop()
 
 
-def test_grid_returns_four_images_at_the_tiny_models_size(redis_worker: Running) -> None:
+def test_grid_returns_one_composed_image_of_four_tiny_model_tiles(redis_worker: Running) -> None:
     job_id = _job_id("grid")
     outcome = wait_outcome(_send(redis_worker.app, request(job_id)), timeout=120)
     assert outcome.error is None, outcome.error
     assert outcome.result is not None
     assert outcome.result.job_id == job_id
-    assert len(outcome.result.images) == 4
-    assert {(image.width, image.height) for image in outcome.result.images} == {(64, 64)}
+    assert outcome.result.layout is Layout.GRID
+    assert (outcome.result.tile_width, outcome.result.tile_height) == (64, 64)
+    assert decoded(outcome.result.image.data_b64).size == (128, 128)
 
 
 def test_torch_is_loaded_only_in_the_pool_child(redis_worker: Running) -> None:
@@ -141,7 +143,8 @@ def test_upscale_returns_one_image_at_twice_the_size(redis_worker: Running) -> N
     outcome = wait_outcome(_send(redis_worker.app, payload), timeout=120)
     assert outcome.error is None, outcome.error
     assert outcome.result is not None
-    assert [(image.width, image.height) for image in outcome.result.images] == [(128, 128)]
+    assert outcome.result.layout is Layout.SINGLE
+    assert decoded(outcome.result.image.data_b64).size == (128, 128)
 
 
 def test_progress_is_reported_while_a_multi_step_job_runs(redis_worker: Running) -> None:
@@ -176,6 +179,15 @@ def test_corrupt_input_image_is_bad_input(redis_worker: Running) -> None:
     assert outcome.error.job_id == job_id
 
 
+def test_a_request_of_another_schema_version_is_refused(redis_worker: Running) -> None:
+    job_id = _job_id("version")
+    outcome = wait_outcome(_send(redis_worker.app, {**request(job_id), "version": 1}), timeout=60)
+    assert outcome.error is not None
+    assert outcome.error.code is ErrorCode.ENGINE_UNAVAILABLE
+    assert "different Mirage versions" in outcome.error.message
+    assert _finished_lines(redis_worker.worker.log(), job_id) == 0
+
+
 def test_invalid_message_is_bad_input(redis_worker: Running) -> None:
     job_id = _job_id("invalid")
     outcome = wait_outcome(_send(redis_worker.app, {"job_id": job_id, "kind": "imagine"}), timeout=60)
@@ -201,7 +213,7 @@ def test_same_request_gives_the_same_images(redis_worker: Running) -> None:
     first = wait_outcome(_send(redis_worker.app, payload, _job_id("same-a")), timeout=120)
     second = wait_outcome(_send(redis_worker.app, payload, _job_id("same-b")), timeout=120)
     assert first.result is not None and second.result is not None
-    assert [i.data for i in first.result.images] == [i.data for i in second.result.images]
+    assert first.result.image.data_b64 == second.result.image.data_b64
 
 
 def test_revoking_a_running_job_cancels_it(redis_worker: Running) -> None:
@@ -256,7 +268,7 @@ def _crash_and_recover(tiny_model_dir: Path, tmp: Path, broker: str, backend: st
     try:
         outcome = wait_outcome(result, timeout=90)
         assert outcome.result is not None, outcome.error
-        assert len(outcome.result.images) == 4
+        assert outcome.result.layout is Layout.GRID
         wait_for(lambda: f"{job_id}] succeeded" in second.log(), timeout=10)
     finally:
         second.stop()
@@ -288,8 +300,8 @@ def test_embedded_broker_runs_a_grid_without_any_server(tiny_model_dir: Path, tm
         job_id = _job_id("embedded")
         outcome = wait_outcome(_send(app, request(job_id)), timeout=120)
         assert outcome.result is not None, outcome.error
-        assert len(outcome.result.images) == 4
-        assert {(i.width, i.height) for i in outcome.result.images} == {(64, 64)}
+        assert outcome.result.layout is Layout.GRID
+        assert (outcome.result.image.width, outcome.result.image.height) == (128, 128)
     finally:
         app.close()
         worker.stop()
@@ -331,7 +343,8 @@ def test_api_worker_on_a_thread_pool_shares_one_engine(tmp_path: Path) -> None:
         for result in results:
             outcome = wait_outcome(result, timeout=60)
             assert outcome.result is not None, outcome.error
-            assert [(i.width, i.height) for i in outcome.result.images] == [(128, 128)]
+            assert outcome.result.layout is Layout.SINGLE
+            assert decoded(outcome.result.image.data_b64).size == (128, 128)
         job_id = _job_id("api-nokey")
         nokey = app.send_task(TASK_OPENAI, args=[request(job_id)], task_id=job_id, queue=QUEUE_API)
         outcome = wait_outcome(nokey, timeout=60)

@@ -54,6 +54,13 @@ def request(job_id: str, kind: JobKind = JobKind.IMAGINE, *, steps: int = 2, **f
     ).model_dump(mode="json")
 
 
+def decoded(data_b64: str) -> Image.Image:
+    """A result image (PNG or WebP, base64) as RGB pixels."""
+    with Image.open(io.BytesIO(base64.b64decode(data_b64))) as image:
+        image.load()
+        return image.convert("RGB")
+
+
 def wait_outcome(result: AsyncResult, timeout: float) -> TaskOutcome:
     """The task's ``TaskOutcome`` once it succeeded (the tasks never fail on purpose)."""
     value = result.get(timeout=timeout, interval=0.1)

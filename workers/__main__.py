@@ -130,8 +130,9 @@ def cmd_check(args: argparse.Namespace) -> int:
 
     problems: list[str] = []
     try:
-        # Importing the module builds the default app, which validates the time limits.
-        from workers.celery_app import make_celery, prepare_local_storage
+        # make_celery validates the time limits; importing celery_app builds the default app too.
+        from workers.celery_app import make_celery
+        from workers.celery_config import prepare_local_storage
 
         app = make_celery(settings)
         prepare_local_storage(settings)

@@ -1,6 +1,7 @@
-"""The two callbacks a task hands its engine: where progress goes and whether to stop.
+"""Where a job's progress goes: the task's PROGRESS state in the result backend.
 
-No torch here: both are plain Celery/result-backend plumbing, shared by the SDXL and OpenAI tasks.
+No torch here: plain Celery/result-backend plumbing, shared by the SDXL and OpenAI tasks. Its
+counterpart, whether to stop, is ``workers.cancellation.CancelCheck``.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from typing import Any
 
 from celery.exceptions import SoftTimeLimitExceeded
 
-from workers.celery_app import cancel_flag
 from workers.schema import Progress
 
 log = logging.getLogger(__name__)
@@ -23,7 +23,7 @@ PROGRESS_STATE = "PROGRESS"  # the custom Celery state the bot reads with AsyncR
 class ProgressSink:
     """Stores each ``Progress`` as the task's PROGRESS state, for ``AsyncResult(job_id).info``.
 
-    The engines throttle their reports (``progress_interval_s``); this sink only drops reports
+    The engines throttle their reports (``progress_report_interval_s``); this sink only drops reports
     that arrive faster than ``min_interval_s`` apart, a guard for an engine that does not, and it
     always lets the first report and 100 % through.
 
@@ -58,38 +58,3 @@ class ProgressSink:
             raise
         except Exception:
             log.warning("could not store progress for job %s", self._job_id, exc_info=True)
-
-
-class CancelCheck:
-    """``cancelled()`` for one job: was its task id revoked?
-
-    Two sources, because Celery's revoked set lives in the worker's main process:
-
-    * the in-process revoked set, which is the worker's own with the threads or solo pool;
-    * the flag file ``CancelRelay`` writes for a running job whose id the main process saw
-      revoked, which is how a prefork child learns of it.
-
-    The engines poll this once per step; a stat of one file is cheap enough for that.
-    """
-
-    def __init__(self, job_id: str) -> None:
-        """Watch ``job_id``."""
-        self.job_id = job_id
-        self._flag = cancel_flag(job_id)
-        self._seen = False
-
-    def __call__(self) -> bool:
-        """True once the job was revoked (and from then on)."""
-        if self._seen:
-            return True
-        from celery.worker import state
-
-        if self.job_id in state.revoked or (self._flag is not None and self._flag.exists()):
-            self._seen = True
-            log.info("job %s was cancelled", self.job_id)
-        return self._seen
-
-    def cleanup(self) -> None:
-        """Remove this job's flag file, if any."""
-        if self._flag is not None:
-            self._flag.unlink(missing_ok=True)

@@ -1,0 +1,416 @@
+"""The task layer (``workers.tasks.run_job``) with fake engines: outcomes, bounds, one encode.
+
+No worker process runs here: a fake bound task carries a real app (and so a real
+``WorkerRuntime``) and a result backend that records what progress was stored.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import threading
+import time
+from collections.abc import Iterator
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from celery import Celery
+from celery.exceptions import SoftTimeLimitExceeded
+from PIL import Image
+
+import workers.tasks as tasks
+from workers.celery_app import make_celery
+from workers.output import EngineOutput
+from workers.progress import PROGRESS_STATE
+from workers.redelivery import DeliveryCounter
+from workers.runtime import OPENAI, SDXL, WorkerRuntime, runtime_of
+from workers.schema import (
+    SCHEMA_VERSION,
+    Engine,
+    EngineReport,
+    ErrorCode,
+    GenerationParams,
+    ImageFormat,
+    JobKind,
+    JobRequest,
+    Layout,
+    Progress,
+    TaskOutcome,
+    WorkerError,
+)
+from workers.settings import WorkerSettings
+
+TILE = 96
+
+
+class FakeBackend:
+    """Records what a task stores as its state."""
+
+    def __init__(self) -> None:
+        self.stored: list[tuple[str, str, dict[str, Any]]] = []
+
+    def store_result(self, task_id: str, meta: dict[str, Any], state: str, **_: Any) -> None:
+        self.stored.append((task_id, state, meta))
+
+
+class FakeTask:
+    """Just what ``run_job`` uses of a bound Celery task."""
+
+    def __init__(self, app: Celery, task_id: str) -> None:
+        self.app = app
+        self.request = SimpleNamespace(id=task_id)
+        self.backend = FakeBackend()
+
+
+def tile(index: int, size: int = TILE) -> Image.Image:
+    """A distinct, non-trivial RGB image per index, so a grid's quadrants can be told apart."""
+    image = Image.new("RGB", (size, size), (40 * index, 255 - 40 * index, 90))
+    for x in range(size):
+        image.putpixel((x, (x * (index + 1)) % size), (x % 256, index * 50, 255 - x % 256))
+    return image
+
+
+class FakeEngine:
+    """Reports two steps and returns ``count`` images, or raises what it was given."""
+
+    def __init__(self, error: BaseException | None = None) -> None:
+        self.error = error
+        self.runs = 0
+        self.outputs: list[EngineOutput] = []
+
+    def run(self, request: JobRequest, progress: Any, cancelled: Any) -> EngineOutput:
+        self.runs += 1
+        progress(Progress(job_id=request.job_id, percent=50, step=1, total_steps=2))
+        progress(Progress(job_id=request.job_id, percent=100, step=2, total_steps=2))
+        if self.error is not None:
+            raise self.error
+        output = EngineOutput(
+            images=[tile(index) for index in range(request.count)],
+            seed=request.seed,
+            report=EngineReport(engine=Engine.SDXL, model="fake", steps=2),
+            phases={"denoise": 0.25, "vae_decode": 0.05},
+            notes=["a note"],
+        )
+        self.outputs.append(output)
+        return output
+
+
+class FakeCounter(DeliveryCounter):
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = {}
+
+    def incr(self, job_id: str) -> int:
+        self.counts[job_id] = self.counts.get(job_id, 0) + 1
+        return self.counts[job_id]
+
+
+def _settings(**overrides: Any) -> WorkerSettings:
+    values: dict[str, Any] = {
+        "broker_url": "memory://",
+        "result_backend": "cache+memory://",
+        "max_redeliveries": 2,
+        "warmup": False,
+    }
+    values.update(overrides)
+    return WorkerSettings(_env_file=None, **values)  # type: ignore[call-arg]
+
+
+@pytest.fixture
+def app() -> Iterator[Celery]:
+    app = make_celery(_settings())
+    yield app
+    app.close()
+
+
+@pytest.fixture
+def runtime(app: Celery) -> WorkerRuntime:
+    return runtime_of(app)
+
+
+@pytest.fixture
+def fake_engine(runtime: WorkerRuntime) -> FakeEngine:
+    fake = FakeEngine()
+    runtime.loaders[SDXL] = lambda settings: fake
+    return fake
+
+
+@pytest.fixture
+def counter(runtime: WorkerRuntime, monkeypatch: pytest.MonkeyPatch) -> FakeCounter:
+    fake = FakeCounter()
+    monkeypatch.setattr(runtime, "delivery_counter", lambda: fake)
+    return fake
+
+
+def _job(job_id: str, **fields: Any) -> dict[str, Any]:
+    params = GenerationParams(prompt="a fox", steps=2)
+    request = JobRequest(job_id=job_id, kind=JobKind.IMAGINE, params=params, seed=3, **fields)
+    return request.model_dump(mode="json")
+
+
+def _run(app: Celery, job_id: str, payload: Any = None) -> tuple[TaskOutcome, FakeTask]:
+    task = FakeTask(app, job_id)
+    raw = tasks.run_job(task, SDXL, _job(job_id) if payload is None else payload)  # type: ignore[arg-type]
+    return TaskOutcome.model_validate(raw), task
+
+
+def _decode(data_b64: str) -> Image.Image:
+    with Image.open(io.BytesIO(base64.b64decode(data_b64))) as image:
+        image.load()
+        return image.convert("RGB")
+
+
+# --------------------------------------------------------------------------- results
+
+
+def test_a_grid_job_returns_one_composed_image_and_reports_progress(
+    app: Celery, fake_engine: FakeEngine, counter: FakeCounter
+) -> None:
+    outcome, task = _run(app, "job-ok")
+    assert outcome.error is None
+    result = outcome.result
+    assert result is not None and result.job_id == "job-ok"
+    assert result.layout is Layout.GRID
+    assert (result.image.width, result.image.height) == (2 * TILE, 2 * TILE)
+    assert (result.tile_width, result.tile_height) == (TILE, TILE)
+    assert result.seed == 3
+    assert result.notes == ["a note"]
+    assert result.report.model == "fake"
+    assert result.timings.generation_s == pytest.approx(0.3)
+    assert result.timings.total_s >= result.timings.encode_s
+    assert [state for _, state, _ in task.backend.stored] == [PROGRESS_STATE, PROGRESS_STATE]
+    assert Progress.model_validate(task.backend.stored[-1][2]).percent == 100
+    assert counter.counts == {"job-ok": 1}
+
+
+def test_a_grid_is_encoded_exactly_once_and_nothing_is_decoded_on_the_worker(
+    app: Celery, fake_engine: FakeEngine, counter: FakeCounter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    saves: list[str] = []
+    opens: list[object] = []
+    real_save, real_open = Image.Image.save, Image.open
+
+    def counting_save(self: Image.Image, fp: Any, format: str | None = None, **params: Any) -> None:
+        saves.append(str(format))
+        real_save(self, fp, format, **params)
+
+    def counting_open(*args: Any, **kwargs: Any) -> Image.Image:
+        opens.append(args[0] if args else kwargs)
+        return real_open(*args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "save", counting_save)
+    monkeypatch.setattr(Image, "open", counting_open)
+    outcome, _ = _run(app, "job-count")
+    monkeypatch.undo()  # stop counting before the test decodes the result itself
+
+    assert outcome.result is not None, outcome.error
+    assert len(saves) == 1  # the composed grid, once
+    assert opens == []  # the worker never decodes its own output
+    pixels = _decode(outcome.result.image.data_b64)
+    assert pixels.size == (2 * TILE, 2 * TILE)
+
+
+def test_an_upscale_is_a_single_image(app: Celery, fake_engine: FakeEngine, counter: FakeCounter) -> None:
+    outcome, _ = _run(app, "job-up", _job("job-up", count=1))
+    assert outcome.result is not None
+    assert outcome.result.layout is Layout.SINGLE
+    assert (outcome.result.image.width, outcome.result.image.height) == (TILE, TILE)
+    assert list(_decode(outcome.result.image.data_b64).getdata()) == list(tile(0).getdata())
+
+
+@pytest.mark.parametrize("image_format", [ImageFormat.PNG, ImageFormat.WEBP])
+def test_the_configured_format_is_used_and_lossless(
+    image_format: ImageFormat, fake_engine: FakeEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    app = make_celery(_settings(image_format=image_format))
+    runtime = runtime_of(app)
+    runtime.loaders[SDXL] = lambda settings: fake_engine
+    monkeypatch.setattr(runtime, "delivery_counter", FakeCounter)
+    outcome, _ = _run(app, "job-format")
+    assert outcome.result is not None, outcome.error
+    assert outcome.result.image.format is image_format
+    raw = base64.b64decode(outcome.result.image.data_b64)
+    assert Image.open(io.BytesIO(raw)).format == image_format.name
+    grid = _decode(outcome.result.image.data_b64)
+    for index, image in enumerate(fake_engine.outputs[0].images):
+        x, y = (index % 2) * TILE, (index // 2) * TILE
+        assert list(grid.crop((x, y, x + TILE, y + TILE)).getdata()) == list(image.getdata())
+
+
+def test_an_engine_breaking_the_output_contract_is_an_engine_error(
+    app: Celery, runtime: WorkerRuntime, counter: FakeCounter
+) -> None:
+    class Mixed:
+        def run(self, request: JobRequest, progress: Any, cancelled: Any) -> EngineOutput:
+            images = [tile(0), tile(1), tile(2), tile(3, size=TILE + 1)]
+            return EngineOutput(images, 3, EngineReport(engine=Engine.SDXL, model="fake"))
+
+    runtime.loaders[SDXL] = lambda settings: Mixed()
+    outcome, _ = _run(app, "job-mixed")
+    assert outcome.error is not None and outcome.error.code is ErrorCode.ENGINE_ERROR
+
+
+# --------------------------------------------------------------------------- refusals and failures
+
+
+@pytest.mark.parametrize("version", [1, SCHEMA_VERSION + 1])
+def test_another_schema_version_is_refused_without_running(
+    app: Celery, fake_engine: FakeEngine, counter: FakeCounter, version: int
+) -> None:
+    payload = {**_job("job-version"), "version": version}
+    outcome, _ = _run(app, "job-version", payload)
+    assert outcome.error is not None
+    assert outcome.error.code is ErrorCode.ENGINE_UNAVAILABLE
+    assert "different Mirage versions" in outcome.error.message
+    assert f"version {version}" in outcome.error.message
+    assert fake_engine.runs == 0
+    assert counter.counts == {}
+
+
+def test_invalid_message_is_bad_input_without_running(
+    app: Celery, fake_engine: FakeEngine, counter: FakeCounter
+) -> None:
+    outcome, _ = _run(app, "job-bad", {"job_id": "job-bad", "kind": "imagine", "seed": -1})
+    assert outcome.error is not None
+    assert outcome.error.code is ErrorCode.BAD_INPUT
+    assert outcome.error.job_id == "job-bad"
+    assert fake_engine.runs == 0
+
+
+@pytest.mark.parametrize(
+    ("error", "code"),
+    [
+        (WorkerError(ErrorCode.CONTENT_POLICY, "Rejected by the content policy."), ErrorCode.CONTENT_POLICY),
+        (WorkerError(ErrorCode.BAD_INPUT, "Bad image."), ErrorCode.BAD_INPUT),
+        (SoftTimeLimitExceeded(), ErrorCode.TIMEOUT),
+        (RuntimeError("CUDA error: key=sk-secret-value"), ErrorCode.ENGINE_ERROR),
+    ],
+)
+def test_failures_become_typed_outcomes(
+    app: Celery, runtime: WorkerRuntime, counter: FakeCounter, error: BaseException, code: ErrorCode
+) -> None:
+    runtime.loaders[SDXL] = lambda settings: FakeEngine(error)
+    outcome, _ = _run(app, f"job-{code}")
+    assert outcome.result is None
+    assert outcome.error is not None
+    assert outcome.error.code is code
+    assert "sk-secret" not in outcome.error.message
+    if isinstance(error, WorkerError):
+        assert outcome.error.message == error.message
+
+
+def test_an_engine_that_cannot_load_is_unavailable_and_retried_next_job(
+    app: Celery, runtime: WorkerRuntime, counter: FakeCounter
+) -> None:
+    attempts = []
+
+    def broken(settings: WorkerSettings) -> Any:
+        attempts.append(1)
+        raise OSError("no such model folder")
+
+    runtime.loaders[SDXL] = broken
+    for job_id in ("job-u1", "job-u2"):
+        outcome, _ = _run(app, job_id)
+        assert outcome.error is not None and outcome.error.code is ErrorCode.ENGINE_UNAVAILABLE
+    assert len(attempts) == 2
+
+
+def test_redelivery_past_the_bound_is_refused_without_running(
+    app: Celery, fake_engine: FakeEngine, counter: FakeCounter
+) -> None:
+    # max_redeliveries=2: starts 1, 2 and 3 run; the 4th returns an error instead.
+    for _ in range(3):
+        outcome, _ = _run(app, "job-poison")
+        assert outcome.result is not None
+    outcome, _ = _run(app, "job-poison")
+    assert outcome.error is not None and outcome.error.code is ErrorCode.ENGINE_ERROR
+    assert fake_engine.runs == 3
+
+
+def test_a_counter_failure_does_not_lose_the_job(
+    app: Celery, runtime: WorkerRuntime, fake_engine: FakeEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    class Down(DeliveryCounter):
+        def incr(self, job_id: str) -> int:
+            raise ConnectionError("redis is down")
+
+    monkeypatch.setattr(runtime, "delivery_counter", Down)
+    outcome, _ = _run(app, "job-counter-down")
+    assert outcome.result is not None
+
+
+def test_a_revoked_job_is_cancelled_before_it_starts(
+    app: Celery, fake_engine: FakeEngine, counter: FakeCounter
+) -> None:
+    from celery.worker import state
+
+    state.revoked.add("job-revoked")
+    try:
+        outcome, _ = _run(app, "job-revoked")
+    finally:
+        state.revoked.discard("job-revoked")
+    assert outcome.error is not None and outcome.error.code is ErrorCode.CANCELLED
+    assert fake_engine.runs == 0
+
+
+# --------------------------------------------------------------------------- the runtime
+
+
+def test_the_engine_is_loaded_once_per_process_and_shared_by_threads(runtime: WorkerRuntime) -> None:
+    loads: list[int] = []
+
+    def slow_loader(settings: WorkerSettings) -> FakeEngine:
+        loads.append(1)
+        time.sleep(0.2)  # a slow load: the window in which the other threads must wait
+        return FakeEngine()
+
+    runtime.loaders[OPENAI] = slow_loader
+    got: list[tuple[Any, float]] = []
+    threads = [threading.Thread(target=lambda: got.append(runtime.engine(OPENAI))) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(loads) == 1
+    assert len({id(engine) for engine, _ in got}) == 1
+    assert sorted(load_s > 0 for _, load_s in got) == [False] * 7 + [True]  # one job paid the load
+
+
+def test_an_engine_inherited_across_a_fork_is_never_reused(
+    runtime: WorkerRuntime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    runtime.loaders[OPENAI] = lambda settings: FakeEngine()
+    first, _ = runtime.engine(OPENAI)
+    monkeypatch.setattr(os, "getpid", lambda: 999_999)  # as if in a forked child
+    second, _ = runtime.engine(OPENAI)
+    assert second is not first  # CUDA does not survive fork
+
+
+def test_load_time_paid_by_a_job_is_in_its_timings(
+    app: Celery, runtime: WorkerRuntime, counter: FakeCounter
+) -> None:
+    def loader(settings: WorkerSettings) -> FakeEngine:
+        time.sleep(0.05)  # a measurable load
+        return FakeEngine()
+
+    runtime.loaders[SDXL] = loader
+    cold, _ = _run(app, "job-cold")
+    warm, _ = _run(app, "job-warm")
+    assert cold.result is not None and warm.result is not None
+    assert cold.result.timings.load_s >= 0.05
+    assert warm.result.timings.load_s == 0.0
+
+
+def test_warm_up_loads_the_served_engines_and_survives_failures(
+    runtime: WorkerRuntime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    loaded: list[str] = []
+    runtime.loaders[SDXL] = lambda settings: (_ for _ in ()).throw(OSError("no model"))
+    runtime.loaders[OPENAI] = lambda settings: loaded.append(OPENAI) or FakeEngine()  # type: ignore[func-returns-value]
+    monkeypatch.setenv(tasks.ENV_WORKER_QUEUES, "gpu,api")
+    assert tasks.served_engines(runtime) == [SDXL, OPENAI]
+    runtime.warm_up(tasks.served_engines(runtime))  # the SDXL failure is logged, not raised
+    assert loaded == [OPENAI]
+    monkeypatch.setenv(tasks.ENV_WORKER_QUEUES, "api")
+    assert tasks.served_engines(runtime) == [OPENAI]

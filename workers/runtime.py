@@ -1,0 +1,163 @@
+"""What a worker process keeps between jobs, owned by its Celery app: engines and the counter.
+
+One :class:`WorkerRuntime` hangs off each app made by ``workers.celery_app.make_celery`` (see
+:func:`runtime_of`), so nothing here is module-level state and a test makes a fresh runtime with
+a fresh app.
+
+Engines are loaded lazily, once per process, and only in the process that runs the tasks: with
+the prefork pool that is the child, after the fork, so CUDA is never initialised in the parent
+(a CUDA context does not survive ``fork``). Both the engines and the delivery counter remember
+the pid that made them, so a child never uses one inherited across a fork.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol
+
+from workers.output import EngineOutput
+from workers.redelivery import DeliveryCounter, make_delivery_counter
+from workers.results import EncodeOptions
+from workers.schema import QUEUE_API, QUEUE_GPU, ErrorCode, JobRequest, Progress, WorkerError
+from workers.settings import WorkerSettings, get_settings
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+log = logging.getLogger(__name__)
+
+SDXL = "sdxl"
+OPENAI = "openai"
+QUEUE_ENGINES = {QUEUE_GPU: SDXL, QUEUE_API: OPENAI}
+
+UNAVAILABLE_MESSAGES = {
+    SDXL: "The SDXL engine could not be loaded on this worker. An admin has to check its model.",
+    OPENAI: "The OpenAI image engine could not be started on this worker.",
+}
+
+RUNTIME_ATTR = "mirage_runtime"
+
+
+class ImageEngine(Protocol):
+    """What both engines provide."""
+
+    def run(
+        self,
+        request: JobRequest,
+        progress: Callable[[Progress], None] | None,
+        cancelled: Callable[[], bool] | None,
+    ) -> EngineOutput:
+        """Run one job and return its images, not yet encoded."""
+        ...
+
+
+Loader = Callable[[WorkerSettings], ImageEngine]
+
+
+def _load_sdxl(settings: WorkerSettings) -> ImageEngine:
+    from workers.sdxl.engine import SDXLEngine  # torch/diffusers: only where the job runs
+
+    return SDXLEngine.load(settings)  # type: ignore[return-value]
+
+
+def _load_openai(settings: WorkerSettings) -> ImageEngine:
+    from workers.openai_engine import OpenAIEngine
+
+    return OpenAIEngine.load(settings)
+
+
+DEFAULT_LOADERS: dict[str, Loader] = {SDXL: _load_sdxl, OPENAI: _load_openai}
+
+
+class WorkerRuntime:
+    """A worker process's engines, delivery counter and shutdown flag, made from its settings."""
+
+    def __init__(self, settings: WorkerSettings, loaders: dict[str, Loader] | None = None) -> None:
+        """Nothing is loaded or connected until first used."""
+        self.settings = settings
+        self.loaders: dict[str, Loader] = dict(loaders or DEFAULT_LOADERS)
+        self.encode_options = EncodeOptions(settings.image_format, settings.image_compress_level)
+        # Set in the worker's main process when it starts shutting down, and inherited by any
+        # child the pool forks after that (billiard replaces children that die during a
+        # shutdown): such a child must not start loading a model it will never use.
+        self.shutting_down = False
+        self._engines: dict[str, tuple[int, ImageEngine]] = {}
+        self._engine_locks: dict[str, threading.Lock] = {}
+        self._counter: tuple[int, DeliveryCounter] | None = None
+        self._lock = threading.Lock()
+
+    def _engine_lock(self, kind: str) -> threading.Lock:
+        with self._lock:
+            return self._engine_locks.setdefault(kind, threading.Lock())
+
+    def engine(self, kind: str) -> tuple[ImageEngine, float]:
+        """The process's engine of ``kind`` and the seconds this call spent loading it (0 if warm).
+
+        The lock makes the threads pool (api worker, -c 8) load it once and then share it:
+        OpenAIEngine keeps no per-job state, and its HTTP client and rate limiter are thread-safe.
+        Raises ``WorkerError(ENGINE_UNAVAILABLE)`` when loading fails; the next job tries again,
+        so a model that appears later (mounted volume, network back) is picked up without a restart.
+        """
+        pid = os.getpid()
+        cached = self._engines.get(kind)
+        if cached is not None and cached[0] == pid:
+            return cached[1], 0.0
+        if kind not in self.loaders:
+            raise WorkerError(ErrorCode.ENGINE_UNAVAILABLE, f"This worker has no {kind} engine.")
+        with self._engine_lock(kind):
+            cached = self._engines.get(kind)
+            if cached is not None and cached[0] == pid:
+                return cached[1], 0.0
+            log.info("loading the %s engine in process %d", kind, pid)
+            started = time.perf_counter()
+            try:
+                engine = self.loaders[kind](self.settings)
+            except WorkerError:
+                raise
+            except Exception as exc:
+                log.exception("could not load the %s engine", kind)
+                raise WorkerError(ErrorCode.ENGINE_UNAVAILABLE, UNAVAILABLE_MESSAGES[kind]) from exc
+            self._engines[kind] = (pid, engine)
+            log.info("%s engine ready in process %d", kind, pid)
+            return engine, time.perf_counter() - started
+
+    def delivery_counter(self) -> DeliveryCounter:
+        """The process's delivery counter, made once per process (connections must not cross a fork)."""
+        pid = os.getpid()
+        with self._lock:
+            if self._counter is None or self._counter[0] != pid:
+                self._counter = (pid, make_delivery_counter(self.settings))
+            return self._counter[1]
+
+    def warm_up(self, kinds: list[str]) -> None:
+        """Load these engines now; a failure is logged and retried by the first job."""
+        for kind in kinds:
+            try:
+                self.engine(kind)
+            except Exception:
+                log.warning("warm-up of the %s engine failed; jobs will retry the load", kind)
+
+
+_ATTACH_LOCK = threading.Lock()  # guards attaching a runtime to a foreign app, not shared data
+
+
+def runtime_of(app: Celery) -> WorkerRuntime:
+    """The runtime ``app`` owns; an app not made by ``make_celery`` gets one from the global settings."""
+    runtime: Any = getattr(app, RUNTIME_ATTR, None)
+    if isinstance(runtime, WorkerRuntime):
+        return runtime
+    with _ATTACH_LOCK:
+        runtime = getattr(app, RUNTIME_ATTR, None)
+        if not isinstance(runtime, WorkerRuntime):
+            runtime = WorkerRuntime(get_settings())
+            setattr(app, RUNTIME_ATTR, runtime)
+        return runtime
+
+
+def settings_of(app: Celery) -> WorkerSettings:
+    """The settings an app was made with (the process-wide settings for a foreign app)."""
+    return runtime_of(app).settings
