@@ -16,9 +16,10 @@ from PIL import Image as PILImage
 from PIL.PngImagePlugin import PngInfo
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from bot.media import save_job_images
 from bot.models import Job, JobStatus, Member
 from bot.settings import BotSettings
-from bot.storage import LocalMediaStore, save_job_images
+from bot.storage import LocalMediaStore
 from bot.web import PAGE_SIZE, create_app
 
 HOSTILE_PROMPT = '<script>alert("pwned")</script><img src=x onerror=alert(1)> "quoted" & more'
@@ -169,8 +170,13 @@ async def fetch(client: TestClient[Any, Any], path: str, status: int = 200) -> s
 
 
 def job_links(body: str) -> list[str]:
-    """Job ids linked from tiles, in page order."""
+    """Job ids linked from entries (one per family), in page order."""
     return re.findall(r'class="tile" href="/j/([A-Za-z0-9_-]+)"', body)
+
+
+def family_links(body: str) -> list[str]:
+    """Job ids linked from family strips under entries, in page order."""
+    return re.findall(r'class="kid[^"]*" href="/j/([A-Za-z0-9_-]+)"', body)
 
 
 def assert_hidden(body: str, seed: Seed, job_ids: list[str]) -> None:
@@ -226,8 +232,10 @@ async def test_empty_gallery(client: TestClient[Any, Any]) -> None:
 async def test_feed_shows_only_public_finished_jobs(client: TestClient[Any, Any], seeded: Seed) -> None:
     body = await fetch(client, "/")
     links = job_links(body)
-    # Newest first; the stealth, running and failed jobs are absent.
-    assert links == [seeded.hostile, seeded.orphan, seeded.variation, seeded.grid]
+    # One entry per family, newest first; the stealth, running and failed jobs are absent.
+    assert links == [seeded.hostile, seeded.orphan, seeded.grid]
+    # The variation is listed under the grid it came from, not as an entry of its own.
+    assert family_links(body) == [seeded.variation]
     assert_hidden(body, seeded, [seeded.stealth, *seeded.bob_jobs, seeded.running, seeded.failed])
     assert "Bob the Stealthy" not in body
     assert f'src="/t/{seeded.grid}/0.webp"' in body
@@ -283,7 +291,8 @@ async def test_bad_page_values(client: TestClient[Any, Any], seeded: Seed, page:
 async def test_member_page(client: TestClient[Any, Any], seeded: Seed) -> None:
     body = await fetch(client, f"/m/{seeded.alice}")
     assert "Alice" in body
-    assert job_links(body) == [seeded.orphan, seeded.variation, seeded.grid]
+    assert job_links(body) == [seeded.orphan, seeded.grid]
+    assert family_links(body) == [seeded.variation]
     assert_hidden(body, seeded, [seeded.stealth, seeded.running, seeded.failed, seeded.hostile])
 
 
@@ -320,11 +329,12 @@ async def test_unknown_or_malformed_member(client: TestClient[Any, Any], seeded:
 async def test_job_page(client: TestClient[Any, Any], seeded: Seed) -> None:
     body = await fetch(client, f"/j/{seeded.grid}")
     assert "a lighthouse at dusk, oil painting" in body
-    assert "1001" in body  # seed
-    assert "sdxl" in body
-    assert "imagine" in body.lower()
-    assert "Stylize" in body and "250" in body and "1:1" in body
-    assert "blurry" in body  # negative prompt
+    # The parameters as the member typed them, defaults (--ar 1:1, --chaos 0) left out.
+    params = re.findall(r'<span class="param">([^<]*)</span>', body)
+    assert params == ["--no blurry", "--stylize 250", "--seed 1001"]
+    # Internals are not shown.
+    for internal in ("sdxl", "Kind", "Engine", "Width", "Chaos"):
+        assert internal not in body, internal
     assert f'href="/m/{seeded.alice}"' in body
     for index in range(5):
         assert f'href="/i/{seeded.grid}/{index}.png"' in body
@@ -450,10 +460,10 @@ async def test_hostile_prompt_and_name_are_escaped(client: TestClient[Any, Any],
         assert "<b onmouseover" not in body
         assert "&lt;b onmouseover=alert(2)&gt;Mallory&lt;/b&gt;" in body
         if path != f"/m/{seeded.mallory}":
-            assert "&lt;script&gt;alert(&quot;pwned&quot;)&lt;/script&gt;" in body
+            assert "&lt;script&gt;alert(&#34;pwned&#34;)&lt;/script&gt;" in body
     job_body = await fetch(client, f"/j/{seeded.hostile}")
     # Inside attributes (alt, og:title) quotes are escaped too, so nothing breaks out.
-    assert 'alt="&lt;script&gt;alert(&quot;pwned&quot;)' in job_body
+    assert 'alt="&lt;script&gt;alert(&#34;pwned&#34;)' in job_body
 
 
 async def test_methods_other_than_get_are_not_500(client: TestClient[Any, Any], seeded: Seed) -> None:

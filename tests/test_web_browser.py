@@ -25,9 +25,10 @@ import pytest
 from PIL import Image as PILImage
 
 from bot.database import make_engine, make_sessionmaker, upgrade
+from bot.media import save_job_images
 from bot.models import Job, JobStatus, Member
 from bot.settings import BotSettings
-from bot.storage import LocalMediaStore, save_job_images
+from bot.storage import LocalMediaStore
 from bot.web import create_app, start_web
 
 CHROMIUM = Path(os.environ.get("MIRAGE_CHROMIUM", "/usr/bin/chromium"))

@@ -4,44 +4,82 @@ A job is shown only when its visibility is exactly "public" and it finished ("do
 else (stealth, a missing or unexpected value, a job still running or one that failed) is treated
 as if it did not exist, and the results are plain dataclasses so no template can lazy-load a
 relationship and wander into hidden rows.
+
+Listings show generation *families*: a grid with the upscales, variations and edits made from it,
+found by following ``parent_id``. A family's root is its topmost *shown* ancestor: the chain stops
+at a hidden job, so a public child of a stealth grid heads a family of its own and nothing about
+the hidden parent leaks into a listing.
+
+The one exception to "shown only" is :func:`owned_job_view` and :func:`owned_image`, which serve
+private links: those verify a signed token naming the owner first (``bot.web.app``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
+from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import ColumnElement, func, select
+from sqlalchemy import ColumnElement, Select, and_, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import aliased
 
-from bot.models import Image, Job, JobStatus, Member
+from bot.models import Favourite, Image, Job, JobStatus, Member
+from bot.web import search
 from workers.schema import Visibility
 
+FAMILY_PREVIEW = 8  # family members shown under an entry; the job page lists them all
 
-def _shown() -> tuple[ColumnElement[bool], ...]:
-    """The one definition of "may appear in the gallery"."""
-    return (Job.visibility == Visibility.PUBLIC.value, Job.status == JobStatus.DONE.value)
+
+def _shown(job: Any = Job) -> tuple[ColumnElement[bool], ...]:
+    """The one definition of "may appear in the gallery", for ``Job`` or an alias of it."""
+    return (job.visibility == Visibility.PUBLIC.value, job.status == JobStatus.DONE.value)
+
+
+class Order(StrEnum):
+    """How a listing is sorted."""
+
+    NEW = "new"  # newest families first
+    TOP = "top"  # most favourited families first; families nobody favourited are left out
 
 
 @dataclass(frozen=True, slots=True)
-class Tile:
-    """One job in a feed or member page."""
+class Thumb:
+    """A family member under an entry: its page and cover picture."""
+
+    job_id: str
+    kind: str
+    cover_index: int
+    width: int
+    height: int
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One card of a listing: a family's root job, its cover and the rest of the family."""
 
     job_id: str
     prompt: str
+    params: dict[str, Any]
+    seed: int
     kind: str
     created_at: datetime
     cover_index: int
+    width: int
+    height: int
     member_name: str
     member_public_id: str
+    favourites: int
+    family: list[Thumb] = field(default_factory=list)
+    family_size: int = 0  # members besides the root, of which ``family`` holds the first few
 
 
 @dataclass(frozen=True, slots=True)
 class Page:
-    """One page of tiles, and whether an older page follows."""
+    """One page of entries, and whether another page follows."""
 
-    tiles: list[Tile]
+    entries: list[Entry]
     number: int
     has_next: bool
 
@@ -89,57 +127,211 @@ class JobView:
     params: dict[str, Any]
     seed: int
     engine: str
+    visibility: str
     created_at: datetime
     finished_at: datetime | None
     parent_index: int | None
     member: MemberView
     parent: ParentView | None
+    favourites: int
     images: list[ImageView] = field(default_factory=list)
+    family: list[Thumb] = field(default_factory=list)  # the shown family, root first, this job included
 
 
-def _cover_index() -> Any:
-    # The grid (index 0) when there is one, else the first stored image: the tile a job shows.
-    return select(func.min(Image.index)).where(Image.job_id == Job.id).correlate(Job).scalar_subquery()
+def _cover_index(job: Any = Job) -> Any:
+    # The grid (index 0) when there is one, else the first stored image: the picture a job shows.
+    return select(func.min(Image.index)).where(Image.job_id == job.id).correlate(job).scalar_subquery()
 
 
-async def tiles_page(
-    session: AsyncSession, page: int, page_size: int, *, member_id: int | None = None
-) -> Page:
-    """Page ``page`` (1-based) of shown jobs with at least one image, newest first."""
+def _root_condition() -> ColumnElement[bool]:
+    """Shown jobs that head a family: no parent, or a parent that is not shown."""
+    parent = aliased(Job)
+    shown_parent = select(parent.id).where(parent.id == Job.parent_id, *_shown(parent)).exists()
+    return and_(*_shown(), ~shown_parent)
+
+
+def _families(roots: Select[Any] | None = None, name: str = "family") -> Any:
+    """A recursive CTE of (job_id, root_id) for every shown job under the given (or every) root."""
+    if roots is None:
+        roots = select(Job.id).where(_root_condition())
+    base = select(Job.id.label("job_id"), Job.id.label("root_id")).where(Job.id.in_(roots))
+    tree = base.cte(name, recursive=True)
+    child = aliased(Job)
+    # UNION (not UNION ALL) also ends the recursion should a parent_id cycle ever exist.
+    return tree.union(
+        select(child.id, tree.c.root_id).join(tree, child.parent_id == tree.c.job_id).where(*_shown(child))
+    )
+
+
+def _entry_select() -> Select[Any]:
     cover = _cover_index()
-    stmt = (
+    return (
         select(
             Job.id,
             Job.prompt,
+            Job.params,
+            Job.seed,
             Job.kind,
             Job.created_at,
             cover.label("cover_index"),
+            Image.width,
+            Image.height,
             Member.display_name,
             Member.public_id,
         )
         .join(Member, Member.id == Job.member_id)
-        .where(*_shown(), cover.is_not(None))
-        .order_by(Job.created_at.desc(), Job.id.desc())
-        # One extra row says whether there is a next page without a COUNT over the table.
-        .limit(page_size + 1)
-        .offset((page - 1) * page_size)
+        .join(Image, and_(Image.job_id == Job.id, Image.index == cover))
     )
+
+
+async def entries_page(
+    session: AsyncSession,
+    page: int,
+    page_size: int,
+    *,
+    order: Order = Order.NEW,
+    member_id: int | None = None,
+    query: str = "",
+) -> Page:
+    """Page ``page`` (1-based) of families, filtered by owner and/or a search ``query``.
+
+    A search finds a family when any of its shown jobs matches, and an empty result (not every
+    family) when the query has nothing searchable in it.
+    """
+    stmt = _entry_select().where(_root_condition())
     if member_id is not None:
         stmt = stmt.where(Job.member_id == member_id)
-    rows = (await session.execute(stmt)).all()
-    tiles = [
-        Tile(
+    if query:
+        condition = await search.matching(session, query)
+        if condition is None:
+            return Page(entries=[], number=page, has_next=False)
+        family = _families(name="matched_family")
+        matched = select(family.c.root_id).join(Job, Job.id == family.c.job_id).where(condition)
+        stmt = stmt.where(Job.id.in_(matched))
+    if order is Order.TOP:
+        family = _families(name="top_family")
+        counts = (
+            select(family.c.root_id.label("root_id"), func.count(Favourite.id).label("n"))
+            .join(Favourite, Favourite.job_id == family.c.job_id)
+            .group_by(family.c.root_id)
+            .subquery()
+        )
+        stmt = stmt.join(counts, counts.c.root_id == Job.id).order_by(
+            counts.c.n.desc(), Job.created_at.desc(), Job.id.desc()
+        )
+    else:
+        stmt = stmt.order_by(Job.created_at.desc(), Job.id.desc())
+    # One extra row says whether there is a next page without a COUNT over the table.
+    rows = (await session.execute(stmt.limit(page_size + 1).offset((page - 1) * page_size))).all()
+    shown_rows = rows[:page_size]
+    members = await _family_members(session, [row.id for row in shown_rows])
+    counts_by_root = await _family_favourites(session, [row.id for row in shown_rows])
+    entries = [
+        Entry(
             job_id=row.id,
             prompt=row.prompt or "",
+            params=row.params if isinstance(row.params, dict) else {},
+            seed=row.seed,
             kind=row.kind,
             created_at=row.created_at,
             cover_index=row.cover_index,
+            width=row.width,
+            height=row.height,
             member_name=row.display_name or "",
             member_public_id=row.public_id,
+            favourites=counts_by_root.get(row.id, 0),
+            family=members.get(row.id, [])[:FAMILY_PREVIEW],
+            family_size=len(members.get(row.id, [])),
         )
-        for row in rows[:page_size]
+        for row in shown_rows
     ]
-    return Page(tiles=tiles, number=page, has_next=len(rows) > page_size)
+    return Page(entries=entries, number=page, has_next=len(rows) > page_size)
+
+
+async def _family_members(session: AsyncSession, root_ids: list[str]) -> dict[str, list[Thumb]]:
+    """The shown members (with a picture) of each family, oldest first, roots left out."""
+    if not root_ids:
+        return {}
+    family = _families(select(Job.id).where(Job.id.in_(root_ids)))
+    cover = _cover_index()
+    rows = (
+        await session.execute(
+            select(family.c.root_id, Job.id, Job.kind, cover.label("cover_index"), Image.width, Image.height)
+            .join(Job, Job.id == family.c.job_id)
+            .join(Image, and_(Image.job_id == Job.id, Image.index == cover))
+            .where(family.c.job_id != family.c.root_id)
+            .order_by(Job.created_at, Job.id)
+        )
+    ).all()
+    found: dict[str, list[Thumb]] = {}
+    for row in rows:
+        found.setdefault(row.root_id, []).append(
+            Thumb(
+                job_id=row.id, kind=row.kind, cover_index=row.cover_index, width=row.width, height=row.height
+            )
+        )
+    return found
+
+
+async def _family_favourites(session: AsyncSession, root_ids: list[str]) -> dict[str, int]:
+    """Favourites on the shown jobs of each family, summed per family."""
+    if not root_ids:
+        return {}
+    family = _families(select(Job.id).where(Job.id.in_(root_ids)))
+    rows = (
+        await session.execute(
+            select(family.c.root_id, func.count(Favourite.id))
+            .join(Favourite, Favourite.job_id == family.c.job_id)
+            .group_by(family.c.root_id)
+        )
+    ).all()
+    return {root_id: int(count) for root_id, count in rows}
+
+
+async def favourites_page(session: AsyncSession, member_id: int, page: int, page_size: int) -> Page:
+    """The shown jobs a member favourited, most recently favourited first, one entry each."""
+    stmt = (
+        _entry_select()
+        .join(Favourite, Favourite.job_id == Job.id)
+        .where(Favourite.member_id == member_id, *_shown())
+        .order_by(Favourite.created_at.desc(), Favourite.id.desc())
+        .limit(page_size + 1)
+        .offset((page - 1) * page_size)
+    )
+    rows = (await session.execute(stmt)).all()
+    shown_rows = rows[:page_size]
+    counts = await _job_favourites(session, [row.id for row in shown_rows])
+    entries = [
+        Entry(
+            job_id=row.id,
+            prompt=row.prompt or "",
+            params=row.params if isinstance(row.params, dict) else {},
+            seed=row.seed,
+            kind=row.kind,
+            created_at=row.created_at,
+            cover_index=row.cover_index,
+            width=row.width,
+            height=row.height,
+            member_name=row.display_name or "",
+            member_public_id=row.public_id,
+            favourites=counts.get(row.id, 0),
+        )
+        for row in shown_rows
+    ]
+    return Page(entries=entries, number=page, has_next=len(rows) > page_size)
+
+
+async def _job_favourites(session: AsyncSession, job_ids: list[str]) -> dict[str, int]:
+    if not job_ids:
+        return {}
+    rows = (
+        await session.execute(
+            select(Favourite.job_id, func.count(Favourite.id))
+            .where(Favourite.job_id.in_(job_ids))
+            .group_by(Favourite.job_id)
+        )
+    ).all()
+    return {job_id: int(count) for job_id, count in rows}
 
 
 async def member_by_public_id(session: AsyncSession, public_id: str) -> tuple[int, MemberView] | None:
@@ -154,18 +346,24 @@ async def member_by_public_id(session: AsyncSession, public_id: str) -> tuple[in
     return row.id, MemberView(public_id=row.public_id, display_name=row.display_name or "")
 
 
-async def job_view(session: AsyncSession, job_id: str) -> JobView | None:
-    """The job page's data, or None when the job is missing or may not be shown."""
-    row = (
-        await session.execute(
-            select(Job, Member.public_id, Member.display_name)
-            .join(Member, Member.id == Job.member_id)
-            .where(Job.id == job_id, *_shown())
-        )
-    ).first()
-    if row is None:
-        return None
-    job: Job = row[0]
+async def _shown_root_of(session: AsyncSession, job_id: str) -> str:
+    """The root of a shown job's family: walk up while the parent is shown."""
+    seen = {job_id}
+    current = job_id
+    while True:
+        parent_id = await session.scalar(select(Job.parent_id).where(Job.id == current))
+        if parent_id is None or parent_id in seen:
+            return current
+        shown_parent = await session.scalar(select(Job.id).where(Job.id == parent_id, *_shown()))
+        if shown_parent is None:
+            return current
+        seen.add(parent_id)
+        current = parent_id
+
+
+async def _view(
+    session: AsyncSession, job: Job, public_id: str, display_name: str, *, shown: bool
+) -> JobView:
     images = [
         ImageView(index=i.index, key=i.key, width=i.width, height=i.height, content_type=i.content_type)
         for i in (
@@ -184,6 +382,23 @@ async def job_view(session: AsyncSession, job_id: str) -> JobView | None:
         ).first()
         if prow is not None:
             parent = ParentView(job_id=prow.id, prompt=prow.prompt or "", cover_index=prow.cover_index)
+    family: list[Thumb] = []
+    if shown:
+        root_id = await _shown_root_of(session, job.id)
+        root = (
+            await session.execute(
+                select(Job.id, Job.kind, _cover_index().label("cover_index"), Image.width, Image.height)
+                .join(Image, and_(Image.job_id == Job.id, Image.index == _cover_index()))
+                .where(Job.id == root_id)
+            )
+        ).first()
+        members = (await _family_members(session, [root_id])).get(root_id, [])
+        if root is not None and members:
+            family = [
+                Thumb(root.id, root.kind, root.cover_index, root.width, root.height),
+                *members,
+            ]
+    favourites = (await _job_favourites(session, [job.id])).get(job.id, 0)
     return JobView(
         job_id=job.id,
         kind=job.kind,
@@ -191,13 +406,55 @@ async def job_view(session: AsyncSession, job_id: str) -> JobView | None:
         params=job.params if isinstance(job.params, dict) else {},
         seed=job.seed,
         engine=job.engine,
+        visibility=job.visibility,
         created_at=job.created_at,
         finished_at=job.finished_at,
         # Which of the parent's images this came from means nothing without the parent.
         parent_index=job.parent_index if parent is not None else None,
-        member=MemberView(public_id=row.public_id, display_name=row.display_name or ""),
+        member=MemberView(public_id=public_id, display_name=display_name or ""),
         parent=parent,
+        favourites=favourites,
         images=images,
+        family=family,
+    )
+
+
+async def job_view(session: AsyncSession, job_id: str) -> JobView | None:
+    """The job page's data, or None when the job is missing or may not be shown."""
+    row = (
+        await session.execute(
+            select(Job, Member.public_id, Member.display_name)
+            .join(Member, Member.id == Job.member_id)
+            .where(Job.id == job_id, *_shown())
+        )
+    ).first()
+    if row is None:
+        return None
+    return await _view(session, row[0], row.public_id, row.display_name, shown=True)
+
+
+async def owned_job_view(session: AsyncSession, job_id: str, user_id: int) -> JobView | None:
+    """A finished job of the Discord user ``user_id``, whatever its visibility (private links)."""
+    row = (
+        await session.execute(
+            select(Job, Member.public_id, Member.display_name)
+            .join(Member, Member.id == Job.member_id)
+            .where(Job.id == job_id, Job.user_id == user_id, Job.status == JobStatus.DONE.value)
+        )
+    ).first()
+    if row is None:
+        return None
+    # A private page lists no family: the other jobs may be hidden, and are not this link's to show.
+    return await _view(session, row[0], row.public_id, row.display_name, shown=False)
+
+
+def _image_view(image: Image) -> ImageView:
+    return ImageView(
+        index=image.index,
+        key=image.key,
+        width=image.width,
+        height=image.height,
+        content_type=image.content_type,
     )
 
 
@@ -210,12 +467,21 @@ async def shown_image(session: AsyncSession, job_id: str, index: int) -> ImageVi
             .where(Image.job_id == job_id, Image.index == index, *_shown())
         )
     ).first()
-    if image is None:
-        return None
-    return ImageView(
-        index=image.index,
-        key=image.key,
-        width=image.width,
-        height=image.height,
-        content_type=image.content_type,
-    )
+    return None if image is None else _image_view(image)
+
+
+async def owned_image(session: AsyncSession, job_id: str, index: int, user_id: int) -> ImageView | None:
+    """Image ``index`` of a finished job of ``user_id``, whatever its visibility, or None."""
+    image = (
+        await session.scalars(
+            select(Image)
+            .join(Job, Job.id == Image.job_id)
+            .where(
+                Image.job_id == job_id,
+                Image.index == index,
+                Job.user_id == user_id,
+                Job.status == JobStatus.DONE.value,
+            )
+        )
+    ).first()
+    return None if image is None else _image_view(image)
