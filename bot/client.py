@@ -21,11 +21,17 @@ from discord.ext import commands
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from bot.buttons import DYNAMIC_ITEMS
-from bot.delivery import DeliveryService
+from bot.checks import MirageTree
+from bot.delivery import Delivery
 from bot.dispatch import DEFAULT_QUEUES, Dispatcher
+from bot.flow import JobFlow
 from bot.jobs import JobService
+from bot.lifecycle import Lifecycle
+from bot.results import Results
+from bot.sending import Sender
 from bot.settings import BotSettings
 from bot.storage import MediaStore
+from bot.tracker import Tracker
 from workers.schema import Engine
 
 log = logging.getLogger(__name__)
@@ -56,6 +62,7 @@ class MirageBot(commands.Bot):
             command_prefix=commands.when_mentioned,
             intents=intents,
             help_command=None,
+            tree_cls=MirageTree,
             allowed_mentions=discord.AllowedMentions(everyone=False, roles=False, users=True),
             **options,
         )
@@ -65,11 +72,24 @@ class MirageBot(commands.Bot):
         self.dispatcher = dispatcher
         self.state_dir = Path(state_dir) if state_dir is not None else Path(settings.media_dir).parent
         self.sync_commands_on_start = sync_commands
-        self.jobs = JobService(settings, sessions, dispatcher, store)
-        self._metrics_task: asyncio.Task[None] | None = None
-        self.delivery = DeliveryService(
-            self, settings, sessions, store, dispatcher, self.jobs, poll_interval=poll_interval
+        # The job machinery, lowest layer first: state, stored images, the service that accepts
+        # and dispatches, the messages, the loop that follows the broker, and the shared entry.
+        self.lifecycle = Lifecycle(sessions)
+        self.results = Results(sessions, store)
+        self.jobs = JobService(settings, sessions, dispatcher, self.lifecycle, self.results)
+        self.delivery = Delivery(settings, sessions, self.lifecycle, self.results, Sender(self))
+        self.tracker = Tracker(
+            settings,
+            sessions,
+            dispatcher,
+            self.jobs,
+            self.lifecycle,
+            self.results,
+            self.delivery,
+            poll_interval=poll_interval,
         )
+        self.flow = JobFlow(self.jobs, self.tracker)
+        self._metrics_task: asyncio.Task[None] | None = None
 
     def dispatcher_queues(self) -> dict[Engine, str]:
         """Engine → queue name, as the dispatcher routes them."""
@@ -86,7 +106,7 @@ class MirageBot(commands.Bot):
             except discord.HTTPException:
                 # A failed sync leaves the previously synced commands in place; keep serving.
                 log.exception("syncing application commands failed")
-        self.delivery.start()
+        self.tracker.start()
         self._start_metrics_poller()
 
     def _start_metrics_poller(self) -> None:
@@ -172,5 +192,5 @@ class MirageBot(commands.Bot):
             self._metrics_task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._metrics_task
-        await self.delivery.stop()
+        await self.tracker.stop()
         await super().close()

@@ -1,10 +1,5 @@
 """The job service: accept jobs (one transaction with their charge), keep them fair, dispatch them.
 
-Life of a job (``bot.models.JobStatus``)::
-
-    waiting ──release──▶ queued ──worker picks it──▶ running ──▶ done | failed | cancelled
-       ▲ created here       (sent to the broker)       (tracker in bot.delivery sees PROGRESS)
-
 Fairness: a member has at most ``max_running_per_member`` jobs at the broker (queued + running)
 and at most ``max_waiting_per_member`` held back here. The broker is FIFO, so a member who fires
 off twenty prompts would otherwise fill the queue ahead of everyone else; holding all but a few
@@ -13,7 +8,8 @@ at the broker. Release runs after a job is created, after each completion, and p
 the tracker (which also covers a broker that was down and a bot that restarted).
 
 U# crops never reach the broker: they are a crop of a stored grid and are finished inline by
-``bot.delivery``; they count against neither cap.
+``bot.tracker``; they count against neither cap. Every status change goes through
+``bot.lifecycle``.
 """
 
 from __future__ import annotations
@@ -21,108 +17,50 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
-import secrets
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from bot import quota
 from bot.dispatch import Dispatcher
+from bot.lifecycle import ACTIVE, PENDING, Lifecycle, initial_status, values_of
 from bot.logconfig import job_context
-from bot.models import Image, Job, JobStatus, Member, utcnow
+from bot.models import Job, JobStatus, Member, utcnow
+from bot.operations import (
+    Actor,
+    NotEnoughCredits,
+    Operation,
+    TooManyJobs,
+    apply_member_aspect,
+    credits_message,
+    generation_params,
+    grid_count,
+    random_seed,
+    resolve_engine,
+    resolve_visibility,
+)
+from bot.results import Results
 from bot.settings import BotSettings
-from bot.storage import MediaNotFound, MediaStore
+from bot.storage import MediaNotFound
+from bot.telemetry import record_metric
 from workers.schema import (
-    GRID_SIZE,
-    MAX_SEED,
-    Direction,
     Engine,
     ErrorCode,
     GenerationParams,
     JobKind,
     JobRequest,
     Visibility,
-    nearest_bucket,
 )
 
 log = logging.getLogger(__name__)
 
-try:  # Prometheus metrics are optional: the bot works the same without them.
-    from bot import metrics as _metrics
-except ImportError:  # pragma: no cover - prometheus_client not installed
-    _metrics = None  # type: ignore[assignment]
-
-ACTIVE_STATUSES = (JobStatus.QUEUED.value, JobStatus.RUNNING.value)
-PENDING_STATUSES = (JobStatus.WAITING.value, JobStatus.QUEUED.value, JobStatus.RUNNING.value)
-# Kinds whose result is a single image rather than a 2x2 grid.
-SINGLE_IMAGE_KINDS = frozenset({JobKind.UPSCALE, JobKind.CROP})
-# Operation details are stored next to the generation parameters in Job.params (the gallery lists
-# them: "Strength 0.85"); GenerationParams ignores these keys when the row is read back.
-OP_KEYS = ("strength", "scale", "direction")
-
-
-class JobRefused(Exception):
-    """A job the bot will not accept. ``str()`` is the member-facing, ephemeral explanation."""
-
-
-class TooManyJobs(JobRefused):
-    """The member already has the maximum number of jobs running and waiting."""
-
-
-class NotEnoughCredits(JobRefused):
-    """The member cannot afford the job."""
-
-    def __init__(self, message: str, error: quota.InsufficientCredits) -> None:
-        super().__init__(message)
-        self.error = error
-
-
-@dataclass(frozen=True, slots=True)
-class Actor:
-    """Who asked for a job and where: the interaction's facts the job row keeps for delivery."""
-
-    guild_id: int  # 0 for DMs
-    channel_id: int
-    user_id: int
-    display_name: str
-    application_id: int | None = None
-    interaction_token: str | None = None
-    is_admin: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class Operation:
-    """What a job does beyond its prompt: the kind and the knobs a button sets."""
-
-    kind: JobKind
-    strength: float | None = None
-    scale: float | None = None
-    direction: Direction | None = None
-
-    def as_dict(self) -> dict[str, Any]:
-        """The operation's knobs as JSON for ``Job.params`` (so a restart can rebuild the request)."""
-        values = {
-            "strength": self.strength,
-            "scale": self.scale,
-            "direction": self.direction.value if self.direction else None,
-        }
-        return {key: value for key, value in values.items() if value is not None}
-
-    @classmethod
-    def from_job(cls, job: Job) -> Operation:
-        """The operation stored on a job row."""
-        raw = job.params or {}
-        direction = raw.get("direction")
-        return cls(
-            kind=JobKind(job.kind),
-            strength=raw.get("strength"),
-            scale=raw.get("scale"),
-            direction=Direction(direction) if direction else None,
-        )
+ACTIVE_STATUSES = values_of(ACTIVE)
+PENDING_STATUSES = values_of(PENDING)
+INPUT_GONE = "The image this job starts from is no longer available."
 
 
 @dataclass(slots=True)
@@ -132,17 +70,6 @@ class Created:
     job: Job
     position: int
     member: Member
-
-
-@dataclass(frozen=True, slots=True)
-class Failed:
-    """A job this process just finalised as failed: what metrics and messages need."""
-
-    job_id: str
-    kind: str
-    engine: str
-    code: ErrorCode
-    refunded: int  # credits given back by this failure (0 if nothing was reserved)
 
 
 @dataclass(slots=True)
@@ -156,65 +83,6 @@ class _Plan:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def record_metric(name: str, *args: Any) -> None:
-    """Call ``bot.metrics.<name>(*args)`` if metrics are available; never let metrics break a job."""
-    if _metrics is None:
-        return
-    try:
-        getattr(_metrics, name)(*args)
-    except Exception:
-        log.debug("metric %s failed", name, exc_info=True)
-
-
-def random_seed() -> int:
-    """A fresh seed leaving room for the grid's seed..seed+3."""
-    return secrets.randbelow(MAX_SEED - GRID_SIZE + 2)
-
-
-def grid_count(kind: JobKind) -> int:
-    """How many images a job of this kind produces."""
-    return 1 if kind in SINGLE_IMAGE_KINDS else GRID_SIZE
-
-
-def resolve_engine(params: GenerationParams, member: Member | None, settings: BotSettings) -> Engine:
-    """``--model`` wins, then the member's default, then the server's configured default."""
-    if params.engine is not None:
-        return Engine(params.engine)
-    if member is not None and member.default_engine:
-        try:
-            return Engine(member.default_engine)
-        except ValueError:
-            pass
-    return Engine(settings.default_engine)
-
-
-def resolve_visibility(
-    params: GenerationParams | None, member: Member | None, settings: BotSettings
-) -> Visibility:
-    """``--stealth``/``--public`` wins, then the member's mode, then the configured default."""
-    if params is not None and params.visibility is not None:
-        return Visibility(params.visibility)
-    if member is not None and member.visibility:
-        try:
-            return Visibility(member.visibility)
-        except ValueError:
-            pass
-    return Visibility(settings.default_visibility)
-
-
-def apply_member_aspect(params: GenerationParams, member: Member) -> GenerationParams:
-    """Use the member's default aspect ratio when the prompt did not say ``--ar``."""
-    if "aspect" in params.model_fields_set or not member.default_aspect:
-        return params
-    try:
-        w_text, h_text = member.default_aspect.split(":")
-        aspect = (int(w_text), int(h_text))
-        width, height = nearest_bucket(*aspect)
-    except (ValueError, ZeroDivisionError):
-        return params
-    return params.model_copy(update={"aspect": aspect, "width": width, "height": height})
-
-
 class JobService:
     """Creates jobs, enforces the per-member caps and hands jobs to the broker fairly."""
 
@@ -223,25 +91,24 @@ class JobService:
         settings: BotSettings,
         sessions: async_sessionmaker[AsyncSession],
         dispatcher: Dispatcher,
-        store: MediaStore,
+        lifecycle: Lifecycle,
+        results: Results,
     ) -> None:
         self.settings = settings
         self.sessions = sessions
         self.dispatcher = dispatcher
-        self.store = store
+        self.lifecycle = lifecycle
+        self.results = results
         self.defaults = quota.QuotaDefaults.from_settings(settings)
         # One lock per member serialises release decisions in this process, so two completions
         # of the same member cannot both see room for one more job and send two.
         self._member_locks: dict[int, asyncio.Lock] = {}
         self._release_all_lock = asyncio.Lock()
-        # Set by bot.delivery: called with a job id after a job failed before reaching a worker
-        # (for example its input image vanished), so the member hears about it and is refunded.
-        self.on_failed: Callable[[str], Awaitable[None]] | None = None
 
     # --- costs -------------------------------------------------------------------------------
 
     def cost_of(self, kind: JobKind, engine: Engine) -> int:
-        """Credits a job costs (configurable; SPEC defaults: grid 1 / 2, upscale 1, crop 0)."""
+        """Credits a job costs (configurable; by default grid 1 / 2, upscale 1, crop 0)."""
         if kind == JobKind.CROP:
             return self.settings.cost_crop
         if kind == JobKind.UPSCALE:
@@ -273,9 +140,7 @@ class JobService:
         Reroll gets a new random seed; everything else keeps the parent's seed so a variation
         of a seeded grid is reproducible too.
         """
-        parent_params = GenerationParams.model_validate(
-            {k: v for k, v in (parent.params or {}).items() if k not in OP_KEYS}
-        )
+        parent_params = generation_params(parent)
 
         def plan(member: Member) -> _Plan:
             """The parent's prompt and engine; the presser's visibility unless they own it."""
@@ -324,7 +189,7 @@ class JobService:
                 seed=plan.seed,
                 engine=plan.engine.value,
                 visibility=plan.visibility.value,
-                status=(JobStatus.RUNNING if operation.kind == JobKind.CROP else JobStatus.WAITING).value,
+                status=initial_status(operation.kind).value,
                 cost=self.cost_of(operation.kind, plan.engine),
                 application_id=actor.application_id,
                 interaction_token=actor.interaction_token,
@@ -441,20 +306,18 @@ class JobService:
     async def build_request(self, job: Job) -> JobRequest:
         """The worker message for a job, with its input image read from the media store.
 
-        Raises ``MediaNotFound`` when the parent's image is gone.
+        Raises ``MediaNotFound`` when the parent's image is gone and ``ValueError`` when it is
+        not a readable image.
         """
         operation = Operation.from_job(job)
-        params = GenerationParams.model_validate(
-            {k: v for k, v in (job.params or {}).items() if k not in OP_KEYS}
-        )
         input_image = None
         if job.parent_id and operation.kind not in (JobKind.REROLL, JobKind.IMAGINE):
-            data = await self.input_image(job.parent_id, job.parent_index)
+            data = await self.results.input_image(job.parent_id, job.parent_index)
             input_image = base64.b64encode(data).decode("ascii")
         return JobRequest(
             job_id=job.id,
             kind=operation.kind,
-            params=params,
+            params=generation_params(job),
             seed=job.seed,
             count=grid_count(operation.kind),
             strength=operation.strength,
@@ -463,16 +326,6 @@ class JobService:
             input_image=input_image,
             openai_model=self.settings.openai_model if job.engine == Engine.OPENAI.value else None,
         )
-
-    async def input_image(self, parent_id: str, index: int | None) -> bytes:
-        """The bytes of a parent's image: tile ``index`` of a grid, or its single image."""
-        async with self.sessions() as session:
-            rows = (await session.scalars(select(Image).where(Image.job_id == parent_id))).all()
-        by_index = {row.index: row for row in rows}
-        row = by_index.get(index or 0) or (by_index.get(0) if index is None else None)
-        if row is None:
-            raise MediaNotFound(f"{parent_id}/{index}")
-        return await self.store.get(row.key)
 
     async def _dispatch(self, job: Job) -> bool:
         # The job's log lines (send failures, missing input) carry its id and member.
@@ -484,84 +337,24 @@ class JobService:
             request = await self.build_request(job)
         except (MediaNotFound, ValueError) as exc:
             log.warning("job %s cannot start: input image unavailable (%s)", job.id, exc)
-            await self.fail(
-                job.id,
-                ErrorCode.BAD_INPUT,
-                "The image this job starts from is no longer available.",
-            )
+            await self.lifecycle.fail(job.id, ErrorCode.BAD_INPUT, INPUT_GONE)
             return False
         try:
             await self.dispatcher.send(request, Engine(job.engine))
         except Exception:
             log.warning("broker did not take job %s; it stays waiting", job.id, exc_info=True)
             return False
-        async with self.sessions() as session, session.begin():
-            # Conditional: a job cancelled meanwhile must not be resurrected as queued.
-            await session.execute(
-                update(Job)
-                .where(Job.id == job.id, Job.status == JobStatus.WAITING.value)
-                .values(status=JobStatus.QUEUED.value, queued_at=utcnow(), task_id=job.id)
-            )
+        # A job cancelled meanwhile stays cancelled: the lifecycle only moves waiting jobs.
+        await self.lifecycle.queued(job.id)
         return True
-
-    # --- failure and cancel ------------------------------------------------------------------
-
-    async def mark_failed(
-        self,
-        session: AsyncSession,
-        job_id: str,
-        code: ErrorCode,
-        message: str,
-        *,
-        status: JobStatus = JobStatus.FAILED,
-    ) -> Failed | None:
-        """In the caller's transaction: finalise a job as failed and refund it, exactly once.
-
-        Returns None when the job was already final (someone else finished it first).
-        """
-        result = await session.execute(
-            update(Job)
-            .where(Job.id == job_id, Job.status.in_(PENDING_STATUSES))
-            .values(
-                status=status.value,
-                error_code=code.value,
-                error=message[:1000],
-                finished_at=utcnow(),
-                delivered=False,
-            )
-            .returning(Job.kind, Job.engine, Job.cost)
-        )
-        row = result.one_or_none()
-        if row is None:
-            return None
-        refunded = await quota.refund(session, job_id)
-        return Failed(job_id, row[0], row[1], code, row[2] if refunded else 0)
-
-    async def fail(self, job_id: str, code: ErrorCode, message: str) -> bool:
-        """Fail and refund a job in its own transaction, then tell the member."""
-        async with self.sessions() as session, session.begin():
-            failed = await self.mark_failed(session, job_id, code, message)
-        return await self._after_failure(failed)
 
     async def cancel(self, job_id: str) -> bool:
-        """Cancel a job: revoke it at the broker, refund it and tell the member."""
+        """Cancel a job: revoke it at the broker and refund it; the tracker tells the member."""
         await self.dispatcher.revoke(job_id)
-        async with self.sessions() as session, session.begin():
-            failed = await self.mark_failed(
-                session, job_id, ErrorCode.CANCELLED, "The job was cancelled.", status=JobStatus.CANCELLED
-            )
-        return await self._after_failure(failed)
-
-    async def _after_failure(self, failed: Failed | None) -> bool:
-        """After the commit: count it, then let delivery tell the member."""
-        if failed is None:
-            return False
-        record_metric("record_failed", failed.kind, failed.engine, failed.code.value)
-        if failed.refunded:
-            record_metric("record_refunded", failed.kind, failed.engine, failed.refunded)
-        if self.on_failed is not None:
-            await self.on_failed(failed.job_id)
-        return True
+        failed = await self.lifecycle.fail(
+            job_id, ErrorCode.CANCELLED, "The job was cancelled.", status=JobStatus.CANCELLED
+        )
+        return failed is not None
 
     # --- queries for /info and /status ---------------------------------------------------------
 
@@ -594,12 +387,3 @@ class JobService:
             "pending": {(engine, status): n for engine, status, n in pending},
             "recent": {status: n for status, n in recent},
         }
-
-
-def credits_message(exc: quota.InsufficientCredits) -> str:
-    """The member-facing refusal for a job they cannot afford."""
-    stamp = int(exc.resets_at.timestamp())
-    return (
-        f"You have {exc.remaining} credit{'s' if exc.remaining != 1 else ''} left; this costs {exc.cost}. "
-        f"Your credits reset <t:{stamp}:R>."
-    )

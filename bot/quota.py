@@ -1,4 +1,4 @@
-"""Credits: reserve, refund, report and admin operations, atomic under concurrency.
+"""Credits: reserve, refund and report, atomic under concurrency (admin changes: ``bot.quota_admin``).
 
 Transaction rule: every function here runs its statements inside the caller's transaction and
 never commits or rolls back. The bot reserves in the same transaction that inserts the Job row,
@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Integer, Row, case, delete, literal, select, update
@@ -45,22 +45,19 @@ from sqlalchemy.orm.attributes import set_committed_value
 from sqlalchemy.orm.util import identity_key
 from sqlalchemy.sql.elements import ColumnElement
 
+from bot.credits import CreditReport, InsufficientCredits, QuotaDefaults, _period, _utc, period_bounds
 from bot.models import CreditEntry, Guild, LedgerKind, Member, UTCDateTime, utcnow
-from bot.settings import BotSettings, Period
+from bot.settings import Period
 
 __all__ = [
     "CreditReport",
     "InsufficientCredits",
     "QuotaDefaults",
     "get_or_create_member",
-    "grant",
     "period_bounds",
     "refund",
     "report",
     "reserve",
-    "reset_usage",
-    "set_guild_default",
-    "set_member_limit",
 ]
 
 _members = Member.__table__
@@ -68,77 +65,6 @@ _guilds = Guild.__table__
 _ledger = CreditEntry.__table__
 _NOTE_MAX = 200
 _SPLIT_RE = re.compile(r"allowance=(\d+) bonus=(\d+)")
-
-
-@dataclass(frozen=True)
-class QuotaDefaults:
-    """The allowance that applies when neither the member nor the guild sets one."""
-
-    limit: int
-    period: Period
-
-    @classmethod
-    def from_settings(cls, settings: BotSettings) -> QuotaDefaults:
-        """The defaults configured in the bot's settings (``CREDIT_LIMIT``, ``CREDIT_PERIOD``)."""
-        return cls(limit=settings.credit_limit, period=Period(settings.credit_period))
-
-
-class InsufficientCredits(Exception):
-    """A reservation the member cannot afford. Nothing was charged."""
-
-    def __init__(self, cost: int, remaining: int, resets_at: datetime) -> None:
-        self.cost = cost
-        self.remaining = remaining
-        self.resets_at = resets_at
-        super().__init__(
-            f"This costs {_credits(cost)} but you have {_credits(remaining)} left; "
-            f"your allowance renews at {resets_at:%Y-%m-%d %H:%M} UTC."
-        )
-
-
-@dataclass
-class CreditReport:
-    """A member's credit account as ``/info`` and ``/quota show`` present it."""
-
-    limit: int  # the effective allowance per period
-    period: Period
-    used: int  # allowance spent in the current period
-    bonus: int  # granted credits left
-    remaining: int  # what the member can still spend now: allowance left + bonus
-    resets_at: datetime  # when the current period ends
-
-
-def _credits(n: int) -> str:
-    return f"{n} credit" if n == 1 else f"{n} credits"
-
-
-def _utc(now: datetime | None) -> datetime:
-    if now is None:
-        return utcnow()
-    # Naive datetimes are taken as UTC, like everywhere else in the models.
-    return now.replace(tzinfo=UTC) if now.tzinfo is None else now.astimezone(UTC)
-
-
-def period_bounds(now: datetime, period: Period) -> tuple[datetime, datetime]:
-    """The UTC period containing ``now``: (start, end). Weeks start on Monday."""
-    now = _utc(now)
-    day = now.replace(hour=0, minute=0, second=0, microsecond=0)
-    if period == Period.DAY:
-        return day, day + timedelta(days=1)
-    if period == Period.WEEK:
-        start = day - timedelta(days=day.weekday())
-        return start, start + timedelta(days=7)
-    start = day.replace(day=1)
-    if start.month == 12:
-        return start, start.replace(year=start.year + 1, month=1)
-    return start, start.replace(month=start.month + 1)
-
-
-def _period(value: str | None) -> Period | None:
-    try:
-        return Period(value) if value else None
-    except ValueError:
-        return None  # an unknown stored value falls through to the next level
 
 
 @dataclass(frozen=True)
@@ -437,122 +363,3 @@ async def report(
         remaining=max(eff.limit - used, 0) + bonus,
         resets_at=end,
     )
-
-
-async def set_member_limit(
-    session: AsyncSession, member_id: int, limit: int | None, period: Period | None
-) -> None:
-    """Set the member's own allowance and period; None for either falls back to the guild's.
-
-    Usage so far is kept. Raises ``LookupError`` for an unknown member, ``ValueError`` for a
-    negative limit.
-    """
-    if limit is not None and limit < 0:
-        raise ValueError("limit must not be negative")
-    period_value = Period(period).value if period is not None else None
-    result = await session.execute(
-        update(_members)
-        .where(_members.c.id == member_id)
-        .values(credit_limit=limit, credit_period=period_value)
-        .returning(_members.c.id)
-    )
-    if result.scalar_one_or_none() is None:
-        raise LookupError(f"no member with id {member_id}")
-    _sync_member(session, member_id, credit_limit=limit, credit_period=period_value)
-
-
-async def grant(session: AsyncSession, member_id: int, amount: int, actor_id: int, note: str = "") -> int:
-    """Add ``amount`` bonus credits (they survive period resets); returns the new bonus balance.
-
-    A negative amount takes granted credits back; it must not exceed the bonus balance. Raises
-    ``LookupError`` for an unknown member, ``ValueError`` for 0 or for taking back too much.
-    """
-    if amount == 0:
-        raise ValueError("amount must not be 0")
-    bonus = _members.c.bonus_credits
-    new_bonus = (
-        await session.execute(
-            update(_members)
-            .where(_members.c.id == member_id, bonus + _int(amount) >= _int(0))
-            .values(bonus_credits=bonus + _int(amount))
-            .returning(bonus)
-        )
-    ).scalar_one_or_none()
-    if new_bonus is None:
-        current = (
-            await session.execute(select(bonus).where(_members.c.id == member_id))
-        ).scalar_one_or_none()
-        if current is None:
-            raise LookupError(f"no member with id {member_id}")
-        raise ValueError(f"cannot take back {-amount} credits: the member has {current} granted credits")
-    await session.execute(
-        _ledger.insert().values(
-            member_id=member_id,
-            job_id=None,
-            kind=LedgerKind.GRANT.value,
-            amount=-amount,  # ledger sign: positive spends, negative gives
-            actor_id=actor_id,
-            note=note[:_NOTE_MAX],
-            created_at=utcnow(),
-        )
-    )
-    _sync_member(session, member_id, bonus_credits=new_bonus)
-    return new_bonus
-
-
-async def reset_usage(session: AsyncSession, member_id: int, actor_id: int) -> int:
-    """Clear the member's usage in the current period; bonus credits are untouched.
-
-    Returns the number of allowance credits cleared (recorded in the ledger). Raises
-    ``LookupError`` for an unknown member.
-    """
-    used = _members.c.credits_used
-    # Pin the row first (row lock on PostgreSQL) so the amount cleared is exactly what was used.
-    row = (
-        await session.execute(
-            update(_members)
-            .where(_members.c.id == member_id)
-            .values(credits_used=used)
-            .returning(_members.c.credits_used)
-        )
-    ).one_or_none()
-    if row is None:
-        raise LookupError(f"no member with id {member_id}")
-    cleared = row[0]
-    await session.execute(update(_members).where(_members.c.id == member_id).values(credits_used=0))
-    await session.execute(
-        _ledger.insert().values(
-            member_id=member_id,
-            job_id=None,
-            kind=LedgerKind.RESET.value,
-            amount=-cleared,
-            actor_id=actor_id,
-            note="",
-            created_at=utcnow(),
-        )
-    )
-    _sync_member(session, member_id, credits_used=0)
-    return cleared
-
-
-async def set_guild_default(
-    session: AsyncSession, guild_id: int, limit: int | None, period: Period | None
-) -> None:
-    """Set the guild's default allowance and period (None falls back to the bot's settings).
-
-    Creates the guild row if needed. Raises ``ValueError`` for a negative limit.
-    """
-    if limit is not None and limit < 0:
-        raise ValueError("limit must not be negative")
-    period_value = Period(period).value if period is not None else None
-    await session.execute(
-        _insert(session, _guilds)
-        .values(id=guild_id, name="", credit_limit=limit, credit_period=period_value, created_at=utcnow())
-        .on_conflict_do_update(
-            index_elements=["id"], set_={"credit_limit": limit, "credit_period": period_value}
-        )
-    )
-    guild = session.identity_map.get(identity_key(Guild, guild_id))
-    if guild is not None:
-        set_committed_value(guild, "credit_limit", limit)
-        set_committed_value(guild, "credit_period", period_value)

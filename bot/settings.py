@@ -17,7 +17,12 @@ from workers.schema import Engine, Visibility
 log = logging.getLogger(__name__)
 
 # Old setting names still read, each with its current name; a line at start says to rename it.
-DEPRECATED_NAMES = {"cost_dalle_grid": "cost_openai_grid"}
+DEPRECATED_NAMES = {
+    "cost_dalle_grid": "cost_openai_grid",
+    # On the bot this is the gap between Discord progress edits; the workers' PROGRESS_INTERVAL_S
+    # is how often they report, a different thing under the same name.
+    "progress_interval_s": "progress_edit_interval_s",
+}
 
 
 class Period(StrEnum):
@@ -71,7 +76,11 @@ class BotSettings(BaseSettings):
     max_running_per_member: int = Field(default=3, ge=1)
     max_waiting_per_member: int = Field(default=10, ge=0)
     job_timeout_s: int = Field(default=900, ge=10)
-    progress_interval_s: float = Field(default=2.0, ge=0.1)
+    progress_edit_interval_s: float = Field(
+        default=2.0,
+        ge=0.1,
+        validation_alias=AliasChoices("progress_edit_interval_s", "progress_interval_s"),
+    )
 
     web_host: str = "127.0.0.1"
     web_port: int = 8080

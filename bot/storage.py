@@ -2,12 +2,12 @@
 
 Images are kept by the bot rather than linked from Discord's CDN, whose URLs expire. Everything
 that touches the disk or the network runs in a thread so the event loop never blocks on it.
+What is stored under which key, and the image processing around it, is in ``bot.media``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import io
 import logging
 import os
 import re
@@ -16,23 +16,13 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from PIL import Image as PILImage
-from PIL import ImageOps
-from sqlalchemy import select
-
-from bot.models import Image, Job
-
 if TYPE_CHECKING:
-    from sqlalchemy.ext.asyncio import AsyncSession
-
     from bot.settings import BotSettings
 
 log = logging.getLogger(__name__)
 
 THUMBNAIL_MAX_SIDE = 384
-THUMBNAIL_QUALITY = 80
 MAX_KEY_LENGTH = 255  # Image.key is a String(255)
-EXIF_ORIENTATION = 0x0112
 
 # One path segment: starts with a letter, digit, "_" or "-" (so never "." / ".." / a hidden
 # file), then the same plus dots. Job ids (token_urlsafe) and our own names all fit.
@@ -277,86 +267,6 @@ def make_store(settings: BotSettings) -> MediaStore:
     raise ValueError(f"unknown media backend {backend!r} (expected 'local' or 's3')")
 
 
-# --- image processing -----------------------------------------------------------------------
-
-
-def strip_metadata(data: bytes) -> bytes:
-    """Re-encode a PNG, JPEG or WebP with no EXIF, XMP, text chunks or ICC profile.
-
-    Pixels are kept (PNG and WebP lossless stay lossless; JPEG keeps its own quantisation where it
-    can). An EXIF orientation is applied to the pixels first, so dropping the tag does not turn
-    a photo sideways. Raises ``ValueError`` for anything that is not one of those formats.
-    """
-    try:
-        img = PILImage.open(io.BytesIO(data))
-        img.load()
-    except (OSError, SyntaxError, PILImage.DecompressionBombError) as exc:
-        raise ValueError(f"not a readable image: {exc}") from exc
-    fmt = img.format or ""
-    if fmt not in FORMATS:
-        raise ValueError(f"unsupported image format {fmt!r}")
-
-    # exif_transpose always returns a copy, which would lose the JPEG quantisation tables, so
-    # it is only called when there is an orientation to apply.
-    rotated = img.getexif().get(EXIF_ORIENTATION, 1) in range(2, 9)
-    out_img = ImageOps.exif_transpose(img) if rotated else img
-    # Pillow's encoders fall back to im.info for some chunks (the PNG ICC profile, for one), so
-    # the info dict is emptied rather than merely not passed on. Palette transparency is pixel
-    # data, not metadata, and must survive.
-    transparency = img.info.get("transparency")
-    out_img.info = {} if transparency is None else {"transparency": transparency}
-    out_img.encoderinfo = {}
-
-    out = io.BytesIO()
-    if fmt == "PNG":
-        out_img.save(out, "PNG", compress_level=6)
-    elif fmt in ("JPEG", "MPO"):
-        if out_img.mode not in ("RGB", "L", "CMYK"):
-            out_img = out_img.convert("RGB")
-        if not rotated and fmt == "JPEG":
-            # Re-use the source's quantisation tables and subsampling: no further quality loss.
-            out_img.save(out, "JPEG", quality="keep")
-        else:
-            out_img.save(out, "JPEG", quality=95)
-    else:
-        lossless = _webp_is_lossless(data)
-        out_img.save(out, "WEBP", lossless=lossless, quality=100 if lossless else 95, method=4)
-    return out.getvalue()
-
-
-def _webp_is_lossless(data: bytes) -> bool:
-    """Whether a WebP's image chunk is VP8L (lossless) rather than VP8 (lossy)."""
-    offset = 12  # past "RIFF", the size and "WEBP"
-    while offset + 8 <= len(data):
-        fourcc = data[offset : offset + 4]
-        if fourcc == b"VP8L":
-            return True
-        if fourcc == b"VP8 ":
-            return False
-        size = int.from_bytes(data[offset + 4 : offset + 8], "little")
-        offset += 8 + size + (size & 1)  # chunks are padded to an even length
-    return False
-
-
-def _probe(data: bytes) -> tuple[str, int, int]:
-    try:
-        with PILImage.open(io.BytesIO(data)) as img:
-            fmt = img.format or ""
-            width, height = img.size
-    except (OSError, SyntaxError, PILImage.DecompressionBombError) as exc:
-        raise ValueError(f"not a readable image: {exc}") from exc
-    if fmt not in FORMATS:
-        raise ValueError(f"unsupported image format {fmt!r}")
-    return fmt, width, height
-
-
-def _prepare(data: bytes, keep_metadata: bool) -> tuple[bytes, str, int, int]:
-    if not keep_metadata:
-        data = strip_metadata(data)
-    fmt, width, height = _probe(data)
-    return data, fmt, width, height
-
-
 def job_image_key(job_id: str, index: int, ext: str = "png") -> str:
     """The store key of a job's image ``index`` (0 = grid or single image, 1-4 = tiles)."""
     return validate_key(f"jobs/{job_id}/{index}.{ext}")
@@ -367,86 +277,3 @@ def thumbnail_key(key: str, max_side: int = THUMBNAIL_MAX_SIDE) -> str:
     validate_key(key)
     stem = key.rsplit(".", 1)[0] if "." in key.rsplit("/", 1)[-1] else key
     return validate_key(f"thumbs/{max_side}/{stem}.webp")
-
-
-async def save_job_images(
-    store: MediaStore,
-    session: AsyncSession,
-    job: Job,
-    images: list[tuple[int, bytes]],
-    *,
-    keep_metadata: bool = False,
-) -> list[Image]:
-    """Store a job's images and add (or update) their ``Image`` rows; returns them by index.
-
-    Bytes are stored under ``jobs/<job id>/<index>.<ext>`` with metadata stripped unless
-    ``keep_metadata`` (the owner's opt-in). Saving again for the same job and index replaces the
-    bytes and updates the existing row instead of adding a second one, so a retried delivery is
-    harmless. Bytes are written before the rows so a row never points at a missing object. The
-    rows are flushed, not committed: the caller owns the transaction.
-    """
-    for index, _ in images:
-        if not isinstance(index, int) or index < 0:
-            raise ValueError(f"invalid image index {index!r}")
-
-    existing = {
-        row.index: row for row in (await session.scalars(select(Image).where(Image.job_id == job.id))).all()
-    }
-    saved: dict[int, Image] = {}
-    for index, raw in images:
-        # Decoding and re-encoding a 2048px PNG takes a while; keep it off the event loop.
-        data, fmt, width, height = await asyncio.to_thread(_prepare, raw, keep_metadata)
-        ext, content_type = FORMATS[fmt]
-        key = job_image_key(job.id, index, ext)
-        await store.put(key, data, content_type)
-
-        row = existing.get(index)
-        if row is None:
-            row = Image(
-                job_id=job.id, index=index, key=key, width=width, height=height, content_type=content_type
-            )
-            session.add(row)
-            existing[index] = row
-        else:
-            old_key = row.key
-            row.key, row.width, row.height, row.content_type = key, width, height, content_type
-            # New bytes make the cached thumbnail stale; a changed format leaves an orphan file.
-            for stale in {thumbnail_key(old_key), thumbnail_key(key)}:
-                await store.delete(stale)
-            if old_key != key:
-                await store.delete(old_key)
-        saved[index] = row
-    await session.flush()
-    return [saved[index] for index in sorted(saved)]
-
-
-def _make_thumbnail(data: bytes, max_side: int) -> bytes:
-    with PILImage.open(io.BytesIO(data)) as img:
-        img.draft("RGB", (max_side, max_side))  # JPEG: decode at a reduced scale, much faster
-        img = ImageOps.exif_transpose(img)
-        if img.mode not in ("RGB", "RGBA"):
-            img = img.convert("RGBA" if "A" in img.getbands() or "transparency" in img.info else "RGB")
-        img.thumbnail((max_side, max_side), PILImage.Resampling.LANCZOS)
-        img.info = {}
-        out = io.BytesIO()
-        img.save(out, "WEBP", quality=THUMBNAIL_QUALITY, method=4)
-        return out.getvalue()
-
-
-async def thumbnail(store: MediaStore, key: str, max_side: int = THUMBNAIL_MAX_SIDE) -> bytes:
-    """A WebP of the image at ``key`` fitting in ``max_side``², made once and cached in the store.
-
-    Raises ``MediaNotFound`` when the source image is missing. Two concurrent first requests may
-    both render it; the store's atomic put makes that harmless.
-    """
-    if not 16 <= max_side <= 4096:
-        raise ValueError(f"thumbnail size out of range: {max_side}")
-    thumb_key = thumbnail_key(key, max_side)
-    try:
-        return await store.get(thumb_key)
-    except MediaNotFound:
-        pass
-    source = await store.get(key)
-    data = await asyncio.to_thread(_make_thumbnail, source, max_side)
-    await store.put(thumb_key, data, "image/webp")
-    return data

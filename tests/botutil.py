@@ -48,13 +48,17 @@ from bot.storage import LocalMediaStore
 from tests.fakes import FakeDiscord, FakeInteraction
 from workers.schema import (
     Engine,
+    EngineReport,
     ErrorCode,
     ImageOut,
     JobError,
     JobRequest,
     JobResult,
+    Layout,
     Progress,
     TaskOutcome,
+    Timings,
+    b64encode_bytes,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -70,7 +74,7 @@ def make_settings(tmp: Path, database_url: str, **overrides: Any) -> BotSettings
         "broker_url": "redis://127.0.0.1:6379/0",
         "result_backend": "redis://127.0.0.1:6379/0",
         "media_dir": tmp / "media",
-        "progress_interval_s": 0.2,
+        "progress_edit_interval_s": 0.2,
         "public_url": "http://gallery.test",
     }
     values.update(overrides)
@@ -160,20 +164,45 @@ class FakeDispatcher:
         else:
             self.state[job_id] = TaskState(job_id, STARTED, {})
 
-    def succeed(self, job_id: str, size: tuple[int, int] = (64, 64), noise: bool = False) -> None:
-        """Finish the task with the right number of generated-looking images."""
+    def succeed(
+        self,
+        job_id: str,
+        size: tuple[int, int] = (64, 64),
+        noise: bool = False,
+        notes: Sequence[str] = (),
+        generation_s: float = 1.25,
+    ) -> None:
+        """Finish the task as a worker does: one composed grid (or single image), encoded once."""
         request = self.request(job_id)
         colors = [(220, 30, 30), (30, 220, 30), (30, 30, 220), (220, 220, 30)]
-        images = [
-            ImageOut(
-                data=base64.b64encode(png_bytes(*size, colors[i % 4], noise=noise)).decode(),
-                width=size[0],
-                height=size[1],
-            )
-            for i in range(request.count)
-        ]
-        result = JobResult(job_id=job_id, images=images, seed=request.seed, engine=Engine.SDXL)
-        self.state[job_id] = TaskState(job_id, SUCCESS, TaskOutcome(result=result).model_dump(mode="json"))
+        width, height = size
+        if request.count == 1:
+            data, layout, full = png_bytes(width, height, colors[0], noise=noise), Layout.SINGLE, size
+        else:
+            grid = PILImage.new("RGB", (width * 2, height * 2))
+            for i in range(4):
+                tile = PILImage.open(io.BytesIO(png_bytes(width, height, colors[i], noise=noise)))
+                grid.paste(tile, ((i % 2) * width, (i // 2) * height))
+            out = io.BytesIO()
+            grid.save(out, "PNG")
+            data, layout, full = out.getvalue(), Layout.GRID, (width * 2, height * 2)
+        result = JobResult(
+            job_id=job_id,
+            layout=layout,
+            image=ImageOut(data_b64=b64encode_bytes(data), width=full[0], height=full[1]),
+            tile_width=width,
+            tile_height=height,
+            seed=request.seed,
+            timings=Timings(generation_s=generation_s, total_s=generation_s + 0.5),
+            report=EngineReport(engine=Engine.SDXL, model="fake"),
+            notes=list(notes),
+        )
+        self.finish(job_id, result)
+
+    def finish(self, job_id: str, result: JobResult | dict[str, Any]) -> None:
+        """Finish the task with this result (a dict stands for one of another schema version)."""
+        payload = result if isinstance(result, dict) else result.model_dump(mode="json")
+        self.state[job_id] = TaskState(job_id, SUCCESS, {"result": payload, "error": None})
 
     def fail(self, job_id: str, code: ErrorCode, message: str = "it broke") -> None:
         """Finish the task with an error outcome."""
@@ -398,7 +427,7 @@ async def finish_grid(h: Harness, prompt: str, **kwargs: Any) -> tuple[Job, dict
     job = await h.job_for(inter)
     await h.wait_job(job.id, lambda j: j.status == JobStatus.QUEUED)
     h.dispatcher.succeed(job.id)
-    h.bot.delivery.wake()
+    h.bot.tracker.wake()
     message = await inter.wait_original(has_result)
     return await h.wait_job(job.id, lambda j: j.message_id is not None), message
 

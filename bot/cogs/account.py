@@ -11,9 +11,9 @@ from discord.ext import commands
 from sqlalchemy import select, update
 
 from bot import quota
-from bot.buttons import actor_from
-from bot.jobs import resolve_engine, resolve_visibility
+from bot.interactions import actor_from
 from bot.models import Job, JobStatus, Member
+from bot.operations import resolve_engine, resolve_visibility
 from workers.schema import Engine, GenerationParams, Visibility
 
 if TYPE_CHECKING:

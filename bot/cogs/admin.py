@@ -1,24 +1,23 @@
 """Admin commands: ``/quota`` (show, set, grant, reset, default) and ``/status``.
 
-Who is an admin is decided here, in code, on every use: the Manage Server permission in that
-server, or a user id listed in ``ADMIN_USER_IDS``. Discord's own default-permission setting is
-only a hint that server owners can override, so it is not relied on.
+Every command here carries ``@admin_only()`` (``bot.checks``), which decides on each use.
 """
 
 from __future__ import annotations
 
 import logging
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot import quota
-from bot.jobs import record_metric
+from bot import quota, quota_admin
+from bot.checks import admin_only
 from bot.models import JobStatus, utcnow
-from bot.settings import BotSettings, Period
+from bot.settings import Period
+from bot.telemetry import record_metric
 
 if TYPE_CHECKING:
     from bot.client import MirageBot
@@ -26,15 +25,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PeriodName = Literal["day", "week", "month"]
-NOT_ADMIN = "Only server admins (Manage Server permission) can use this command."
 PING_TIMEOUT_S = 1.0
-
-
-def is_admin(interaction: discord.Interaction[Any], settings: BotSettings) -> bool:
-    """Manage Server in this server, or listed in the configured admin ids."""
-    if interaction.user.id in settings.admin_user_ids:
-        return True
-    return interaction.guild_id is not None and interaction.permissions.manage_guild
 
 
 def describe(report: quota.CreditReport) -> str:
@@ -56,13 +47,6 @@ class Admin(commands.Cog):
     def __init__(self, bot: MirageBot) -> None:
         self.bot = bot
 
-    async def _admin_or_refuse(self, interaction: discord.Interaction) -> bool:
-        if is_admin(interaction, self.bot.settings):
-            return True
-        log.info("user %s was refused an admin command", interaction.user.id)
-        await interaction.response.send_message(NOT_ADMIN, ephemeral=True)
-        return False
-
     async def _member_id(self, interaction: discord.Interaction, user: discord.abc.User) -> int:
         async with self.bot.sessions() as session, session.begin():
             member = await quota.get_or_create_member(
@@ -75,16 +59,16 @@ class Admin(commands.Cog):
             return await quota.report(session, member_id, self.bot.jobs.defaults)
 
     @quota_group.command(name="show", description="Show a member's credits")
+    @admin_only()
     @app_commands.describe(user="The member")
     async def quota_show(self, interaction: discord.Interaction, user: discord.User) -> None:
         """A member's allowance, usage, bonus and reset time."""
-        if not await self._admin_or_refuse(interaction):
-            return
         await interaction.response.defer(ephemeral=True, thinking=True)
         report = await self._report(await self._member_id(interaction, user))
         await interaction.followup.send(f"{user.mention}: {describe(report)}", ephemeral=True)
 
     @quota_group.command(name="set", description="Set a member's credit limit per period")
+    @admin_only()
     @app_commands.describe(user="The member", limit="Credits per period", period="How often the limit resets")
     async def quota_set(
         self,
@@ -94,17 +78,16 @@ class Admin(commands.Cog):
         period: PeriodName | None = None,
     ) -> None:
         """Give the member their own allowance (kept until changed)."""
-        if not await self._admin_or_refuse(interaction):
-            return
         await interaction.response.defer(ephemeral=True, thinking=True)
         member_id = await self._member_id(interaction, user)
         async with self.bot.sessions() as session, session.begin():
-            await quota.set_member_limit(session, member_id, limit, Period(period) if period else None)
+            await quota_admin.set_member_limit(session, member_id, limit, Period(period) if period else None)
         report = await self._report(member_id)
         log.info("admin %s set the limit of user %s to %s/%s", interaction.user.id, user.id, limit, period)
         await interaction.followup.send(f"Updated {user.mention}: {describe(report)}", ephemeral=True)
 
     @quota_group.command(name="grant", description="Grant a member extra credits (negative takes back)")
+    @admin_only()
     @app_commands.describe(user="The member", amount="Credits to add", note="Why (kept in the ledger)")
     async def quota_grant(
         self,
@@ -114,13 +97,11 @@ class Admin(commands.Cog):
         note: app_commands.Range[str, 0, 200] = "",
     ) -> None:
         """Bonus credits survive period resets until spent."""
-        if not await self._admin_or_refuse(interaction):
-            return
         await interaction.response.defer(ephemeral=True, thinking=True)
         member_id = await self._member_id(interaction, user)
         try:
             async with self.bot.sessions() as session, session.begin():
-                await quota.grant(session, member_id, amount, interaction.user.id, note)
+                await quota_admin.grant(session, member_id, amount, interaction.user.id, note)
         except ValueError as exc:
             await interaction.followup.send(f"Nothing changed: {exc}.", ephemeral=True)
             return
@@ -131,21 +112,21 @@ class Admin(commands.Cog):
         )
 
     @quota_group.command(name="reset", description="Reset a member's usage in the current period")
+    @admin_only()
     @app_commands.describe(user="The member")
     async def quota_reset(self, interaction: discord.Interaction, user: discord.User) -> None:
         """Usage back to zero; bonus credits untouched."""
-        if not await self._admin_or_refuse(interaction):
-            return
         await interaction.response.defer(ephemeral=True, thinking=True)
         member_id = await self._member_id(interaction, user)
         async with self.bot.sessions() as session, session.begin():
-            cleared = await quota.reset_usage(session, member_id, interaction.user.id)
+            cleared = await quota_admin.reset_usage(session, member_id, interaction.user.id)
         report = await self._report(member_id)
         await interaction.followup.send(
             f"Cleared {cleared} used credits for {user.mention}: {describe(report)}", ephemeral=True
         )
 
     @quota_group.command(name="default", description="Set this server's default credit limit")
+    @admin_only()
     @app_commands.describe(
         limit="Credits per period for members without their own limit", period="Reset period"
     )
@@ -156,21 +137,18 @@ class Admin(commands.Cog):
         period: PeriodName | None = None,
     ) -> None:
         """The server-wide allowance."""
-        if not await self._admin_or_refuse(interaction):
-            return
         await interaction.response.defer(ephemeral=True, thinking=True)
         async with self.bot.sessions() as session, session.begin():
-            await quota.set_guild_default(
+            await quota_admin.set_guild_default(
                 session, interaction.guild_id or 0, limit, Period(period) if period else None
             )
         shown = period or self.bot.settings.credit_period.value
         await interaction.followup.send(f"Server default set to {limit} credits per {shown}.", ephemeral=True)
 
     @app_commands.command(name="status", description="Queue depth, workers online and recent jobs (admins)")
+    @admin_only()
     async def status(self, interaction: discord.Interaction) -> None:
         """A snapshot of the compute side and the last hour."""
-        if not await self._admin_or_refuse(interaction):
-            return
         await interaction.response.defer(ephemeral=True, thinking=True)
         workers = await self.bot.dispatcher.worker_status(ping_timeout=PING_TIMEOUT_S)
         record_metric("set_workers_online", len(workers.workers))

@@ -1,4 +1,4 @@
-"""``/imagine``: parse, defer, accept (job + charge in one transaction), then dispatch."""
+"""``/imagine``: parse the prompt, then accept the job through the shared ``JobFlow``."""
 
 from __future__ import annotations
 
@@ -9,8 +9,6 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot.buttons import DATABASE_ERRORS, DATABASE_UNAVAILABLE, actor_from, refuse
-from bot.jobs import JobRefused
 from bot.prompt import PromptError, parse_prompt
 
 if TYPE_CHECKING:
@@ -36,25 +34,7 @@ class Imagine(commands.Cog):
         except PromptError as exc:
             await interaction.response.send_message(str(exc), ephemeral=True)
             return
-        # Defer before touching the database: Discord's 3-second deadline holds even when the
-        # database is busy with a burst of other interactions.
-        await interaction.response.defer(thinking=True)
-        try:
-            created = await self.bot.jobs.create_imagine(actor_from(interaction), params)
-        except JobRefused as exc:
-            await refuse(interaction, str(exc))
-            return
-        except DATABASE_ERRORS:
-            # The job and its charge are one transaction, so nothing was created or charged; say
-            # so rather than leaving the deferred "thinking…" message hanging forever (SPEC §3).
-            log.exception("could not accept /imagine: database unavailable")
-            await refuse(interaction, DATABASE_UNAVAILABLE)
-            return
-        job = created.job
-        self.bot.delivery.remember_limit(job.id, interaction.filesize_limit)
-        await self.bot.delivery.show_waiting(job, created.position)
-        await self.bot.jobs.release(job.member_id)
-        self.bot.delivery.wake()
+        await self.bot.flow.imagine(interaction, params)
 
 
 async def setup(bot: MirageBot) -> None:

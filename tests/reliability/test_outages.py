@@ -281,7 +281,7 @@ async def test_postgres_outage(proxy: CuttableProxy, pg_url: str, tmp_path: Path
         await proxy.cut()
         # The worker finishes while the bot cannot write down the result.
         dispatcher.succeed(job.id)
-        h.bot.delivery.wake()
+        h.bot.tracker.wake()
         member = h.fake.add_member(h.fake.guild, "unlucky")
         refused = await h.imagine("during the outage", user=member)
         callback = await refused.callback()
@@ -302,7 +302,7 @@ async def test_postgres_outage(proxy: CuttableProxy, pg_url: str, tmp_path: Path
         new_job = await h.job_for(after)
         await h.wait_job(new_job.id, lambda j: j.status == JobStatus.QUEUED.value)
         dispatcher.succeed(new_job.id)
-        h.bot.delivery.wake()
+        h.bot.tracker.wake()
         await after.wait_original(has_result, timeout=15)
 
         async with h.sessions() as session:

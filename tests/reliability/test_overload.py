@@ -208,7 +208,7 @@ async def test_500_interactions_from_100_members(crowd: tuple[Harness, list[Fake
                 else:
                     dispatcher.fail(request.job_id, ErrorCode.ENGINE_ERROR, "overload test")
                     outcome[request.job_id] = "failed"
-            h.bot.delivery.wake()
+            h.bot.tracker.wake()
             async with h.sessions() as session:
                 unsettled = await session.scalar(
                     select(func.count())

@@ -45,14 +45,14 @@ async def crash_bot(h: Harness) -> None:
     """
     bot, runner = h.bot, h.runner
     assert bot is not None and runner is not None
-    delivery = bot.delivery
+    tracker = bot.tracker
     tasks = [
         runner,
-        delivery._task,
-        delivery._release_task,
+        tracker._task,
+        tracker._release_task,
         bot._metrics_task,
-        *delivery._inflight.values(),
-        *delivery._progress_tasks.values(),
+        *tracker._inflight.values(),
+        *bot.delivery._progress_tasks.values(),
     ]
     live = [task for task in tasks if task is not None and not task.done()]
     for task in live:
@@ -64,8 +64,7 @@ async def crash_bot(h: Harness) -> None:
             await bot.ws.close(code=4000)
     with contextlib.suppress(Exception):
         await bot.http.close()
-    if delivery._session is not None:
-        await delivery._session.close()
+    await bot.delivery.sender.close()
     h.bot = None
     h.runner = None
 

@@ -100,7 +100,7 @@ async def test_no_secret_in_logs_messages_or_status(
         job = await h.job_for(inter)
         await h.wait_job(job.id, lambda j: j.status == JobStatus.QUEUED, timeout=10)
         dispatcher.succeed(job.id)
-        h.bot.delivery.wake()
+        h.bot.tracker.wake()
         await inter.wait_original(has_result)
 
         info = await h.fake.slash("info")

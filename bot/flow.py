@@ -1,0 +1,81 @@
+"""Accepting a job from an interaction: the one path /imagine and every button share.
+
+Defer at once (Discord's 3-second deadline holds even when the database is busy), create the
+job with its charge, then show it waiting, release it to the broker and wake the tracker, or
+for a U# crop, finish it right away. A refusal (caps, credits, an unreachable database) is
+answered privately and nothing is charged.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import discord
+
+from bot.interactions import DATABASE_ERRORS, DATABASE_UNAVAILABLE, actor_from, refuse
+from bot.jobs import Created, JobService
+from bot.models import Job
+from bot.operations import Actor, JobRefused, Operation
+from bot.tracker import Tracker
+from workers.schema import GenerationParams, JobKind
+
+log = logging.getLogger(__name__)
+
+
+class JobFlow:
+    """Turns interactions into accepted jobs and sets them going."""
+
+    def __init__(self, jobs: JobService, tracker: Tracker) -> None:
+        self.jobs = jobs
+        self.tracker = tracker
+
+    async def imagine(
+        self, interaction: discord.Interaction[Any], params: GenerationParams
+    ) -> Created | None:
+        """Accept an ``/imagine`` with its parsed parameters."""
+        return await self.accept(interaction, lambda actor: self.jobs.create_imagine(actor, params))
+
+    async def press(
+        self,
+        interaction: discord.Interaction[Any],
+        parent: Job,
+        operation: Operation,
+        parent_index: int | None = None,
+    ) -> Created | None:
+        """Accept a button press on ``parent``'s message."""
+        return await self.accept(
+            interaction,
+            lambda actor: self.jobs.create_followup(actor, parent, operation, parent_index=parent_index),
+        )
+
+    async def accept(
+        self,
+        interaction: discord.Interaction[Any],
+        create: Callable[[Actor], Awaitable[Created]],
+    ) -> Created | None:
+        """Defer, create the job, then start it; returns None when it was refused."""
+        if not interaction.response.is_done():
+            await interaction.response.defer(thinking=True)
+        try:
+            created = await create(actor_from(interaction))
+        except JobRefused as exc:
+            await refuse(interaction, str(exc))
+            return None
+        except DATABASE_ERRORS:
+            # The job and its charge are one transaction, so nothing was created or charged; say
+            # so rather than leaving the deferred "thinking…" message hanging forever.
+            log.exception("could not accept a job: database unavailable")
+            await refuse(interaction, DATABASE_UNAVAILABLE)
+            return None
+        job = created.job
+        delivery = self.tracker.delivery
+        delivery.remember_limit(job.id, interaction.filesize_limit)
+        if job.kind == JobKind.CROP.value:
+            await self.tracker.run_crop(job.id)
+            return created
+        await delivery.show_waiting(job, created.position)
+        await self.jobs.release(job.member_id)
+        self.tracker.wake()
+        return created

@@ -1,0 +1,127 @@
+"""What the bot's messages about a job say: pure functions of the job row, no Discord I/O.
+
+Midjourney's shape: ``**prompt** - <what> by <@member> (fast/public)``, a progress percentage
+while running, the engine's notes under a result as small ``-#`` lines, and for a failure the
+reason and the refund.
+"""
+
+from __future__ import annotations
+
+import re
+
+import discord
+
+from bot.models import Job
+from bot.operations import Operation, job_notes
+from workers.schema import ErrorCode, JobKind
+
+MAX_PROMPT_SHOWN = 1500
+MAX_NOTES_SHOWN = 5
+MAX_NOTE_LENGTH = 200
+
+FAILURE_REASONS: dict[ErrorCode, str] = {
+    ErrorCode.CONTENT_POLICY: "The image service rejected this prompt under its content policy.",
+    ErrorCode.BAD_INPUT: "The input image could not be used (it may be corrupt or missing).",
+    ErrorCode.ENGINE_UNAVAILABLE: "The image engine is not available right now. Try again later or "
+    "pick another engine in /settings.",
+    ErrorCode.ENGINE_ERROR: "The image engine failed while making this image.",
+    ErrorCode.TIMEOUT: "This job took too long and was stopped.",
+    ErrorCode.CANCELLED: "This job was cancelled.",
+}
+# Codes whose detail the member can act on (their prompt, their image, the engine's state).
+SHOWN_DETAIL = frozenset({ErrorCode.CONTENT_POLICY, ErrorCode.BAD_INPUT, ErrorCode.ENGINE_UNAVAILABLE})
+
+
+def shown_prompt(job: Job) -> str:
+    """The prompt as shown in a message: markdown-escaped and bounded."""
+    text = job.prompt or ""
+    if len(text) > MAX_PROMPT_SHOWN:
+        text = text[: MAX_PROMPT_SHOWN - 1] + "…"
+    return discord.utils.escape_markdown(text)
+
+
+def operation_label(job: Job) -> str:
+    """What a follow-up job did, as Midjourney names it ("Variations (Strong)", "Pan Left")."""
+    kind = JobKind(job.kind)
+    op = Operation.from_job(job)
+    if kind == JobKind.VARIATION:
+        return "Variations (Subtle)" if (op.strength or 0.85) < 0.7 else "Variations (Strong)"
+    if kind == JobKind.UPSCALE:
+        return "Upscaled (Subtle)" if (op.strength or 0.35) < 0.45 else "Upscaled (Creative)"
+    if kind == JobKind.ZOOM:
+        return f"Zoom Out {op.scale:g}x" if op.scale else "Zoom Out"
+    if kind == JobKind.PAN:
+        return f"Pan {op.direction.value.capitalize()}" if op.direction else "Pan"
+    return "Make Square"
+
+
+def job_head(job: Job) -> str:
+    """``**prompt** - <what> by <@user>`` like Midjourney's messages."""
+    kind = JobKind(job.kind)
+    mention = f"<@{job.user_id}>"
+    prompt = f"**{shown_prompt(job)}**"
+    if kind in (JobKind.IMAGINE, JobKind.REROLL):
+        return f"{prompt} - {mention}"
+    if kind == JobKind.CROP:
+        return f"{prompt} - Image #{job.parent_index or 1} {mention}"
+    return f"{prompt} - {operation_label(job)} by {mention}"
+
+
+def mode_suffix(job: Job) -> str:
+    """``(fast/public)`` or ``(fast/stealth)``."""
+    return f"(fast/{job.visibility})"
+
+
+def waiting_content(job: Job, position: int) -> str:
+    """The message while a job waits for a worker."""
+    return f"{job_head(job)} Waiting to start… (position {position})"
+
+
+def progress_content(job: Job, percent: int) -> str:
+    """The message while a job runs."""
+    return f"{job_head(job)} ({percent}%) {mode_suffix(job)}"
+
+
+def note_lines(notes: list[str]) -> list[str]:
+    """The engine's notes as Discord subtext lines (``-# …``), escaped, bounded and one line each."""
+    lines = []
+    for note in notes[:MAX_NOTES_SHOWN]:
+        text = " ".join(note.split())
+        if len(text) > MAX_NOTE_LENGTH:
+            text = text[: MAX_NOTE_LENGTH - 1] + "…"
+        if text:
+            lines.append(f"-# {discord.utils.escape_markdown(discord.utils.escape_mentions(text))}")
+    return lines
+
+
+def final_content(job: Job) -> str:
+    """The message carrying the result, with the engine's notes under it."""
+    return "\n".join([f"{job_head(job)} {mode_suffix(job)}", *note_lines(job_notes(job))])
+
+
+def failure_content(job: Job) -> str:
+    """The message for a failed job: why, and that the credits came back."""
+    try:
+        code = ErrorCode(job.error_code) if job.error_code else ErrorCode.ENGINE_ERROR
+    except ValueError:
+        code = ErrorCode.ENGINE_ERROR
+    lines = [f"{job_head(job)} ❌ {FAILURE_REASONS[code]}"]
+    detail = (job.error or "").strip()
+    if detail and code in SHOWN_DETAIL:
+        lines.append(f"> {discord.utils.escape_markdown(detail[:300])}")
+    if job.cost:
+        plural = job.cost != 1
+        lines.append(f"Your {job.cost} credit{'s' if plural else ''} {'were' if plural else 'was'} refunded.")
+    return "\n".join(lines)
+
+
+def file_stem(job: Job) -> str:
+    """A readable, safe file name stem: a few prompt words and the job id."""
+    words = re.findall(r"[a-z0-9]+", (job.prompt or "").lower())
+    slug = "_".join(words)[:40].strip("_") or "mirage"
+    return f"{slug}_{job.id}"
+
+
+def allowed_mentions_for(job: Job) -> discord.AllowedMentions:
+    """Only the job's owner may be pinged, never roles or @everyone from a prompt."""
+    return discord.AllowedMentions(everyone=False, roles=False, users=[discord.Object(job.user_id)])

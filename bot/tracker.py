@@ -1,0 +1,310 @@
+"""The tracker: follow every job at the broker and act when its state changes.
+
+A background loop polls the result backend for every queued or running job (one batch per tick,
+in the dispatcher's thread pool because Celery's result API blocks). For each job it:
+
+- records it running once a worker reports STARTED/PROGRESS, then shows the progress;
+- on SUCCESS checks and stores the result (``bot.results``), marks the job done *and* claims its
+  delivery in one transaction, then sends the result;
+- on an error outcome, a Celery FAILURE/REVOKED, or a job older than ``job_timeout_s``, fails it
+  and refunds it in one transaction (``bot.lifecycle``), then tells the member why.
+
+U# crops never reach the broker: :meth:`Tracker.run_crop` finishes them at once from the stored
+grid, and the loop finishes any a crashed process left running.
+
+Nothing is lost across restarts: everything the tracker needs is in the database, so a new bot
+process resumes queued/running jobs, re-sends undelivered results and dispatches waiting jobs.
+A crash between committing a delivery claim and recording the sent message's id is healed at
+the next start: such claims are released and sent again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Coroutine
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from bot.delivery import Delivery, guarded
+from bot.dispatch import FAILURE, REVOKED, RUNNING_STATES, SUCCESS, Dispatcher, TaskState
+from bot.jobs import JobService
+from bot.lifecycle import ACTIVE, FINAL, UNDELIVERED_LOOKBACK, Lifecycle, values_of
+from bot.models import Job, JobStatus, utcnow
+from bot.operations import NOTES_KEY
+from bot.results import ResultRejected, Results, check_result, read_outcome
+from bot.settings import BotSettings
+from bot.storage import MediaNotFound
+from bot.telemetry import record_metric
+from workers.schema import ErrorCode, JobKind, JobResult
+
+log = logging.getLogger(__name__)
+
+CROP_RECOVERY_AGE = timedelta(seconds=30)  # a crop "running" longer than this was orphaned
+GRID_GONE = "The grid this image comes from is no longer available."
+
+
+class Tracker:
+    """The loop that follows jobs at the broker, finishes them and hands them to delivery."""
+
+    def __init__(
+        self,
+        settings: BotSettings,
+        sessions: async_sessionmaker[AsyncSession],
+        dispatcher: Dispatcher,
+        jobs: JobService,
+        lifecycle: Lifecycle,
+        results: Results,
+        delivery: Delivery,
+        *,
+        poll_interval: float = 0.5,
+    ) -> None:
+        self.settings = settings
+        self.sessions = sessions
+        self.dispatcher = dispatcher
+        self.jobs = jobs
+        self.lifecycle = lifecycle
+        self.results = results
+        self.delivery = delivery
+        self.poll_interval = poll_interval
+        self._task: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+        self._inflight: dict[str, asyncio.Task[Any]] = {}
+        self._release_task: asyncio.Task[Any] | None = None
+        self.ticks = 0
+
+    # --- the loop ----------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the tracker (idempotent)."""
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._run(), name="mirage-tracker")
+
+    async def stop(self) -> None:
+        """Stop the tracker and wait (bounded) for in-flight job handlers and deliveries."""
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except (asyncio.CancelledError, Exception):
+                pass
+            self._task = None
+        pending = [task for task in self._inflight.values() if not task.done()]
+        if self._release_task and not self._release_task.done():
+            pending.append(self._release_task)
+        if pending:
+            _done, still = await asyncio.wait(pending, timeout=10)
+            for task in still:
+                task.cancel()
+        await self.delivery.stop()
+
+    def wake(self) -> None:
+        """Run the next tick now (a job was created or finished)."""
+        self._wake.set()
+
+    async def _run(self) -> None:
+        log.info("tracker started (poll every %.2fs)", self.poll_interval)
+        try:
+            await self.lifecycle.reclaim_interrupted()
+        except Exception:
+            log.exception("could not reclaim interrupted deliveries")
+        self._spawn_release()
+        while True:
+            # Cleared before the tick, so a wake() during the tick triggers the next one at once.
+            self._wake.clear()
+            try:
+                await self.tick()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("tracker tick failed")
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=self.poll_interval)
+            except TimeoutError:
+                pass
+
+    def _spawn(self, job_id: str, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any] | None:
+        """Run a job's handler unless one is already running for it."""
+        current = self._inflight.get(job_id)
+        if current is not None and not current.done():
+            coro.close()
+            return None
+        task = asyncio.create_task(guarded(job_id, coro), name=f"job-{job_id}")
+        self._inflight[job_id] = task
+        task.add_done_callback(lambda done, jid=job_id: self._untrack(jid, done))
+        return task
+
+    def _untrack(self, job_id: str, done: asyncio.Task[Any]) -> None:
+        # Only if it is still this task: a newer one may already have taken the slot.
+        if self._inflight.get(job_id) is done:
+            del self._inflight[job_id]
+
+    def _spawn_release(self) -> None:
+        if self._release_task is None or self._release_task.done():
+            self._release_task = asyncio.create_task(guarded("release", self._release_all(), in_job=False))
+
+    async def _release_all(self) -> None:
+        await self.jobs.release_all()
+        self.wake()  # a job that failed before reaching the broker is told at the next tick
+
+    async def tick(self) -> None:
+        """One pass: poll states of active jobs, act on them, retry undelivered messages."""
+        self.ticks += 1
+        now = utcnow()
+        async with self.sessions() as session:
+            active = (
+                await session.scalars(
+                    select(Job).where(Job.status.in_(values_of(ACTIVE)), Job.kind != JobKind.CROP.value)
+                )
+            ).all()
+            orphan_crops = (
+                await session.scalars(
+                    select(Job).where(
+                        Job.status == JobStatus.RUNNING.value,
+                        Job.kind == JobKind.CROP.value,
+                        Job.created_at < now - CROP_RECOVERY_AGE,
+                    )
+                )
+            ).all()
+            undelivered = (
+                await session.scalars(
+                    select(Job.id).where(
+                        Job.status.in_(values_of(FINAL)),
+                        Job.delivered.is_(False),
+                        Job.finished_at > now - UNDELIVERED_LOOKBACK,
+                    )
+                )
+            ).all()
+            has_waiting = (
+                await session.scalar(select(Job.id).where(Job.status == JobStatus.WAITING.value).limit(1))
+            ) is not None
+
+        polled = [job for job in active if job.id not in self._inflight]
+        states = await self.dispatcher.states([job.id for job in polled]) if polled else {}
+        started: list[Job] = []
+        progressing: list[tuple[Job, dict[str, Any]]] = []
+        timeout = timedelta(seconds=self.settings.job_timeout_s)
+        for job in polled:
+            state = states.get(job.id)
+            if state is None:
+                continue
+            if state.is_final:
+                self._spawn(job.id, self._finish(job, state))
+                continue
+            since = job.queued_at or job.created_at
+            if since is not None and now - since > timeout:
+                self._spawn(job.id, self._time_out(job))
+                continue
+            if state.state in RUNNING_STATES:
+                if job.status == JobStatus.QUEUED.value:
+                    started.append(job)
+                if isinstance(state.info, dict) and "percent" in state.info:
+                    progressing.append((job, state.info))
+        if started:
+            await self.lifecycle.running([job.id for job in started], now)
+        # After the status is recorded, so a member who sees progress never finds the job "queued".
+        for job, info in progressing:
+            self.delivery.progress(job, info)
+        for job in orphan_crops:
+            self._spawn(job.id, self.finish_crop(job.id))
+        for job_id in undelivered:
+            if self.delivery.retry_due(job_id):
+                self._spawn(job_id, self.delivery.notify_final(job_id))
+        if has_waiting:
+            self._spawn_release()
+
+    # --- outcomes ------------------------------------------------------------------------------------
+
+    async def _fail(self, job_id: str, code: ErrorCode, message: str) -> None:
+        if await self.lifecycle.fail(job_id, code, message) is not None:
+            await self.delivery.notify_final(job_id)
+
+    async def _finish(self, job: Job, state: TaskState) -> None:
+        if state.state == SUCCESS:
+            try:
+                outcome = read_outcome(state.info)
+            except ResultRejected as exc:
+                await self._fail(job.id, exc.code, str(exc))
+            else:
+                if outcome.error is not None:
+                    await self._fail(job.id, outcome.error.code, outcome.error.message)
+                elif outcome.result is not None:
+                    await self._succeed(job, outcome.result)
+                else:
+                    await self._fail(job.id, ErrorCode.ENGINE_ERROR, "The worker returned no images.")
+        elif state.state == FAILURE:
+            text = str(state.info or "")
+            code = ErrorCode.TIMEOUT if "TimeLimit" in text else ErrorCode.ENGINE_ERROR
+            log.warning("job %s failed at the worker: %s", job.id, text)
+            await self._fail(job.id, code, "The worker stopped with an error.")
+        elif state.state == REVOKED:
+            await self._fail(job.id, ErrorCode.CANCELLED, "The job was cancelled.")
+        await self.dispatcher.forget(job.id)
+        await self.jobs.release(job.member_id)
+        self.wake()
+
+    async def _time_out(self, job: Job) -> None:
+        log.warning("job %s exceeded %ss; revoking", job.id, self.settings.job_timeout_s)
+        await self.dispatcher.revoke(job.id)
+        minutes = max(1, round(self.settings.job_timeout_s / 60))
+        await self._fail(job.id, ErrorCode.TIMEOUT, f"The job took longer than {minutes} minutes.")
+        await self.jobs.release(job.member_id)
+
+    async def _succeed(self, job: Job, result: JobResult) -> None:
+        try:
+            image = await asyncio.to_thread(check_result, result, JobKind(job.kind))
+        except ResultRejected as exc:
+            await self._fail(job.id, exc.code, str(exc))
+            return
+        async with self.sessions() as session, session.begin():
+            row = await session.get(Job, job.id, with_for_update=True)
+            if row is None or JobStatus(row.status).is_final:
+                return
+            claimed = await self.lifecycle.finish(session, job.id, generation_s=result.timings.generation_s)
+            if claimed:
+                await self.results.save(session, job.id, image)
+                if result.notes:
+                    row.params = {**(row.params or {}), NOTES_KEY: list(result.notes)}
+        if claimed:
+            await self._completed(job.id)
+            await self.delivery.deliver(job.id)
+
+    async def _completed(self, job_id: str) -> None:
+        """Count a job stored as done (after its commit)."""
+        async with self.sessions() as session:
+            job = await session.get(Job, job_id)
+        if job is None:
+            return
+        wait = (job.started_at - job.queued_at).total_seconds() if job.started_at and job.queued_at else None
+        record_metric("record_completed", job.kind, job.engine, wait, job.generation_s)
+
+    # --- U# crops ----------------------------------------------------------------------------------
+
+    async def run_crop(self, job_id: str) -> None:
+        """Finish a crop job now (called by the U# button; the loop recovers orphans)."""
+        task = self._spawn(job_id, self.finish_crop(job_id))
+        if task is not None:
+            await asyncio.shield(task)
+
+    async def finish_crop(self, job_id: str) -> None:
+        """Give a crop job the parent's tile (cut once, then reused) and deliver it. No generation."""
+        async with self.sessions() as session:
+            job = await session.get(Job, job_id)
+        if job is None or job.status != JobStatus.RUNNING.value or not job.parent_id:
+            return
+        try:
+            tile = await self.results.tile(job.parent_id, job.parent_index or 1)
+        except (MediaNotFound, ValueError) as exc:
+            log.warning("crop %s: parent image unavailable (%s)", job_id, exc)
+            await self._fail(job_id, ErrorCode.BAD_INPUT, GRID_GONE)
+            return
+        async with self.sessions() as session, session.begin():
+            claimed = await self.lifecycle.finish(session, job_id, generation_s=0.0, crop=True)
+            if claimed:
+                await self.results.share(session, job_id, tile)
+        if claimed:
+            await self._completed(job_id)
+            await self.delivery.deliver(job_id)
