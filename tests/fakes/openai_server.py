@@ -143,6 +143,8 @@ class FakeOpenAIServer:
         self.requests: list[RecordedRequest] = []
         self._script: deque[Scripted] = deque()
         self._files: dict[str, bytes] = {}
+        # Scripted chat answers (message content), used in order; empty: an answer made from the image.
+        self.chat_replies: deque[str] = deque()
         self._counter = itertools.count(1)
         self._lock = threading.Lock()
         self._runner: web.AppRunner | None = None
@@ -164,6 +166,7 @@ class FakeOpenAIServer:
         app.router.add_post("/v1/images/edits", self._edits)
         app.router.add_post("/v1/images/variations", self._variations)
         app.router.add_get("/v1/models", self._models)
+        app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_get("/files/{name}", self._file)
         return app
 
@@ -279,6 +282,60 @@ class FakeOpenAIServer:
             {"id": m, "object": "model", "created": 1_700_000_000, "owned_by": "system"} for m in self.models
         ]
         return self._json(record, {"object": "list", "data": data})
+
+    async def _chat(self, request: web.Request) -> web.Response:
+        """Chat completions with image input (``/describe``): validates the vision request's shape."""
+        try:
+            body = await request.json()
+        except json.JSONDecodeError:
+            body = None
+        record = self._record(request, body if isinstance(body, dict) else {})
+        try:
+            self._check_auth(request)
+            await self._scripted(record)
+            messages = body.get("messages") if isinstance(body, dict) else None
+            if not isinstance(messages, list) or not messages:
+                raise ApiError(400, "Missing required parameter: 'messages'.", param="messages")
+            assert isinstance(body, dict)
+            if not isinstance(body.get("model"), str) or not body["model"]:
+                raise ApiError(400, "Missing required parameter: 'model'.", param="model")
+            for message in messages:
+                parts = message.get("content") if isinstance(message, dict) else None
+                for part in parts if isinstance(parts, list) else []:
+                    if isinstance(part, dict) and part.get("type") == "image_url":
+                        url = str(part.get("image_url", {}).get("url", ""))
+                        if not url.startswith("data:image/") or ";base64," not in url:
+                            raise ApiError(
+                                400, "Invalid image URL.", param="messages", code="invalid_image_url"
+                            )
+                        data = base64.b64decode(url.split(";base64,", 1)[1])
+                        record.image, record.image_bytes = self._open(data, "image_url"), len(data)
+        except ApiError as err:
+            return self._error(record, err)
+        with self._lock:
+            content = self.chat_replies.popleft() if self.chat_replies else None
+        if content is None:
+            picture = record.image.convert("RGB") if record.image else Image.new("RGB", (1, 1))
+            colour = picture.resize((1, 1)).getpixel((0, 0))
+            content = json.dumps({"prompts": [f"a picture in rgb{colour}, take {i}" for i in range(1, 5)]})
+        return self._json(
+            record,
+            {
+                "id": f"chatcmpl-{next(self._counter)}",
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": body["model"],
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": content, "refusal": None},
+                        "finish_reason": "stop",
+                        "logprobs": None,
+                    }
+                ],
+                "usage": {"prompt_tokens": 100, "completion_tokens": 50, "total_tokens": 150},
+            },
+        )
 
     async def _file(self, request: web.Request) -> web.Response:
         data = self._files.get(request.match_info["name"])
