@@ -34,8 +34,6 @@ from workers.schema import (
 from workers.settings import WorkerSettings
 from workers.tiny_safety import make_tiny_safety_classifier
 
-pytestmark = pytest.mark.slow
-
 
 def images(count: int = 3) -> list[Image.Image]:
     """Different sizes and modes, as results and member uploads come."""
@@ -66,6 +64,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     }
 
 
+@pytest.mark.slow
 def test_unsafe_label_winning_flags_every_image(models: dict[str, Path]) -> None:
     """When the classifier says nsfw (0.9), each image's verdict is nsfw, 0.9, unsafe."""
     checker = SafetyChecker.load(models["nsfw_wins"])
@@ -76,6 +75,7 @@ def test_unsafe_label_winning_flags_every_image(models: dict[str, Path]) -> None
         assert verdict.score == pytest.approx(0.9, abs=1e-4)
 
 
+@pytest.mark.slow
 def test_safe_label_winning_flags_nothing(models: dict[str, Path]) -> None:
     """When normal wins (0.8), the verdict is normal with the nsfw probability (0.2) as score."""
     verdicts = SafetyChecker.load(models["normal_wins"]).classify(images())
@@ -84,6 +84,7 @@ def test_safe_label_winning_flags_nothing(models: dict[str, Path]) -> None:
     assert all(v.score == pytest.approx(0.2, abs=1e-4) for v in verdicts)
 
 
+@pytest.mark.slow
 def test_threshold_decides(models: dict[str, Path]) -> None:
     """An image at 0.7 nsfw is flagged at thresholds 0.6 and 0.69, not at 0.71 or 0.8."""
     assert SafetyChecker.load(models["borderline"], threshold=0.6).classify(images(1))[0].unsafe
@@ -93,6 +94,7 @@ def test_threshold_decides(models: dict[str, Path]) -> None:
     assert verdict.label == "nsfw" and not verdict.unsafe
 
 
+@pytest.mark.slow
 def test_unsafe_labels_are_summed_and_configurable(models: dict[str, Path]) -> None:
     """hentai 0.25 + porn 0.25 = 0.5 flags an image whose top label is neutral; only porn does not."""
     default = SafetyChecker.load(models["five"]).classify(images(1))[0]
@@ -104,6 +106,7 @@ def test_unsafe_labels_are_summed_and_configurable(models: dict[str, Path]) -> N
     assert wide.classify(images(1))[0].score == pytest.approx(0.55, abs=1e-4)
 
 
+@pytest.mark.slow
 def test_multi_label_classifier_uses_sigmoid_and_the_largest(models: dict[str, Path]) -> None:
     """A multi-label model's score is the largest unsafe probability (0.6), not a softmax share."""
     checker = SafetyChecker.load(models["multi"], unsafe_labels=["nsfw", "violence"])
@@ -112,6 +115,7 @@ def test_multi_label_classifier_uses_sigmoid_and_the_largest(models: dict[str, P
     assert verdict.score == pytest.approx(0.6, abs=1e-4) and verdict.unsafe
 
 
+@pytest.mark.slow
 def test_random_classifier_gives_valid_verdicts(models: dict[str, Path]) -> None:
     """Unpinned random weights still give one well-formed verdict per image, the same each run."""
     checker = SafetyChecker.load(models["random"])
@@ -121,6 +125,7 @@ def test_random_classifier_gives_valid_verdicts(models: dict[str, Path]) -> None
     assert checker.classify([]) == []
 
 
+@pytest.mark.slow
 def test_labels_without_an_unsafe_one_are_refused(models: dict[str, Path]) -> None:
     """A classifier none of whose labels is unsafe would pass everything: loading it fails."""
     with pytest.raises(WorkerError) as info:
@@ -138,6 +143,7 @@ def test_missing_model_is_unavailable(tmp_path: Path) -> None:
     assert "could not be loaded" in info.value.message
 
 
+@pytest.mark.slow
 def test_from_settings(models: dict[str, Path]) -> None:
     """Unset SAFETY_MODEL means no checker; set, the settings' threshold and labels apply."""
     assert SafetyChecker.from_settings(WorkerSettings(_env_file=None)) is None
