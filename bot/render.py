@@ -28,8 +28,12 @@ FAILURE_REASONS: dict[ErrorCode, str] = {
     ErrorCode.TIMEOUT: "This job took too long and was stopped.",
     ErrorCode.CANCELLED: "This job was cancelled.",
 }
-# Codes whose detail the member can act on (their prompt, their image, the engine's state).
-SHOWN_DETAIL = frozenset({ErrorCode.CONTENT_POLICY, ErrorCode.BAD_INPUT, ErrorCode.ENGINE_UNAVAILABLE})
+# Codes whose detail tells the member something the reason does not: their prompt, their image,
+# the engine's state, or what broke (a worker's message is member-safe by contract, and the bot's
+# own say which side failed, e.g. a worker running another version).
+SHOWN_DETAIL = frozenset(
+    {ErrorCode.CONTENT_POLICY, ErrorCode.BAD_INPUT, ErrorCode.ENGINE_UNAVAILABLE, ErrorCode.ENGINE_ERROR}
+)
 
 
 def shown_prompt(job: Job) -> str:

@@ -1,0 +1,90 @@
+"""Message rendering: pure functions of a job row."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bot.models import Job
+from bot.render import (
+    MAX_NOTES_SHOWN,
+    failure_content,
+    file_stem,
+    final_content,
+    job_head,
+    note_lines,
+    progress_content,
+    waiting_content,
+)
+from workers.schema import ErrorCode, JobKind
+
+
+def job(kind: JobKind = JobKind.IMAGINE, **values: Any) -> Job:
+    params = values.pop("params", {"prompt": "a red fox"})
+    return Job(
+        id="J" * 22,
+        user_id=42,
+        kind=kind.value,
+        prompt=values.pop("prompt", "a red fox"),
+        params=params,
+        visibility=values.pop("visibility", "public"),
+        parent_index=values.pop("parent_index", None),
+        cost=values.pop("cost", 1),
+        **values,
+    )
+
+
+def test_heads_name_what_each_kind_did() -> None:
+    assert job_head(job()) == "**a red fox** - <@42>"
+    assert job_head(job(JobKind.CROP, parent_index=3)) == "**a red fox** - Image #3 <@42>"
+    assert job_head(job(JobKind.VARIATION, params={"strength": 0.5})).endswith("Variations (Subtle) by <@42>")
+    assert "Variations (Strong)" in job_head(job(JobKind.VARIATION, params={"strength": 0.85}))
+    assert "Upscaled (Creative)" in job_head(job(JobKind.UPSCALE, params={"strength": 0.55}))
+    assert "Zoom Out 1.5x" in job_head(job(JobKind.ZOOM, params={"scale": 1.5}))
+    assert "Pan Left" in job_head(job(JobKind.PAN, params={"direction": "left"}))
+    assert "Make Square" in job_head(job(JobKind.SQUARE))
+
+
+def test_prompt_is_escaped_and_bounded() -> None:
+    head = job_head(job(prompt="**bold** " + "x" * 3000))
+    assert "\\*\\*bold\\*\\*" in head and "…" in head and len(head) < 1600
+
+
+def test_waiting_and_progress_texts() -> None:
+    assert waiting_content(job(), 3).endswith("Waiting to start… (position 3)")
+    assert progress_content(job(visibility="stealth"), 40).endswith("(40%) (fast/stealth)")
+
+
+def test_final_message_shows_notes_as_subtext_lines() -> None:
+    done = job(params={"prompt": "a red fox", "notes": ["--tile is not supported by this engine"]})
+    # The note is markdown-escaped ("\\-" renders as "-"), so a note can never format the message.
+    assert final_content(done) == (
+        "**a red fox** - <@42> (fast/public)\n-# \\--tile is not supported by this engine"
+    )
+    assert final_content(job()) == "**a red fox** - <@42> (fast/public)"
+
+
+def test_notes_are_one_line_escaped_bounded_and_few() -> None:
+    lines = note_lines(["two\nlines", "@everyone *look*", "y" * 500, *["more"] * 10])
+    assert lines[0] == "-# two lines"
+    assert "@\u200beveryone" in lines[1] and "\\*look\\*" in lines[1]
+    assert len(lines[2]) < 210 and lines[2].endswith("…")
+    assert len(lines) == MAX_NOTES_SHOWN
+
+
+def test_failure_says_why_and_the_refund() -> None:
+    failed = job(error_code=ErrorCode.CONTENT_POLICY.value, error="blocked word", cost=2)
+    text = failure_content(failed)
+    assert "❌ The image service rejected this prompt" in text
+    assert "> blocked word" in text and "Your 2 credits were refunded." in text
+    hidden = failure_content(job(error_code=ErrorCode.TIMEOUT.value, error="took 901 s", cost=0))
+    assert "took 901" not in hidden and "refunded" not in hidden  # the reason says it all
+    version = failure_content(
+        job(error_code=ErrorCode.ENGINE_ERROR.value, error="The worker runs a different version")
+    )
+    assert "> The worker runs a different version" in version
+    assert "failed while making" in failure_content(job(error_code="nonsense"))
+
+
+def test_file_stem_is_safe() -> None:
+    assert file_stem(job(prompt="A Fox/../ in *snow*!")) == "a_fox_in_snow_" + "J" * 22
+    assert file_stem(job(prompt="???")) == "mirage_" + "J" * 22
