@@ -14,12 +14,16 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from PIL import Image as PILImage
 from PIL.PngImagePlugin import PngInfo
+from pydantic import ValidationError
+from sqlalchemy import select, text
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from bot.favourites import favourite_count, is_favourite, toggle_favourite
 from bot.media import save_job_images
-from bot.models import Job, JobStatus, Member
+from bot.models import Favourite, Job, JobStatus, Member
 from bot.settings import BotSettings
-from bot.storage import LocalMediaStore
+from bot.storage import LocalMediaStore, S3MediaStore
 from bot.web import PAGE_SIZE, create_app
 
 HOSTILE_PROMPT = '<script>alert("pwned")</script><img src=x onerror=alert(1)> "quoted" & more'
@@ -472,3 +476,304 @@ async def test_methods_other_than_get_are_not_500(client: TestClient[Any, Any], 
         assert response.status == 405
         response = await client.delete(path)
         assert response.status == 405
+
+
+# --- families, aspect ratios, parameter line ------------------------------------------------
+
+
+async def test_cards_keep_each_image_aspect_ratio(
+    client: TestClient[Any, Any], sessions: async_sessionmaker[AsyncSession], store: LocalMediaStore
+) -> None:
+    async with sessions() as session:
+        s = Seeder(session, store)
+        carol = await s.member(5, "Carol")
+        wide = await s.job(carol, "a wide valley", tiles=0)
+        await save_job_images(store, session, wide, [(0, png((300, 200)))])
+        wide.params = {"aspect": [3, 2], "stylize": 100, "chaos": 20}
+        tall = await s.job(carol, "a tall tower", tiles=0)
+        await save_job_images(store, session, tall, [(0, png((120, 240)))])
+        await session.commit()
+    body = await fetch(client, "/")
+    lazy = 'loading="lazy" decoding="async"'
+    assert f'src="/t/{wide.id}/0.webp" alt="a wide valley" {lazy} width="300" height="200"' in body
+    assert f'src="/t/{tall.id}/0.webp" alt="a tall tower" {lazy} width="120" height="240"' in body
+    # The caption is the line the member typed: prompt and parameters, no internals.
+    captions = re.findall(r'<span class="p">([^<]*)</span>', body)
+    assert f"a wide valley --ar 3:2 --chaos 20 --seed {wide.seed}" in captions
+    # Thumbnails keep the ratio too (the masonry shows them uncropped).
+    response = await client.get(f"/t/{wide.id}/0.webp")
+    with PILImage.open(io.BytesIO(await response.read())) as img:
+        assert img.size == (300, 200)
+
+
+async def test_families_follow_parents_and_stop_at_hidden_ones(
+    client: TestClient[Any, Any], sessions: async_sessionmaker[AsyncSession], store: LocalMediaStore
+) -> None:
+    async with sessions() as session:
+        s = Seeder(session, store)
+        dana = await s.member(6, "Dana")
+        grid = await s.job(dana, "a koi pond")
+        upscale = await s.job(dana, "a koi pond", kind="crop", parent=grid, tiles=0)
+        variation = await s.job(dana, "a koi pond", kind="variation", parent=upscale)
+        hidden = await s.job(
+            dana, "a koi pond, secret take", kind="variation", parent=grid, visibility="stealth"
+        )
+        below_hidden = await s.job(dana, "a koi pond again", kind="crop", parent=hidden, tiles=0)
+        await session.commit()
+    body = await fetch(client, "/")
+    assert job_links(body) == [below_hidden.id, grid.id]
+    assert family_links(body) == [upscale.id, variation.id]
+    assert hidden.id not in body and "secret take" not in body
+    # Each family member's page shows the whole shown family, root first, itself marked.
+    page = await fetch(client, f"/j/{variation.id}")
+    assert family_links(page) == [grid.id, upscale.id, variation.id]
+    assert f'class="kid here" href="/j/{variation.id}"' in page
+    assert hidden.id not in page
+    lone = await fetch(client, f"/j/{below_hidden.id}")
+    assert family_links(lone) == [] and hidden.id not in lone
+
+
+# --- search ---------------------------------------------------------------------------------
+
+
+async def test_search_finds_families_by_prompt(client: TestClient[Any, Any], seeded: Seed) -> None:
+    body = await fetch(client, "/?q=lighthouse")
+    assert job_links(body) == [seeded.grid]
+    assert family_links(body) == [seeded.variation]
+    assert 'value="lighthouse"' in body
+    # Word forms match (stemming), phrases and exclusions work as in a web search.
+    assert job_links(await fetch(client, "/?q=lighthouses")) == [seeded.grid]
+    assert job_links(await fetch(client, '/?q="oil painting"')) == [seeded.grid]
+    assert job_links(await fetch(client, "/?q=lighthouse+-painting")) == []
+    # A public child of a hidden grid is found on its own, its parent never.
+    assert job_links(await fetch(client, "/?q=hidden+parent")) == [seeded.orphan]
+
+
+async def test_search_never_finds_hidden_jobs(client: TestClient[Any, Any], seeded: Seed) -> None:
+    for query in ("falcon", "secret project", "bob hidden", "still running", "failed"):
+        body = await fetch(client, f"/?q={query.replace(' ', '+')}")
+        assert job_links(body) == [], query
+        assert "Nothing matches" in body
+        assert_hidden(body, seeded, [seeded.stealth, *seeded.bob_jobs, seeded.running, seeded.failed])
+
+
+@pytest.mark.parametrize(
+    "query", ['"', "'; DROP TABLE jobs; --", "NEAR(a b)", "a* OR b", "%", "_", "-", "!!!", "x" * 500, "é"]
+)
+async def test_odd_search_input_is_just_text(client: TestClient[Any, Any], seeded: Seed, query: str) -> None:
+    response = await client.get("/", params={"q": query})
+    body = await response.text()
+    assert response.status == 200, body[:300]
+    assert job_links(body) == []
+
+
+async def test_search_pages_keep_the_query(
+    client: TestClient[Any, Any], sessions: async_sessionmaker[AsyncSession], store: LocalMediaStore
+) -> None:
+    async with sessions() as session:
+        s = Seeder(session, store)
+        erin = await s.member(7, "Erin")
+        for i in range(PAGE_SIZE + 2):
+            await s.job(erin, f"owl portrait number {i}", tiles=0)
+        await s.job(erin, "a cat", tiles=0)
+        await session.commit()
+    first = await fetch(client, "/?q=owl")
+    assert len(job_links(first)) == PAGE_SIZE
+    assert 'rel="next" href="/?q=owl&amp;page=2"' in first
+    second = await fetch(client, "/?q=owl&page=2")
+    assert len(job_links(second)) == 2
+    assert 'rel="prev" href="/?q=owl"' in second
+
+
+async def test_sqlite_search_falls_back_to_like_without_fts5(
+    db_url: str, sessions: async_sessionmaker[AsyncSession], client: TestClient[Any, Any], seeded: Seed
+) -> None:
+    if not db_url.startswith("sqlite"):
+        pytest.skip("PostgreSQL always has its text search; the fallback is for SQLite builds")
+    async with sessions() as session:
+        for trigger in ("jobs_fts_insert", "jobs_fts_delete", "jobs_fts_update"):
+            await session.execute(text(f"DROP TRIGGER {trigger}"))
+        await session.execute(text("DROP TABLE jobs_fts"))
+        await session.commit()
+    assert job_links(await fetch(client, "/?q=LIGHTHOUSE")) == [seeded.grid]
+    assert job_links(await fetch(client, "/?q=lighthouse+-painting")) == []
+    assert job_links(await fetch(client, "/?q=falcon")) == []
+    # LIKE wildcards in the query are literal characters.
+    assert job_links(await fetch(client, "/?q=%25")) == []
+    assert job_links(await fetch(client, "/?q=_")) == []
+
+
+# --- favourites and the top view -------------------------------------------------------------
+
+
+async def _member_row(sessions: async_sessionmaker[AsyncSession], user_id: int) -> int:
+    async with sessions() as session:
+        return int(await session.scalar(select(Member.id).where(Member.user_id == user_id)))  # type: ignore[arg-type]
+
+
+async def test_toggle_favourite(sessions: async_sessionmaker[AsyncSession], seeded: Seed) -> None:
+    alice = await _member_row(sessions, 1)
+    async with sessions() as session:
+        assert await toggle_favourite(session, alice, seeded.grid) is True
+        assert await is_favourite(session, alice, seeded.grid)
+        assert await favourite_count(session, seeded.grid) == 1
+        assert await toggle_favourite(session, alice, seeded.grid) is False
+        assert await favourite_count(session, seeded.grid) == 0
+        assert await toggle_favourite(session, alice, seeded.grid) is True
+        await session.commit()
+    async with sessions() as session:
+        assert await favourite_count(session, seeded.grid) == 1
+        with pytest.raises(LookupError):
+            await toggle_favourite(session, alice, "Z" * 22)
+        # The table itself refuses a second row for the same member and job.
+        session.add(Favourite(member_id=alice, job_id=seeded.grid))
+        with pytest.raises(IntegrityError):
+            await session.flush()
+
+
+async def test_top_ranks_families_by_favourites(
+    client: TestClient[Any, Any], sessions: async_sessionmaker[AsyncSession], seeded: Seed
+) -> None:
+    assert "Nothing has been favourited yet" in await fetch(client, "/top")
+    alice, bob, mallory = [await _member_row(sessions, u) for u in (1, 2, 3)]
+    async with sessions() as session:
+        for member_id, job_id in [
+            (alice, seeded.hostile),
+            (bob, seeded.grid),
+            (mallory, seeded.variation),  # counts for the grid's family
+            *[(m, seeded.stealth) for m in (alice, bob, mallory)],  # never shown, never counted
+        ]:
+            await toggle_favourite(session, member_id, job_id)
+        await session.commit()
+    body = await fetch(client, "/top")
+    assert job_links(body) == [seeded.grid, seeded.hostile]
+    assert re.findall(r"❤️ (\d+)", body) == ["2", "1"]
+    assert_hidden(body, seeded, [seeded.stealth])
+    # The newest view shows the same counts.
+    feed_body = await fetch(client, "/")
+    assert re.findall(r'aria-label="(\d+) favourites"', feed_body) == ["1", "0", "2"]
+    # A job's page counts its own favourites.
+    assert 'aria-label="1 favourites"' in await fetch(client, f"/j/{seeded.variation}")
+
+
+async def test_member_page_lists_their_shown_favourites(
+    client: TestClient[Any, Any], sessions: async_sessionmaker[AsyncSession], seeded: Seed
+) -> None:
+    bob = await _member_row(sessions, 2)
+    async with sessions() as session:
+        for job_id in (seeded.grid, seeded.stealth, seeded.hostile, seeded.running):
+            await toggle_favourite(session, bob, job_id)
+        await session.commit()
+    body = await fetch(client, f"/m/{seeded.bob}/favourites")
+    assert job_links(body) == [seeded.hostile, seeded.grid]  # most recently favourited first
+    assert_hidden(body, seeded, [seeded.stealth, seeded.running, *seeded.bob_jobs])
+    assert f'href="/m/{seeded.bob}/favourites" aria-current="page"' in body
+    assert "No favourites yet" in await fetch(client, f"/m/{seeded.alice}/favourites")
+    await fetch(client, "/m/nobody/favourites", 404)
+
+
+# --- branding, files, assets ----------------------------------------------------------------
+
+
+async def test_owner_branding(
+    sessions: async_sessionmaker[AsyncSession], store: LocalMediaStore, tmp_path: Path
+) -> None:
+    settings = BotSettings(
+        _env_file=None,
+        media_dir=tmp_path / "media",
+        gallery_name="Fox <Den> & Co",
+        gallery_accent="#ff0066",
+        gallery_logo="/brand/fox.png",
+    )
+    async with TestClient(TestServer(create_app(sessions, store, settings))) as branded:
+        body = await fetch(branded, "/")
+        assert "<title>Explore · Fox &lt;Den&gt; &amp; Co</title>" in body
+        assert '<img class="logo-img" src="/brand/fox.png"' in body
+        theme = await branded.get("/theme.css")
+        assert theme.headers["Content-Type"].startswith("text/css")
+        assert "--accent:#ff0066" in await theme.text()
+    for bad in ({"gallery_accent": "red;}body{x"}, {"gallery_logo": "https://evil.example/x.png"}):
+        with pytest.raises(ValidationError):
+            BotSettings(_env_file=None, **bad)
+
+
+async def test_images_are_files_with_etag_and_ranges(client: TestClient[Any, Any], seeded: Seed) -> None:
+    for path in (f"/i/{seeded.grid}/0.png", f"/t/{seeded.grid}/0.webp"):
+        full = await client.get(path)
+        data = await full.read()
+        etag = full.headers["ETag"]
+        assert full.status == 200 and full.headers["Accept-Ranges"] == "bytes"
+        again = await client.get(path, headers={"If-None-Match": etag})
+        assert again.status == 304
+        part = await client.get(path, headers={"Range": "bytes=0-7"})
+        assert part.status == 206
+        assert await part.read() == data[:8]
+        assert part.headers["Content-Range"] == f"bytes 0-7/{len(data)}"
+
+
+class NoSuchKey(Exception):
+    """What botocore raises for a missing object, as far as the store looks at it."""
+
+    response = {"Error": {"Code": "NoSuchKey"}}  # noqa: RUF012
+
+
+class FakeS3:
+    """The boto3 S3 calls the store and the gallery make, over a dict."""
+
+    def __init__(self) -> None:
+        self.objects: dict[str, bytes] = {}
+
+    def put_object(self, Bucket: str, Key: str, Body: bytes, ContentType: str) -> None:
+        self.objects[Key] = Body
+
+    def get_object(self, Bucket: str, Key: str) -> dict[str, Any]:
+        if Key not in self.objects:
+            raise NoSuchKey(Key)
+        return {"Body": io.BytesIO(self.objects[Key])}
+
+    def head_object(self, Bucket: str, Key: str) -> None:
+        if Key not in self.objects:
+            raise NoSuchKey(Key)
+
+    def delete_object(self, Bucket: str, Key: str) -> None:
+        self.objects.pop(Key, None)
+
+    def generate_presigned_url(self, operation: str, Params: dict[str, str], ExpiresIn: int) -> str:
+        assert operation == "get_object" and ExpiresIn <= 3600
+        return f"https://media.example/{Params['Bucket']}/{Params['Key']}?signature=test"
+
+
+async def test_s3_images_redirect_to_presigned_urls(
+    sessions: async_sessionmaker[AsyncSession], tmp_path: Path
+) -> None:
+    s3 = S3MediaStore("pics", prefix="mirage", client=FakeS3())
+    seed = await seed_gallery(sessions, s3)  # type: ignore[arg-type]
+    settings = BotSettings(_env_file=None, media_dir=tmp_path / "media")
+    async with TestClient(TestServer(create_app(sessions, s3, settings))) as s3_client:
+        response = await s3_client.get(f"/i/{seed.grid}/0.png", allow_redirects=False)
+        assert response.status == 302
+        assert response.headers["Location"].startswith(
+            f"https://media.example/pics/mirage/jobs/{seed.grid}/0.png?"
+        )
+        thumb = await s3_client.get(f"/t/{seed.grid}/1.webp", allow_redirects=False)
+        assert thumb.status == 302 and "/mirage/thumbs/384/" in thumb.headers["Location"]
+        # The pages may load images from the bucket's origin, and from nowhere else.
+        page = await s3_client.get("/")
+        assert "img-src 'self' https://media.example;" in page.headers["Content-Security-Policy"]
+        # Hidden jobs never get a URL.
+        hidden = await s3_client.get(f"/i/{seed.stealth}/0.png", allow_redirects=False)
+        assert hidden.status == 404 and "Location" not in hidden.headers
+
+
+async def test_static_assets_are_served_locally(client: TestClient[Any, Any]) -> None:
+    for path, kind in (
+        ("/static/gallery.css", "text/css"),
+        ("/static/editor.css", "text/css"),
+        ("/static/editor.js", "javascript"),
+    ):
+        response = await client.get(path)
+        assert response.status == 200, path
+        assert kind in response.headers["Content-Type"]
+        assert "ETag" in response.headers
+    await fetch(client, "/static/../app.py", 404)
+    await fetch(client, "/static/nope.js", 404)
