@@ -82,7 +82,7 @@ from workers.schema import (
     nearest_bucket,
     scale_bucket,
 )
-from workers.sdxl import loading
+from workers.sdxl import health, loading
 from workers.sdxl.deepcache import deep_cache, draft_steps
 from workers.sdxl.progress import ProgressReporter
 from workers.sdxl.prompt import parse_lora_tags
@@ -241,6 +241,7 @@ class SDXLEngine:
         self.levers = Levers.from_settings(settings)
         self.vae = VaeRunner(txt2img.vae, device=device, model_dtype=dtype, mode=settings.vae_dtype)
         self.last_info: dict[str, Any] = {}  # the facts of the last job, for logs and tests
+        self.fp8_status = "off"  # "applied", or why FP8 was skipped
         for pipe in self._pipelines():
             pipe.set_progress_bar_config(disable=True)
 
@@ -251,7 +252,29 @@ class SDXLEngine:
         """Load the model named by ``settings.sdxl_model`` (hub id or local folder) and warm it up.
 
         Raises ``WorkerError(ENGINE_UNAVAILABLE)`` with a one-line reason when it cannot load.
+        The outcome is recorded for health checks (:mod:`workers.sdxl.health`).
         """
+        health.record(health.LOADING, model=settings.sdxl_model)
+        try:
+            engine = cls._load(settings)
+        except WorkerError as exc:
+            health.record(health.FAILED, model=settings.sdxl_model, reason=exc.message)
+            raise
+        except BaseException as exc:
+            health.record(
+                health.FAILED, model=settings.sdxl_model, reason=f"{type(exc).__name__}: {exc}"[:300]
+            )
+            raise
+        health.record(
+            health.LOADED,
+            model=settings.sdxl_model,
+            device=str(engine.device),
+            load_s=round(engine.load_s, 1),
+        )
+        return engine
+
+    @classmethod
+    def _load(cls, settings: WorkerSettings) -> SDXLEngine:
         started = time.perf_counter()
         quiet = logging.getLogger("diffusers.models.modeling_utils")
         if not any(isinstance(f, _QuietFp32CastWarning) for f in quiet.filters):
@@ -324,6 +347,8 @@ class SDXLEngine:
             loras=loras,
             lora_unavailable=lora_unavailable,
         )
+        if settings.fp8:
+            engine.fp8_status = fp8_skipped or "applied"
         if settings.warmup:
             engine.warm_up()
         engine.load_s = time.perf_counter() - started
