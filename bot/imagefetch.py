@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     import discord
 
     from bot.settings import BotSettings
+    from workers.schema import GenerationParams
 
 log = logging.getLogger(__name__)
 
@@ -101,11 +102,15 @@ class FetchLimits:
         )
 
 
-def image_label(index: int, source: str) -> str:
-    """How messages name an image: ``image 2 (https://example.com/cat.png)``, 1-based."""
+def image_label(index: int | None, source: str) -> str:
+    """How messages name an image: ``image 2 (https://example.com/cat.png)``, 1-based.
+
+    ``index`` None gives ``image (…)``, for a parameter that takes one picture.
+    """
     if len(source) > LABEL_URL_CHARS:
         source = source[: LABEL_URL_CHARS - 1] + "…"
-    return f"image {index} ({source})" if source else f"image {index}"
+    name = "image" if index is None else f"image {index}"
+    return f"{name} ({source})" if source else name
 
 
 def _size_text(limit: int) -> str:
@@ -452,3 +457,68 @@ async def fetch_images(
         if isinstance(result, BaseException):
             raise result
     return [result for result in results if isinstance(result, FetchedImage)]
+
+
+@dataclass(frozen=True)
+class References:
+    """Every picture a prompt points to, fetched and cleaned, by role.
+
+    ``style_codes`` keeps the ``--sref`` values that are not links (numeric style codes,
+    ``random``): they are not pictures and are the caller's to interpret.
+    """
+
+    prompt_images: tuple[FetchedImage, ...] = ()
+    style_images: tuple[FetchedImage, ...] = ()
+    character_images: tuple[FetchedImage, ...] = ()
+    omni_images: tuple[FetchedImage, ...] = ()
+    style_codes: tuple[str, ...] = ()
+
+
+def _is_link(value: str) -> bool:
+    return value.strip().lower().startswith(("http://", "https://"))
+
+
+async def fetch_references(
+    params: GenerationParams,
+    *,
+    limits: FetchLimits | None = None,
+    allow_addresses: Collection[str] = (),
+    resolver: AbstractResolver | None = None,
+) -> References:
+    """Fetch the image prompts, ``--sref``, ``--cref`` and ``--oref`` links of a parsed prompt.
+
+    Messages name each picture as the member wrote it: ``image 2 (…)`` for image prompts,
+    ``--sref image 1 (…)``, ``--cref image 1 (…)``, ``--oref image (…)``. All links are fetched
+    concurrently; the first failure is raised as :class:`ImageInputError`.
+    """
+    style_links = [ref for ref in params.style_refs if _is_link(ref)]
+    groups: list[list[tuple[str, str]]] = [
+        [(url, image_label(i, url)) for i, url in enumerate(params.image_prompts, start=1)],
+        [(url, f"--sref {image_label(i, url)}") for i, url in enumerate(style_links, start=1)],
+        [(url, f"--cref {image_label(i, url)}") for i, url in enumerate(params.character_refs, start=1)],
+        [(url, f"--oref {image_label(None, url)}") for url in filter(None, [params.omni_ref])],
+    ]
+    flat = [item for group in groups for item in group]
+    results = await asyncio.gather(
+        *(
+            fetch_image(url, label=label, limits=limits, allow_addresses=allow_addresses, resolver=resolver)
+            for url, label in flat
+        ),
+        return_exceptions=True,
+    )
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+    images = [result for result in results if isinstance(result, FetchedImage)]
+    split: list[tuple[FetchedImage, ...]] = []
+    start = 0
+    for group in groups:
+        split.append(tuple(images[start : start + len(group)]))
+        start += len(group)
+    return References(
+        prompt_images=split[0],
+        style_images=split[1],
+        character_images=split[2],
+        omni_images=split[3],
+        style_codes=tuple(ref for ref in params.style_refs if not _is_link(ref)),
+    )

@@ -111,6 +111,7 @@ def test_captions_cannot_smuggle_parameters_or_weights() -> None:
     assert clean_caption("1. arafed cat on a sofa --ar 16:9 —no dogs") == "cat on a sofa ar 16:9 no dogs"
     assert clean_caption("  a fox::2 in   the snow.  ") == "a fox 2 in the snow"
     assert clean_caption("araffe") == ""
+    assert clean_caption("##k shadow ##a man") == "k shadow a man"
 
 
 def test_duplicates_differing_only_in_case_or_punctuation_are_dropped() -> None:

@@ -28,11 +28,13 @@ from bot.imagefetch import (
     address_problem,
     fetch_image,
     fetch_images,
+    fetch_references,
     image_label,
     read_attachment,
     validate_image,
 )
 from bot.settings import BotSettings
+from workers.schema import GenerationParams
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -260,6 +262,36 @@ async def test_fetch_images_labels_in_order_and_reports_the_failing_one(host: Ho
     assert info.value.image_label.startswith("image 2 (")
     ok = await fetch_images([f"{host.origin}/png", f"{host.origin}/photo.jpg"], allow_addresses=host.allow)
     assert [(i.width, i.height) for i in ok] == [(40, 30), (32, 48)]
+
+
+async def test_fetch_references_groups_pictures_by_role(host: Host) -> None:
+    params = GenerationParams(
+        prompt="a fox",
+        image_prompts=(f"{host.origin}/png", f"{host.origin}/photo.jpg"),
+        style_refs=("1234567", f"{host.origin}/photo.jpg", "random"),
+        character_refs=(f"{host.origin}/png",),
+        omni_ref=f"{host.origin}/photo.jpg",
+    )
+    refs = await fetch_references(params, allow_addresses=host.allow)
+    assert [(i.width, i.height) for i in refs.prompt_images] == [(40, 30), (32, 48)]
+    assert [(i.width, i.height) for i in refs.style_images] == [(32, 48)]
+    assert [(i.width, i.height) for i in refs.character_images] == [(40, 30)]
+    assert [(i.width, i.height) for i in refs.omni_images] == [(32, 48)]
+    assert refs.style_codes == ("1234567", "random")
+
+
+async def test_fetch_references_names_the_parameter_of_a_bad_picture(host: Host) -> None:
+    params = GenerationParams(
+        prompt="a fox", character_refs=(f"{host.origin}/png", f"{host.origin}/text.png")
+    )
+    with pytest.raises(ImageInputError) as info:
+        await fetch_references(params, allow_addresses=host.allow)
+    assert str(info.value).startswith(
+        f"--cref image 2 ({host.origin}/text.png) can't be used: it is not an image"
+    )
+    params = GenerationParams(prompt="a fox", omni_ref=f"{host.origin}/missing")
+    with pytest.raises(ImageInputError, match=r"^--oref image \(http"):
+        await fetch_references(params, allow_addresses=host.allow)
 
 
 # --- addresses ----------------------------------------------------------------------------------

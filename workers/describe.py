@@ -48,6 +48,8 @@ _ARTIFACTS = re.compile(r"\b(?:ara+f+\w*|arafed)\b", re.IGNORECASE)
 _PARAMETER_SYNTAX = re.compile(r"(?:--+|—|::)")
 _NUMBERING = re.compile(r"^\s*(?:[-*•]|\d+[.)])\s*")
 _SPACES = re.compile(r"\s+")
+# A WordPiece continuation the decoder could not glue to a previous word.
+_WORDPIECE = re.compile(r"(?:^|(?<=\s))##")
 
 OPENAI_INSTRUCTIONS = (
     "You write prompts for an AI image generator. Look at the picture and write {count} different "
@@ -107,6 +109,7 @@ def clean_caption(text: str) -> str:
     text = _NUMBERING.sub("", text)
     text = _PARAMETER_SYNTAX.sub(" ", text)
     text = _ARTIFACTS.sub(" ", text)
+    text = _WORDPIECE.sub("", text)
     text = _SPACES.sub(" ", text).strip().strip(" .,;:\"'")
     if len(text) > MAX_PROMPT_CHARS:
         text = text[:MAX_PROMPT_CHARS].rsplit(" ", 1)[0]
