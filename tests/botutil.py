@@ -42,7 +42,7 @@ from bot.dispatch import (
     TaskState,
     WorkerStatus,
 )
-from bot.models import Job, JobStatus
+from bot.models import Job, JobStatus, Member
 from bot.settings import BotSettings
 from bot.storage import LocalMediaStore
 from tests.fakes import FakeDiscord, FakeInteraction
@@ -64,6 +64,7 @@ from workers.schema import (
 ROOT = Path(__file__).resolve().parent.parent
 FAKE_TOKEN = "fake-bot-token"
 GRID_IDS = 9  # U1-4, reroll, V1-4
+EPHEMERAL = 64  # the message flag of a reply only its member sees
 
 
 def make_settings(tmp: Path, database_url: str, **overrides: Any) -> BotSettings:
@@ -107,6 +108,7 @@ class FakeDispatcher:
     state: dict[str, TaskState] = field(default_factory=dict)
     queues: dict[Engine, str] = field(default_factory=lambda: {Engine.SDXL: "gpu", Engine.OPENAI: "api"})
     fail_sends: int = 0
+    routed: dict[str, str] = field(default_factory=dict)  # job id → the queue it was sent to
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def send(self, request: JobRequest, engine: Engine) -> None:
@@ -115,6 +117,7 @@ class FakeDispatcher:
             self.fail_sends -= 1
             raise ConnectionError("broker down (fake)")
         self.sent.append(request)
+        self.routed[request.job_id] = self.queues[engine]
         self.state[request.job_id] = TaskState(request.job_id, PENDING)
         self._changed.set()
 
@@ -391,6 +394,15 @@ class Harness:
                     return job
                 await asyncio.sleep(0.02)
 
+    async def settle(self, ticks: int = 3, timeout: float = 5.0) -> None:
+        """Wait until the tracker has run ``ticks`` more passes (for checks that nothing happens)."""
+        assert self.bot is not None
+        target = self.bot.tracker.ticks + ticks
+        async with asyncio.timeout(timeout):
+            while self.bot.tracker.ticks < target:
+                self.bot.tracker.wake()
+                await asyncio.sleep(0.01)
+
     async def job_count(self) -> int:
         """How many jobs exist."""
         async with self.sessions() as session:
@@ -509,3 +521,25 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 5.0, interval: floa
             return True
         time.sleep(interval)
     return predicate()
+
+
+async def credits_used(h: Harness, user_id: int) -> int:
+    """Allowance credits the member has spent this period (0 before their first job)."""
+    async with h.sessions() as session:
+        member = (await session.scalars(select(Member).where(Member.user_id == user_id))).first()
+        return 0 if member is None else member.credits_used
+
+
+async def press_and_wait(h: Harness, custom_id: str, message: dict[str, Any], **kwargs: Any) -> Any:
+    """Press a button on a message and wait for Discord's answer to the press."""
+    press = await h.fake.press(custom_id, message, **kwargs)
+    callback = await press.callback()
+    return press, callback
+
+
+async def reply_of(h: Harness, inter: Any) -> dict[str, Any]:
+    """The ephemeral answer of a deferred command (its first followup edits the deferral)."""
+    request = await h.fake.wait_for_request(
+        lambda r: r.interaction_token == inter.token and r.route == "webhook_execute"
+    )
+    return request.message_payload

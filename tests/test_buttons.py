@@ -1,16 +1,38 @@
-"""The button table: every custom_id format ever sent keeps parsing to the same job."""
+"""The result buttons: the table's custom_ids (every format ever sent keeps parsing to the same
+job), the layouts under a result, and presses on the fake Discord: what each starts, who may
+press, and presses after a restart."""
 
 from __future__ import annotations
 
 import re
+from pathlib import Path
+from typing import Any
 
 import pytest
+from sqlalchemy import delete
 
 from bot.buttons import ACTIONS, TEMPLATE, JobButton, parse_custom_id
-from bot.models import Job
+from bot.models import Job, JobStatus
 from bot.views import result_view
+from tests.botutil import (
+    EPHEMERAL,
+    GRID_IDS,
+    FakeDispatcher,
+    Harness,
+    attachment_bytes,
+    bot_harness,
+    credits_used,
+    custom_ids,
+    finish_grid,
+    has_result,
+    image_of,
+    labels,
+    press_and_wait,
+    row_sizes,
+)
 from workers.schema import Direction, JobKind
 
+pytestmark = pytest.mark.timeout(60)
 JOB = "AbC_def-123456789012345"
 
 
@@ -105,3 +127,163 @@ def test_single_view_layout_square_and_upscale_rules() -> None:
     assert f"mj:sq:{JOB}" in wide
     upscaled = [item.custom_id for item in result_view(_job(JobKind.UPSCALE), 128, 128).children]  # type: ignore[attr-defined]
     assert not any(cid.startswith("mj:up:") for cid in upscaled)  # already 2x
+
+
+# --- presses on the fake Discord ----------------------------------------------------------------
+
+
+@pytest.fixture
+async def h(tmp_path: Path, sqlite_url: str) -> Any:
+    """A bot over SQLite with a fake dispatcher."""
+    async with bot_harness(tmp_path, sqlite_url, FakeDispatcher()) as harness:
+        yield harness
+
+
+async def test_u_button_crops_the_grid_without_generation(h: Harness) -> None:
+    job, message = await finish_grid(h, "four colours")
+    sent_before = len(h.dispatcher.sent)
+    press, callback = await press_and_wait(h, f"mj:u:{job.id}:3", message)
+    assert callback.callback_type == 5
+    result = await press.wait_original(has_result)
+    assert len(h.dispatcher.sent) == sent_before  # no generation for U#
+    tile = image_of(await attachment_bytes(h.fake, result))
+    assert tile.size == (64, 64)
+    assert tile.getpixel((10, 10)) == (30, 30, 220)  # the third image of the fake grid
+    assert labels(result) == [
+        "Vary (Subtle)", "Vary (Strong)", "Upscale (Subtle)", "Upscale (Creative)",
+        "Zoom Out 2x", "Zoom Out 1.5x", "⬅️", "➡️", "⬆️", "⬇️",
+    ]  # fmt: skip
+    assert all(size <= 5 for size in row_sizes(result)) and len(row_sizes(result)) <= 5
+    assert "Image #3" in result["content"]
+    crop = await h.job_for(press)
+    assert (
+        crop.kind == JobKind.CROP and crop.cost == 0 and crop.parent_id == job.id and crop.parent_index == 3
+    )
+
+
+async def test_make_square_only_on_non_square_images(h: Harness) -> None:
+    inter = await h.imagine("wide --ar 16:9")
+    job = await h.job_for(inter)
+    await h.wait_job(job.id, lambda j: j.status == JobStatus.QUEUED)
+    h.dispatcher.succeed(job.id, size=(96, 48))
+    message = await inter.wait_original(has_result)
+    press, _ = await press_and_wait(h, f"mj:u:{job.id}:1", message)
+    result = await press.wait_original(has_result)
+    assert "Make Square" in labels(result)
+    assert len(row_sizes(result)) <= 5 and max(row_sizes(result)) <= 5
+
+
+@pytest.mark.parametrize(
+    ("button", "kind", "strength", "scale", "direction", "count", "cost"),
+    [
+        ("mj:v:{id}:2", JobKind.VARIATION, 0.85, None, None, 4, 1),
+        ("mj:r:{id}", JobKind.REROLL, None, None, None, 4, 1),
+        ("mj:vary:{crop}:subtle", JobKind.VARIATION, 0.5, None, None, 4, 1),
+        ("mj:vary:{crop}:strong", JobKind.VARIATION, 0.85, None, None, 4, 1),
+        ("mj:up:{crop}:subtle", JobKind.UPSCALE, 0.35, 2.0, None, 1, 1),
+        ("mj:up:{crop}:creative", JobKind.UPSCALE, 0.55, 2.0, None, 1, 1),
+        ("mj:zoom:{crop}:2", JobKind.ZOOM, None, 2.0, None, 4, 1),
+        ("mj:zoom:{crop}:1.5", JobKind.ZOOM, None, 1.5, None, 4, 1),
+        ("mj:pan:{crop}:l", JobKind.PAN, None, None, "left", 4, 1),
+        ("mj:pan:{crop}:d", JobKind.PAN, None, None, "down", 4, 1),
+    ],
+)
+async def test_buttons_send_the_right_request(
+    h: Harness,
+    button: str,
+    kind: JobKind,
+    strength: float | None,
+    scale: float | None,
+    direction: str | None,
+    count: int,
+    cost: int,
+) -> None:
+    job, grid = await finish_grid(h, "a harbour --seed 1000")
+    message, target = grid, job
+    if "{crop}" in button:
+        press, _ = await press_and_wait(h, f"mj:u:{job.id}:2", grid)
+        message = await press.wait_original(has_result)
+        target = await h.job_for(press)
+    press, callback = await press_and_wait(h, button.format(id=job.id, crop=target.id), message)
+    assert callback.callback_type == 5
+    new = await h.job_for(press)
+    await h.dispatcher.wait_sent(2)
+    request = h.dispatcher.request(new.id)
+    assert request.kind == kind and request.count == count
+    assert request.strength == strength and request.scale == scale
+    assert (request.direction.value if request.direction else None) == direction
+    assert request.params.prompt == "a harbour"
+    if kind == JobKind.REROLL:
+        assert request.input_image is None and request.seed != 1000
+    else:
+        assert request.input_image is not None and request.seed == 1000
+    assert new.cost == cost and new.parent_id == target.id
+    waiting = await press.wait_original(lambda m: "Waiting to start" in (m.get("content") or ""))
+    assert waiting["id"] != message["id"]  # a new message, the old grid stays
+    h.dispatcher.succeed(new.id)
+    result = await press.wait_original(has_result)
+    if count == 1:
+        assert "Upscaled" in result["content"] and "Upscale (Subtle)" not in labels(result)
+    else:
+        assert len(custom_ids(result)) == GRID_IDS
+
+
+async def test_pressing_someone_elses_public_job_charges_the_presser(h: Harness) -> None:
+    job, message = await finish_grid(h, "shared")
+    bob = h.fake.add_member(h.fake.guild, "bob").user
+    press, _ = await press_and_wait(h, f"mj:v:{job.id}:1", message, user=bob)
+    new = await h.job_for(press)
+    assert new.user_id == bob.id and new.member_id != job.member_id
+    assert await credits_used(h, bob.id) == 1
+    assert await credits_used(h, h.fake.user.id) == 1
+
+
+async def test_stealth_buttons_only_work_for_the_owner(h: Harness) -> None:
+    job, message = await finish_grid(h, "secret --stealth")
+    assert job.visibility == "stealth" and "(fast/stealth)" in message["content"]
+    mallory = h.fake.add_member(h.fake.guild, "mallory").user
+    count = await h.job_count()
+    for custom_id in (f"mj:u:{job.id}:1", f"mj:v:{job.id}:1", f"mj:r:{job.id}"):
+        press, callback = await press_and_wait(h, custom_id, message, user=mallory)
+        assert callback.callback_type == 4 and callback.message_payload["flags"] & EPHEMERAL
+        assert "secret" not in callback.message_payload["content"]
+    assert await h.job_count() == count
+    # The owner may, and the result stays stealth.
+    press, callback = await press_and_wait(h, f"mj:u:{job.id}:1", message)
+    assert callback.callback_type == 5
+    await press.wait_original(has_result)
+    assert (await h.job_for(press)).visibility == "stealth"
+
+
+async def test_forged_or_deleted_job_ids_are_refused(h: Harness) -> None:
+    _job, message = await finish_grid(h, "real")
+    forged = dict(message)
+    forged["components"] = [
+        {
+            "type": 1,
+            "components": [
+                {"type": 2, "style": 2, "label": "U1", "custom_id": "mj:u:AAAAAAAAAAAAAAAAAAAAAA:1"}
+            ],
+        }
+    ]
+    forged["id"] = "1"  # not a stored message: the fake sends the forged components as they are
+    press = await h.fake.press("mj:u:AAAAAAAAAAAAAAAAAAAAAA:1", forged)
+    callback = await press.callback()
+    assert callback.callback_type == 4 and callback.message_payload["flags"] & EPHEMERAL
+    assert callback.message_payload["content"] == "This job no longer exists."
+
+    # A job deleted from the database (e.g. by an admin) behaves the same.
+    async with h.sessions() as session, session.begin():
+        await session.execute(delete(Job).where(Job.id == _job.id))
+    press = await h.fake.press(f"mj:r:{_job.id}", message)
+    callback = await press.callback()
+    assert callback.message_payload["content"] == "This job no longer exists."
+
+
+async def test_buttons_work_after_a_restart(h: Harness) -> None:
+    job, message = await finish_grid(h, "persistent")
+    await h.restart_bot()
+    press, callback = await press_and_wait(h, f"mj:v:{job.id}:4", message)
+    assert callback.callback_type == 5
+    new = await h.job_for(press)
+    assert new.kind == JobKind.VARIATION and new.parent_id == job.id and new.parent_index == 4

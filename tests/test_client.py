@@ -1,0 +1,41 @@
+"""The client: application commands are synced only when they changed, to each configured guild."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.botutil import (
+    FakeDispatcher,
+    Harness,
+    bot_harness,
+)
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture
+async def h(tmp_path: Path, sqlite_url: str) -> Any:
+    """A bot over SQLite with a fake dispatcher."""
+    async with bot_harness(tmp_path, sqlite_url, FakeDispatcher()) as harness:
+        yield harness
+
+
+async def test_commands_sync_only_when_changed(h: Harness) -> None:
+    puts = [r for r in h.fake.requests if r.method == "PUT" and r.path.endswith("/commands")]
+    assert len(puts) == 1
+    names = sorted(c["name"] for c in h.fake.commands())
+    assert names == ["gallery", "imagine", "info", "public", "quota", "settings", "status", "stealth"]
+    await h.restart_bot()
+    puts = [r for r in h.fake.requests if r.method == "PUT" and r.path.endswith("/commands")]
+    assert len(puts) == 1  # same commands: no second sync
+
+
+async def test_guild_ids_sync_to_each_guild(tmp_path: Path, sqlite_url: str) -> None:
+    async with bot_harness(tmp_path, sqlite_url, FakeDispatcher(), start=False) as h:
+        h.settings.discord_guild_ids = [h.fake.guild.id]
+        await h.start_bot()
+        assert {c["name"] for c in h.fake.commands(h.fake.guild)} >= {"imagine", "quota"}
+        assert h.fake.commands() == []

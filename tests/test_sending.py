@@ -1,0 +1,59 @@
+"""Sending final messages: the channel fallback past the interaction token, retries when Discord is down."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bot.models import JobStatus
+from tests.botutil import (
+    GRID_IDS,
+    FakeDispatcher,
+    Harness,
+    bot_harness,
+    custom_ids,
+    has_result,
+)
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture
+async def h(tmp_path: Path, sqlite_url: str) -> Any:
+    """A bot over SQLite with a fake dispatcher."""
+    async with bot_harness(tmp_path, sqlite_url, FakeDispatcher()) as harness:
+        yield harness
+
+
+async def test_expired_token_delivers_to_the_channel_with_a_mention(h: Harness) -> None:
+    inter = await h.imagine("a very long job")
+    job = await h.job_for(inter)
+    await h.wait_job(job.id, lambda j: j.status == JobStatus.QUEUED)
+    h.fake.expire_token(inter)
+    h.dispatcher.succeed(job.id)
+    post = await h.fake.wait_for_request(
+        lambda r: r.route == "channel_message_create" and r.status == 200, timeout=10
+    )
+    assert post.path == f"/channels/{h.fake.channel.id}/messages"
+    assert post.headers["Authorization"] == "Bot fake-bot-token"
+    assert f"<@{h.fake.user.id}>" in post.json["content"]
+    assert [int(u) for u in post.json["allowed_mentions"]["users"]] == [h.fake.user.id]
+    assert len(post.custom_ids()) == GRID_IDS and post.files
+    job = await h.wait_job(job.id, lambda j: j.message_id is not None)
+    assert job.delivered and job.message_id == int(post.response["id"])
+
+
+async def test_delivery_retries_when_discord_is_down(h: Harness) -> None:
+    inter = await h.imagine("flaky discord")
+    job = await h.job_for(inter)
+    await h.wait_job(job.id, lambda j: j.status == JobStatus.QUEUED)
+    h.fake.fail_next("PATCH", r"^/webhooks/", 400, {"message": "nope", "code": 0}, times=1)
+    h.dispatcher.succeed(job.id)
+    await h.wait_job(job.id, lambda j: j.status == JobStatus.DONE and not j.delivered)
+    # The claim was released; the tracker's retry (after a short backoff) delivers it.
+    message = await inter.wait_original(has_result, timeout=10)
+    assert len(custom_ids(message)) == GRID_IDS
+    sends = [r for r in inter.requests if r.route == "webhook_message_edit" and r.files]
+    assert len([r for r in sends if r.status == 200]) == 1  # delivered exactly once
