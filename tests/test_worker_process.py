@@ -32,7 +32,7 @@ from workers.schema import (
     TaskOutcome,
 )
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
 
 MODULE_DB = 11  # the shared worker's broker + results
 CRASH_DB = 12  # the SIGKILL test's own broker + results
@@ -248,16 +248,21 @@ def _crash_and_recover(tiny_model_dir: Path, tmp: Path, broker: str, backend: st
         broker,
         backend,
         # Redelivery of an unacknowledged message waits for the visibility timeout; keep it short
-        # and the time limits below it, as production keeps them (1260 s < 1800 s).
-        VISIBILITY_TIMEOUT_S="15",
-        TASK_SOFT_TIME_LIMIT_S="10",
-        TASK_TIME_LIMIT_S="12",
+        # and the time limits below it, as production keeps them (1260 s < 1800 s). The limits
+        # still leave a 12-step tiny grid room on a 2-core machine other test runs share.
+        VISIBILITY_TIMEOUT_S="45",
+        TASK_SOFT_TIME_LIMIT_S="35",
+        TASK_TIME_LIMIT_S="40",
     )
     app = client_app(broker, backend)
     first = WorkerProcess(env, tmp / "first.log").start()
     job_id = _job_id("crash")
     try:
         first.wait_ready()
+        # The job must be caught running, not waiting for the warm-up's model load.
+        assert wait_for(lambda: "sdxl engine ready" in first.log(), timeout=120, interval=0.1), first.log()[
+            -3000:
+        ]
         result = _send(app, request(job_id, steps=LONG_STEPS))
         assert wait_for(lambda: result.state == "PROGRESS", timeout=60, interval=0.02), first.log()[-3000:]
         first.kill()
@@ -266,7 +271,7 @@ def _crash_and_recover(tiny_model_dir: Path, tmp: Path, broker: str, backend: st
         first.kill()
     second = WorkerProcess(env, tmp / "second.log").start()
     try:
-        outcome = wait_outcome(result, timeout=90)
+        outcome = wait_outcome(result, timeout=180)
         assert outcome.result is not None, outcome.error
         assert outcome.result.layout is Layout.GRID
         wait_for(lambda: f"{job_id}] succeeded" in second.log(), timeout=10)
