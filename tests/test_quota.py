@@ -9,21 +9,10 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from bot.credits import CreditReport, InsufficientCredits, QuotaDefaults, period_bounds
 from bot.models import CreditEntry, Guild, LedgerKind, Member
-from bot.quota import (
-    CreditReport,
-    InsufficientCredits,
-    QuotaDefaults,
-    get_or_create_member,
-    grant,
-    period_bounds,
-    refund,
-    report,
-    reserve,
-    reset_usage,
-    set_guild_default,
-    set_member_limit,
-)
+from bot.quota import get_or_create_member, refund, report, reserve
+from bot.quota_admin import grant, reset_usage, set_guild_default, set_member_limit
 from bot.settings import BotSettings, Period
 
 Sessions = async_sessionmaker[AsyncSession]
