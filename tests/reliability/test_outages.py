@@ -1,6 +1,6 @@
 # Polling loops wait on rows and task states other processes write (no event to wait on), always
 # under a timeout.
-"""Infrastructure outages: Redis restarted under the bot, PostgreSQL briefly unreachable (SPEC §3).
+"""Infrastructure outages: Redis restarted under the bot, PostgreSQL briefly unreachable; no job is lost.
 
 - Redis: a *private* ``redis-server`` (AOF, fsync on every write) is the broker and result backend
   of the bot and of one real worker serving the tiny model. It is SIGKILLed; ``/imagine``

@@ -1,7 +1,7 @@
 # Polling loops wait on database rows another task writes (no event to wait on), always under a
 # timeout.
 # ruff: noqa: ASYNC110
-"""Overload: 500 ``/imagine`` interactions at once from 100 members (SPEC §3, §6).
+"""Overload: 500 ``/imagine`` interactions at once from 100 members, every one answered in time.
 
 The bot runs against the fake Discord over PostgreSQL with the fake dispatcher (workers are not
 the subject here). Each member may run 2 jobs at the broker and owns 3 credits, and sends 5

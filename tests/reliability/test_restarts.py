@@ -1,7 +1,7 @@
 # Polling loops wait on rows and task states other processes write (no event to wait on), always
 # under a timeout.
 # ruff: noqa: ASYNC109, ASYNC110
-"""The bot process dies and restarts while jobs run (SPEC §3 "Nothing is lost").
+"""The bot process dies and restarts while jobs run: every accepted job is still delivered or refunded.
 
 Six jobs from three members go through the real ``CeleryDispatcher`` and one real worker serving
 the tiny model (on the shared Redis, on a queue unique to this module). Each member may run one

@@ -1,4 +1,4 @@
-"""Secrets never reach the log, Discord messages or admin output (SPEC §6).
+"""Secrets never reach the log, Discord messages or admin output, where anyone reading them would get them.
 
 A real discord.py client runs against the fake Discord with a distinctive bot token, an
 ``OPENAI_API_KEY`` and a broker password set, logging at DEBUG (discord.py's HTTP layer included,
