@@ -70,7 +70,9 @@ class WorkerSettings(BaseSettings):
             {str(key).lower() for key in data} if isinstance(data, dict) else set()
         )
         for old, new in DEPRECATED_NAMES.items():
-            if old in present:
+            # PROGRESS_INTERVAL_S is also the bot's own setting: next to the new name it is the
+            # bot's, and only alone is it what this worker reads.
+            if old in present and new not in present:
                 log.warning("setting %s is deprecated; use %s", old.upper(), new.upper())
         return data
 
