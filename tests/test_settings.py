@@ -61,3 +61,15 @@ def test_bot_and_schema_do_not_import_torch() -> None:
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_bot_progress_edit_interval_reads_the_old_name_with_a_warning(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """PROGRESS_INTERVAL_S meant two things; on the bot it is now PROGRESS_EDIT_INTERVAL_S."""
+    monkeypatch.setenv("PROGRESS_INTERVAL_S", "3.5")
+    with caplog.at_level("WARNING", logger="bot.settings"):
+        assert BotSettings(_env_file=None).progress_edit_interval_s == 3.5
+    assert "PROGRESS_INTERVAL_S is deprecated; use PROGRESS_EDIT_INTERVAL_S" in caplog.text
+    monkeypatch.setenv("PROGRESS_EDIT_INTERVAL_S", "1.0")
+    assert BotSettings(_env_file=None).progress_edit_interval_s == 1.0  # the new name wins
