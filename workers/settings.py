@@ -65,14 +65,14 @@ class WorkerSettings(BaseSettings):
     @model_validator(mode="before")
     @classmethod
     def _warn_deprecated(cls, data: object) -> object:
-        # The sources have already mapped old names onto fields, so look where operators set them.
-        present = {key.lower() for key in os.environ} | (
-            {str(key).lower() for key in data} if isinstance(data, dict) else set()
-        )
+        # The sources have already mapped old names onto fields (under the new name), so look
+        # where operators set them.
+        environ = {key.lower() for key in os.environ}
+        present = environ | ({str(key).lower() for key in data} if isinstance(data, dict) else set())
         for old, new in DEPRECATED_NAMES.items():
             # PROGRESS_INTERVAL_S is also the bot's own setting: next to the new name it is the
             # bot's, and only alone is it what this worker reads.
-            if old in present and new not in present:
+            if old in present and new not in environ:
                 log.warning("setting %s is deprecated; use %s", old.upper(), new.upper())
         return data
 
