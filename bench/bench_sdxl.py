@@ -90,73 +90,67 @@ def build_full_size_sdxl(path: Path) -> Path:
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = CLIPTokenizer.from_pretrained(str(write_tiny_tokenizer(Path(tmp))))
     torch.manual_seed(0)
-    # Random init straight on the GPU and in fp16: initialising 3.5 B parameters on a CPU takes
-    # minutes, and fp32 first would double the memory for nothing.
-    saved_dtype = torch.get_default_dtype()
-    if build_device.type == "cuda":
-        torch.set_default_dtype(torch.float16)
-    try:
-        with build_device:
-            unet = UNet2DConditionModel(
-                sample_size=128,
-                in_channels=4,
-                out_channels=4,
-                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-                up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-                block_out_channels=(320, 640, 1280),
-                layers_per_block=2,
-                attention_head_dim=(5, 10, 20),
-                transformer_layers_per_block=(1, 2, 10),
-                cross_attention_dim=2048,
-                use_linear_projection=True,
-                addition_embed_type="text_time",
-                addition_time_embed_dim=256,
-                projection_class_embeddings_input_dim=2816,
-                norm_num_groups=32,
-            ).half()
-            vae = AutoencoderKL(
-                in_channels=3,
-                out_channels=3,
-                down_block_types=("DownEncoderBlock2D",) * 4,
-                up_block_types=("UpDecoderBlock2D",) * 4,
-                block_out_channels=(128, 256, 512, 512),
-                layers_per_block=2,
-                latent_channels=4,
-                sample_size=1024,
-                scaling_factor=0.13025,
-                force_upcast=True,
-            ).half()
-            common = {
-                "vocab_size": 49408,
-                "max_position_embeddings": 77,
-                "bos_token_id": tokenizer.bos_token_id,
-                "eos_token_id": tokenizer.eos_token_id,
-                "pad_token_id": tokenizer.pad_token_id,
-            }
-            text_encoder = CLIPTextModel(
-                CLIPTextConfig(
-                    hidden_size=768,
-                    intermediate_size=3072,
-                    num_hidden_layers=12,
-                    num_attention_heads=12,
-                    hidden_act="quick_gelu",
-                    projection_dim=768,
-                    **common,
-                )
-            ).half()
-            text_encoder_2 = CLIPTextModelWithProjection(
-                CLIPTextConfig(
-                    hidden_size=1280,
-                    intermediate_size=5120,
-                    num_hidden_layers=32,
-                    num_attention_heads=20,
-                    hidden_act="gelu",
-                    projection_dim=1280,
-                    **common,
-                )
-            ).half()
-    finally:
-        torch.set_default_dtype(saved_dtype)
+    # Random init straight on the GPU (initialising 3.5 B parameters on a CPU takes minutes), each
+    # module cast to fp16 as soon as it exists, so the fp32 copies never pile up.
+    with build_device:
+        unet = UNet2DConditionModel(
+            sample_size=128,
+            in_channels=4,
+            out_channels=4,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            block_out_channels=(320, 640, 1280),
+            layers_per_block=2,
+            attention_head_dim=(5, 10, 20),
+            transformer_layers_per_block=(1, 2, 10),
+            cross_attention_dim=2048,
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=256,
+            projection_class_embeddings_input_dim=2816,
+            norm_num_groups=32,
+        ).half()
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(128, 256, 512, 512),
+            layers_per_block=2,
+            latent_channels=4,
+            sample_size=1024,
+            scaling_factor=0.13025,
+            force_upcast=True,
+        ).half()
+        common = {
+            "vocab_size": 49408,
+            "max_position_embeddings": 77,
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id,
+        }
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                hidden_size=768,
+                intermediate_size=3072,
+                num_hidden_layers=12,
+                num_attention_heads=12,
+                hidden_act="quick_gelu",
+                projection_dim=768,
+                **common,
+            )
+        ).half()
+        text_encoder_2 = CLIPTextModelWithProjection(
+            CLIPTextConfig(
+                hidden_size=1280,
+                intermediate_size=5120,
+                num_hidden_layers=32,
+                num_attention_heads=20,
+                hidden_act="gelu",
+                projection_dim=1280,
+                **common,
+            )
+        ).half()
     scheduler = EulerDiscreteScheduler(
         beta_start=0.00085,
         beta_end=0.012,

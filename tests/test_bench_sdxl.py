@@ -1,0 +1,104 @@
+"""bench/bench_sdxl.py runs end to end on the tiny model (functional only: no timing is asserted)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("diffusers")
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "bench" / "bench_sdxl.py"
+
+
+@pytest.mark.slow
+def test_tiny_bench_measures_every_section(tmp_path: Path, tiny_model_dir: Path) -> None:
+    out = tmp_path / "bench.json"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), SDXL_HEALTH_FILE=str(tmp_path / "health.json"))
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(BENCH),
+            "--tiny",
+            "--model-dir",
+            str(tiny_model_dir),
+            "--runs",
+            "1",
+            "--lever-runs",
+            "1",
+            "--steps",
+            "2",
+            "--threads",
+            "1",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    data = json.loads(out.read_text())
+    sections = data["sections"]
+    expected = {
+        "plain", "fast", "vae_float32", "vae_float16", "vae_bfloat16", "cpu_postprocess", "previews_gpu",
+        "previews_cpu", "attention_flash", "attention_efficient", "attention_cudnn", "draft",
+        "upscale_fewest_tiles", "upscale_base_tiles",
+    }  # fmt: skip
+    assert expected <= set(sections)
+    errors = {name: row["error"] for name, row in sections.items() if "error" in row}
+    assert not errors
+    for name in expected:
+        assert sections[name]["median_s"] > 0, name
+    for name in expected - {"plain", "upscale_fewest_tiles", "upscale_base_tiles"}:
+        assert set(sections[name]["phases_s"]) == {"text_encode", "denoise", "vae_decode", "postprocess"}
+    assert sections["vae_bfloat16"]["vae_dtype"] == "bfloat16"
+    assert sections["draft"]["unet_full"] < sections["draft"]["steps"]
+    assert (sections["upscale_fewest_tiles"]["tiles"], sections["upscale_base_tiles"]["tiles"]) == (4, 9)
+    assert sections["previews_gpu"]["previews"] < sections["previews_cpu"]["previews"]
+    assert data["meta"]["size"] == 64 and data["meta"]["steps"] == 2
+    # The table prints from the JSON alone (a run cut short still has one).
+    table = subprocess.run(
+        [sys.executable, str(BENCH), "--table", str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert table.returncode == 0 and "x plain" in table.stdout and "upscale_fewest_tiles" in table.stdout
+
+
+def test_table_shows_errors_and_skips(tmp_path: Path) -> None:
+    path = tmp_path / "partial.json"
+    path.write_text(
+        json.dumps(
+            {
+                "meta": {"size": 1024, "steps": 25, "device": "GPU"},
+                "sections": {
+                    "plain": {"median_s": 6.0, "peak_gib": 12.0},
+                    "fast": {"median_s": 3.0, "phases_s": {"denoise": 2.5}},
+                    "compile_cold": {"error": "InductorError: no C compiler"},
+                    "fp8": {"skipped": "budget: 10s left"},
+                },
+            }
+        )
+    )
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    table = subprocess.run(
+        [sys.executable, str(BENCH), "--table", str(path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert table.returncode == 0, table.stderr
+    fast = next(line for line in table.stdout.splitlines() if line.startswith("fast"))
+    assert "2.00" in fast  # 6.0 s plain / 3.0 s
+    assert "ERROR: InductorError" in table.stdout and "skipped: budget" in table.stdout
