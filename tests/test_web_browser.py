@@ -1,8 +1,9 @@
-"""The gallery in a real headless Chromium, driven over the Chrome DevTools Protocol.
+"""The gallery and the Vary (Region) editor in a real headless Chromium, driven over CDP.
 
-Needs Debian's ``chromium`` package (/usr/bin/chromium, or MIRAGE_CHROMIUM). Without it the test
-skips, unless MIRAGE_REQUIRE_BROWSER=1 (CI), where a missing browser fails the run. Screenshots
-go to ``artifacts/`` at the repository root.
+Needs Debian's ``chromium`` package (/usr/bin/chromium, or MIRAGE_CHROMIUM). Without it the tests
+skip, unless MIRAGE_REQUIRE_BROWSER=1 (CI), where a missing browser fails the run. Screenshots
+go to ``artifacts/`` at the repository root (ignored by git); with MIRAGE_SCREENSHOTS=1 the
+explore page and the editor are also saved as the README's pictures under ``docs/``.
 """
 
 from __future__ import annotations
@@ -25,15 +26,19 @@ import pytest
 from PIL import Image as PILImage
 
 from bot.database import make_engine, make_sessionmaker, upgrade
+from bot.favourites import toggle_favourite
 from bot.media import save_job_images
 from bot.models import Job, JobStatus, Member
 from bot.settings import BotSettings
+from bot.signing import PURPOSE_REGION, REGION_TTL, Signer, region_editor_url
 from bot.storage import LocalMediaStore
 from bot.web import create_app, start_web
 
 CHROMIUM = Path(os.environ.get("MIRAGE_CHROMIUM", "/usr/bin/chromium"))
 REQUIRE_BROWSER = os.environ.get("MIRAGE_REQUIRE_BROWSER") == "1"
 ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+DOC_SCREENSHOTS = os.environ.get("MIRAGE_SCREENSHOTS") == "1"
 TIME_LIMIT_S = 30
 VIEWPORT = (1280, 900)
 
@@ -42,6 +47,9 @@ PUBLIC_PROMPTS = [
     "bioluminescent jellyfish drifting through a neon city, cinematic",
     "a tiny fox asleep in a teacup, soft morning light, watercolor",
     "brutalist temple in a desert of pink sand, volumetric haze",
+    "a paper boat on a rain-soaked street, macro photography",
+    "isometric cozy library inside a hollow tree, warm light",
+    "a red fox in fresh snow, telephoto, golden hour",
     "portrait of an astronaut made of stained glass, intricate",
     "<script>alert('x')</script> hostile prompt stays text",
 ]
@@ -58,11 +66,12 @@ def chromium_or_skip() -> Path:
     pytest.skip(reason)
 
 
-def art(seed: int, size: int) -> bytes:
+def art(seed: int, size: int, height: int | None = None) -> bytes:
     """A colourful, deterministic "generated" image: layered sine fields with a soft vignette."""
+    width, height = size, height or size
     rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:size, 0:size] / size
-    field = np.zeros((size, size))
+    y, x = np.mgrid[0:height, 0:width] / max(width, height)
+    field = np.zeros((height, width))
     for _ in range(4):
         fx, fy = rng.uniform(1.5, 6, 2).tolist()
         phase = rng.uniform(0, 2 * np.pi)
@@ -72,7 +81,7 @@ def art(seed: int, size: int) -> bytes:
     rgb = np.stack(
         [0.5 + 0.5 * np.cos(2 * np.pi * (palette[c, 2] * field + palette[c, 0])) for c in range(3)], axis=-1
     )
-    vignette = 1 - 0.55 * (((x - 0.5) ** 2 + (y - 0.5) ** 2) * 2)
+    vignette = 1 - 0.55 * (((x - x.mean()) ** 2 + (y - y.mean()) ** 2) * 2)
     rgb = np.clip(rgb * vignette[..., None] * 255, 0, 255).astype(np.uint8)
     out = io.BytesIO()
     PILImage.fromarray(rgb, "RGB").save(out, "PNG", compress_level=1)
@@ -82,10 +91,10 @@ def art(seed: int, size: int) -> bytes:
 def grid_of(tiles: list[bytes]) -> bytes:
     """Four tiles as a 2x2 grid, like an imagine job's index 0."""
     images = [PILImage.open(io.BytesIO(t)) for t in tiles]
-    side = images[0].width
-    grid = PILImage.new("RGB", (side * 2, side * 2))
+    width, height = images[0].size
+    grid = PILImage.new("RGB", (width * 2, height * 2))
     for i, img in enumerate(images):
-        grid.paste(img, ((i % 2) * side, (i // 2) * side))
+        grid.paste(img, ((i % 2) * width, (i // 2) * height))
     out = io.BytesIO()
     grid.save(out, "PNG", compress_level=1)
     return out.getvalue()
@@ -227,8 +236,21 @@ async def launch_chromium(binary: Path, profile: Path) -> AsyncIterator[str]:
                 await drain
 
 
-async def seed(sessions: Any, store: LocalMediaStore) -> tuple[list[str], str]:
-    """Public jobs with real images (newest last) and one stealth job; returns their ids."""
+# Tile sizes by job, so the masonry has landscape, square and portrait pictures to lay out.
+TILE_SIZES = [((256, 256), [1, 1]), ((288, 192), [3, 2]), ((192, 288), [2, 3])]
+
+
+def tile_size(n: int) -> tuple[int, int]:
+    """The tile size of the n-th seeded job (stealth job included in the count)."""
+    return TILE_SIZES[n % len(TILE_SIZES)][0]
+
+
+async def seed(sessions: Any, store: LocalMediaStore) -> tuple[list[str], str, list[str]]:
+    """Public jobs with real images (newest last), one stealth job, and a family under the oldest.
+
+    Returns the public ids, the stealth id and the family members (an upscale and a variation of
+    the oldest public grid), which also collect favourites.
+    """
     async with sessions() as session:
         alice = Member(guild_id=1, user_id=1, display_name="Alice")
         bob = Member(guild_id=1, user_id=2, display_name="Bob")
@@ -239,14 +261,15 @@ async def seed(sessions: Any, store: LocalMediaStore) -> tuple[list[str], str]:
         specs = [(p, "public", alice if i % 2 else bob) for i, p in enumerate(PUBLIC_PROMPTS)]
         specs.insert(3, (STEALTH_PROMPT, "stealth", alice))
         for n, (prompt, visibility, member) in enumerate(specs):
+            (width, height), aspect = TILE_SIZES[n % len(TILE_SIZES)]
             job = Job(
                 member_id=member.id,
                 user_id=member.user_id,
                 guild_id=1,
                 channel_id=1,
                 kind="imagine",
-                prompt=prompt,
-                params={"aspect": [1, 1], "stylize": 100, "chaos": 0},
+                prompt=prompt.removesuffix(" --ar 1:1"),
+                params={"aspect": aspect, "stylize": 250, "chaos": 0},
                 seed=4242 + n,
                 engine="sdxl",
                 visibility=visibility,
@@ -254,7 +277,7 @@ async def seed(sessions: Any, store: LocalMediaStore) -> tuple[list[str], str]:
             )
             session.add(job)
             await session.flush()
-            tiles = [await asyncio.to_thread(art, n * 10 + t, 256) for t in range(4)]
+            tiles = [await asyncio.to_thread(art, n * 10 + t, width, height) for t in range(4)]
             images = [(0, await asyncio.to_thread(grid_of, tiles)), *enumerate(tiles, start=1)]
             await save_job_images(store, session, job, images)
             if visibility == "public":
@@ -262,7 +285,41 @@ async def seed(sessions: Any, store: LocalMediaStore) -> tuple[list[str], str]:
             else:
                 stealth_id = job.id
             await session.commit()  # one commit per job: distinct created_at order
-    return public, stealth_id
+
+        oldest = await session.get(Job, public[0])
+        assert oldest is not None
+        family: list[str] = []
+        for kind, index in (("crop", 2), ("variation", 3)):
+            child = Job(
+                member_id=oldest.member_id,
+                user_id=oldest.user_id,
+                guild_id=1,
+                channel_id=1,
+                kind=kind,
+                parent_id=oldest.id,
+                parent_index=index,
+                prompt=oldest.prompt,
+                params=oldest.params,
+                seed=oldest.seed,
+                engine="sdxl",
+                visibility="public",
+                status=JobStatus.DONE,
+            )
+            session.add(child)
+            await session.flush()
+            (width, height) = tile_size(0)
+            if kind == "crop":
+                images = [(0, await asyncio.to_thread(art, index, width, height))]
+            else:
+                tiles = [await asyncio.to_thread(art, 100 + t, width, height) for t in range(4)]
+                images = [(0, await asyncio.to_thread(grid_of, tiles)), *enumerate(tiles, start=1)]
+            await save_job_images(store, session, child, images)
+            family.append(child.id)
+            await session.commit()
+        for member_id, job_id in ((bob.id, family[0]), (alice.id, family[1]), (alice.id, public[2])):
+            await toggle_favourite(session, member_id, job_id)
+        await session.commit()
+    return public, stealth_id, family
 
 
 IMAGES_LOADED_JS = """(async () => {
@@ -274,9 +331,13 @@ IMAGES_LOADED_JS = """(async () => {
                            href: i.closest('a') ? i.closest('a').getAttribute('href') : null}));
 })()"""
 
-TILE_LAYOUT_JS = """(() => {
-    const r = [...document.querySelectorAll('a.tile')].map(a => a.getBoundingClientRect());
-    return {cols: r.filter(b => Math.abs(b.top - r[0].top) < 1).length, w: r[0].width, h: r[0].height};
+MASONRY_JS = """(() => {
+    const cards = [...document.querySelectorAll('.masonry .card')].map(c => c.getBoundingClientRect());
+    const imgs = [...document.querySelectorAll('.masonry a.tile img')].map(i => {
+        const b = i.getBoundingClientRect();
+        return {w: b.width, h: b.height, nw: i.naturalWidth, nh: i.naturalHeight};
+    });
+    return {columns: new Set(cards.map(b => Math.round(b.left))).size, imgs};
 })()"""
 
 
@@ -326,49 +387,77 @@ async def open_page(cdp: DevTools) -> str:
     return page
 
 
-async def check_gallery(cdp: DevTools, base: str, public: list[str], stealth_id: str) -> None:
-    """Feed → hover → click a thumbnail → job page → stealth 404, with screenshots on the way."""
+async def check_gallery(
+    cdp: DevTools, base: str, public: list[str], stealth_id: str, family: list[str]
+) -> None:
+    """Explore → hover → click a picture → job page → stealth 404, with screenshots on the way."""
     page = await open_page(cdp)
 
-    # The feed: every public job's thumbnail decoded, newest first, the stealth job nowhere.
+    # Explore: one entry per family, newest first, every picture decoded, the stealth job nowhere.
     await navigate(cdp, page, f"{base}/")
     tiles = await images(cdp, page, "a.tile img")
     assert [t["job"] for t in tiles] == public[::-1]
     for tile in tiles:
         assert tile["width"] > 0 and tile["height"] > 0, tile
         assert tile["href"] == f"/j/{tile['job']}"
+    # The oldest grid carries its upscale and variation underneath.
+    kids = await images(cdp, page, f'article[data-job="{public[0]}"] a.kid img')
+    assert [k["job"] for k in kids] == family and all(k["width"] > 0 for k in kids)
     html = await cdp.evaluate(page, "document.documentElement.outerHTML")
     assert stealth_id not in html and "unreleased product" not in html
     # The hostile prompt is shown as text; no script exists on the page, let alone ran.
     assert await cdp.evaluate(page, "document.scripts.length") == 0
     captions = await cdp.evaluate(page, "[...document.querySelectorAll('.cap .p')].map(e => e.textContent)")
-    assert "<script>alert('x')</script> hostile prompt stays text" in captions
-    # Square tiles, several to a row at desktop width.
-    layout = await cdp.evaluate(page, TILE_LAYOUT_JS)
-    assert layout["cols"] >= 4
-    assert abs(layout["w"] - layout["h"]) < 1.5
+    assert any(c.startswith("<script>alert('x')</script> hostile prompt stays text --") for c in captions)
+    assert all("--stylize 250 --seed " in c for c in captions)
+    # Masonry: several columns, each picture at its own aspect ratio (nothing cropped square).
+    layout = await cdp.evaluate(page, MASONRY_JS)
+    assert layout["columns"] >= 3
+    ratios = {round(i["nw"] / i["nh"], 2) for i in layout["imgs"]}
+    assert ratios == {1.0, 1.5, round(2 / 3, 2)}
+    for shown in layout["imgs"]:
+        assert abs(shown["w"] / shown["h"] - shown["nw"] / shown["nh"]) < 0.02, shown
+    # Favourites are counted per family.
+    counts = await cdp.evaluate(page, "[...document.querySelectorAll('.card .fav')].map(e => e.textContent)")
+    favourites = {public[0]: 2, public[2]: 1}  # the oldest counts its upscale's and variation's
+    assert counts == [f"❤️ {favourites.get(job, 0)}" for job in public[::-1]]
 
-    # Hovering a tile reveals its prompt.
+    # Hovering a picture reveals its prompt line.
     target_job = public[-2]
     tile_selector = f'a.tile[data-job="{target_job}"]'
     caption_opacity = f"getComputedStyle(document.querySelector('{tile_selector} .cap')).opacity"
     assert float(await cdp.evaluate(page, caption_opacity)) < 0.1
     point = await center_of(cdp, page, tile_selector)
     await cdp.send("Input.dispatchMouseEvent", {"type": "mouseMoved", **point}, page)
-    await asyncio.sleep(0.4)  # the caption fades in over 0.2 s
-    assert float(await cdp.evaluate(page, caption_opacity)) > 0.9
+    # Wait for the fade-in to finish, frame by frame, rather than for a fixed time.
+    cap = json.dumps(f"{tile_selector} .cap")
+    await cdp.evaluate(
+        page,
+        f"new Promise(r => {{ const c = document.querySelector({cap});"
+        " const done = () => getComputedStyle(c).opacity === '1' ? r() : requestAnimationFrame(done);"
+        " done(); })",
+    )
     await screenshot(cdp, page, ARTIFACTS / "gallery.png")
+    if DOC_SCREENSHOTS:
+        await screenshot(cdp, page, DOCS / "gallery-explore.png")
 
-    # Click the thumbnail like a person would, and land on its job page.
+    # Click the picture like a person would, and land on its job page.
     loaded = cdp.event("Page.loadEventFired", page)
     await click(cdp, page, point)
     await asyncio.wait_for(loaded, 10)
     assert await cdp.evaluate(page, "location.href") == f"{base}/j/{target_job}"
-    assert await cdp.evaluate(page, "document.querySelector('.prompt').textContent") == PUBLIC_PROMPTS[-2]
-    details = await cdp.evaluate(page, "document.querySelector('dl.params').innerText")
-    assert "sdxl" in details and str(4242 + len(PUBLIC_PROMPTS) - 1) in details
+    assert (
+        await cdp.evaluate(page, "document.querySelector('.prompt .text').textContent") == PUBLIC_PROMPTS[-2]
+    )
+    seed_number = 4242 + len(PUBLIC_PROMPTS) - 1
+    params = await cdp.evaluate(
+        page, "[...document.querySelectorAll('.prompt .param')].map(e => e.textContent)"
+    )
+    assert params == ["--ar 2:3", "--stylize 250", f"--seed {seed_number}"]
     shown = await images(cdp, page, "main img")
-    assert shown[0]["src"] == f"/i/{target_job}/0.png" and shown[0]["width"] == 512
+    width, height = tile_size(len(PUBLIC_PROMPTS) - 1)
+    assert shown[0]["src"] == f"/i/{target_job}/0.png"
+    assert (shown[0]["width"], shown[0]["height"]) == (2 * width, 2 * height)
     assert [i["src"] for i in shown[1:]] == [f"/t/{target_job}/{i}.webp" for i in range(1, 5)]
     assert all(i["width"] > 0 for i in shown)
     downloads = await cdp.evaluate(
@@ -391,7 +480,7 @@ async def test_gallery_in_headless_chromium(sqlite_url: str, tmp_path: Path) -> 
     engine = make_engine(sqlite_url)
     store = LocalMediaStore(tmp_path / "media")
     sessions = make_sessionmaker(engine)
-    public, stealth_id = await seed(sessions, store)
+    public, stealth_id, family = await seed(sessions, store)
 
     settings = BotSettings(media_dir=tmp_path / "media", public_url="http://127.0.0.1")
     runner = await start_web(create_app(sessions, store, settings), "127.0.0.1", 0)
@@ -405,7 +494,7 @@ async def test_gallery_in_headless_chromium(sqlite_url: str, tmp_path: Path) -> 
         ):
             cdp = DevTools(ws)
             try:
-                await check_gallery(cdp, base, public, stealth_id)
+                await check_gallery(cdp, base, public, stealth_id, family)
             finally:
                 await cdp.close()
     finally:
@@ -413,3 +502,173 @@ async def test_gallery_in_headless_chromium(sqlite_url: str, tmp_path: Path) -> 
         await engine.dispose()
     elapsed = time.monotonic() - started
     assert elapsed < TIME_LIMIT_S, f"browser test took {elapsed:.1f}s"
+
+
+EDITOR_IMAGE = (512, 384)  # an upscale at 4:3, so screen and image coordinates differ on both axes
+EDITOR_SECRET = b"browser test secret, long enough"
+
+
+async def seed_upscale(sessions: Any, store: LocalMediaStore) -> str:
+    """One stealth upscale (a single 4:3 image) of the member with user id 7; returns its id."""
+    async with sessions() as session:
+        owner = Member(guild_id=1, user_id=7, display_name="Dana")
+        session.add(owner)
+        await session.flush()
+        job = Job(
+            member_id=owner.id,
+            user_id=owner.user_id,
+            guild_id=1,
+            channel_id=1,
+            kind="crop",
+            prompt="a koi pond at night, lanterns, ukiyo-e",
+            params={"aspect": [4, 3], "stylize": 100},
+            seed=77,
+            engine="sdxl",
+            visibility="stealth",
+            status=JobStatus.DONE,
+        )
+        session.add(job)
+        await session.flush()
+        picture = await asyncio.to_thread(art, 5, *EDITOR_IMAGE)
+        await save_job_images(store, session, job, [(0, picture)])
+        await session.commit()
+        return job.id
+
+
+async def drag(
+    cdp: DevTools, page: str, start: dict[str, float], end: dict[str, float], steps: int = 8
+) -> None:
+    """Press the left button at ``start``, move to ``end`` in steps, release: pointer events."""
+    await cdp.send(
+        "Input.dispatchMouseEvent",
+        {"type": "mousePressed", **start, "button": "left", "buttons": 1, "clickCount": 1},
+        page,
+    )
+    for step in range(1, steps + 1):
+        at = {k: start[k] + (end[k] - start[k]) * step / steps for k in ("x", "y")}
+        await cdp.send(
+            "Input.dispatchMouseEvent", {"type": "mouseMoved", **at, "button": "left", "buttons": 1}, page
+        )
+    await cdp.send(
+        "Input.dispatchMouseEvent",
+        {"type": "mouseReleased", **end, "button": "left", "buttons": 0, "clickCount": 1},
+        page,
+    )
+
+
+STATUS_OK_JS = """new Promise(r => {
+    const s = document.getElementById('status');
+    const done = () => /\\b(ok|bad)\\b/.test(s.className) ? r([s.className, s.textContent])
+                                                       : requestAnimationFrame(done);
+    done();
+})"""
+
+
+async def check_editor(
+    cdp: DevTools, base: str, token: str, calls: list[tuple[int, str, int, str, str]], called: asyncio.Event
+) -> tuple[float, float, float, float]:
+    """Draw a rectangle on the picture, edit the prompt, submit; returns the rectangle (0-1 units)."""
+    page = await open_page(cdp)
+    await navigate(cdp, page, f"{base}/edit/{token}")
+    picture = await images(cdp, page, "#picture")
+    assert (picture[0]["width"], picture[0]["height"]) == EDITOR_IMAGE
+    assert await cdp.evaluate(page, "document.getElementById('submit').disabled") is True
+
+    box = await cdp.evaluate(
+        page,
+        "(() => { const b = document.getElementById('overlay').getBoundingClientRect();"
+        " return {x: b.x, y: b.y, w: b.width, h: b.height}; })()",
+    )
+    assert abs(box["w"] / box["h"] - EDITOR_IMAGE[0] / EDITOR_IMAGE[1]) < 0.01
+    rect = (0.2, 0.25, 0.65, 0.8)  # left, top, right, bottom as fractions of the picture
+    start = {"x": box["x"] + rect[0] * box["w"], "y": box["y"] + rect[1] * box["h"]}
+    end = {"x": box["x"] + rect[2] * box["w"], "y": box["y"] + rect[3] * box["h"]}
+    await drag(cdp, page, start, end)  # the rectangle tool is selected by default
+    assert await cdp.evaluate(page, "document.getElementById('submit').disabled") is False
+
+    await cdp.evaluate(
+        page,
+        "(() => { const t = document.getElementById('prompt'); t.value = 'a glowing paper lantern';"
+        " t.dispatchEvent(new Event('input')); })()",
+    )
+    await screenshot(cdp, page, ARTIFACTS / "region-editor.png")
+    if DOC_SCREENSHOTS:
+        await screenshot(cdp, page, DOCS / "region-editor.png")
+
+    await click(cdp, page, await center_of(cdp, page, "#submit"))
+    await asyncio.wait_for(called.wait(), 10)
+    state, text = await cdp.evaluate(page, STATUS_OK_JS)
+    assert "ok" in state and text == "Submitted — the result will appear in the channel"
+    assert await cdp.evaluate(page, "document.getElementById('submit').disabled") is True
+    assert len(calls) == 1
+
+    # Links that are forged or expired open an error page, not the editor.
+    for bad in (token[:-1] + ("A" if token[-1] != "A" else "B"), expired_token(token)):
+        await navigate(cdp, page, f"{base}/edit/{bad}")
+        assert "invalid or has expired" in await cdp.evaluate(page, "document.body.innerText")
+        assert await cdp.evaluate(page, "document.getElementById('overlay')") is None
+    return rect
+
+
+def expired_token(token: str) -> str:
+    """A correctly signed token for the same image whose 30 minutes are over."""
+    claims = Signer(EDITOR_SECRET).verify(token, PURPOSE_REGION)
+    past = Signer(EDITOR_SECRET, clock=lambda: time.time() - REGION_TTL.total_seconds() - 5)
+    return past.sign(PURPOSE_REGION, claims.user_id, claims.job_id, claims.index, REGION_TTL)
+
+
+@pytest.mark.timeout(90)
+async def test_region_editor_in_headless_chromium(sqlite_url: str, tmp_path: Path) -> None:
+    binary = chromium_or_skip()
+    await asyncio.to_thread(upgrade, sqlite_url)
+    engine = make_engine(sqlite_url)
+    store = LocalMediaStore(tmp_path / "media")
+    sessions = make_sessionmaker(engine)
+    job_id = await seed_upscale(sessions, store)
+
+    calls: list[tuple[int, str, int, str, str]] = []
+    called = asyncio.Event()
+
+    async def region_job(user_id: int, job: str, index: int, prompt: str, mask_key: str) -> str:
+        calls.append((user_id, job, index, prompt, mask_key))
+        called.set()
+        return "Submitted — the result will appear in the channel"
+
+    signer = Signer(EDITOR_SECRET)
+    settings = BotSettings(media_dir=tmp_path / "media", public_url="http://127.0.0.1")
+    app = create_app(sessions, store, settings, signer=signer, region_job=region_job)
+    runner = await start_web(app, "127.0.0.1", 0)
+    base = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    token = region_editor_url(signer, base, 7, job_id, 0).rsplit("/", 1)[1]
+    ARTIFACTS.mkdir(exist_ok=True)
+    try:
+        async with (
+            launch_chromium(binary, tmp_path / "chromium-profile") as ws_url,
+            aiohttp.ClientSession() as http,
+            http.ws_connect(ws_url, max_msg_size=0) as ws,
+        ):
+            cdp = DevTools(ws)
+            try:
+                left, top, right, bottom = await check_editor(cdp, base, token, calls, called)
+            finally:
+                await cdp.close()
+            async with http.get(f"{base}/edit/{expired_token(token)}") as refused:
+                assert refused.status == 403
+    finally:
+        await runner.cleanup()
+        await engine.dispose()
+
+    [(user_id, got_job, index, prompt, mask_key)] = calls
+    assert (user_id, got_job, index, prompt) == (7, job_id, 0, "a glowing paper lantern")
+    with PILImage.open(io.BytesIO(await store.get(mask_key))) as img:
+        assert img.size == EDITOR_IMAGE and img.mode == "L"
+        mask = np.asarray(img)
+    width, height = EDITOR_IMAGE
+    x0, x1, y0, y1 = left * width, right * width, top * height, bottom * height
+    ys, xs = np.mgrid[0:height, 0:width]
+    margin = 3  # pixels at the edge may round either way
+    inside = (xs > x0 + margin) & (xs < x1 - margin) & (ys > y0 + margin) & (ys < y1 - margin)
+    outside = (xs < x0 - margin) | (xs > x1 + margin) | (ys < y0 - margin) | (ys > y1 + margin)
+    assert set(np.unique(mask)) <= {0, 255}
+    assert (mask[inside] == 255).all()
+    assert (mask[outside] == 0).all()
