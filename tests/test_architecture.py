@@ -122,3 +122,14 @@ def test_no_bot_module_is_too_long() -> None:
     sizes = {name: len(path.read_text().splitlines()) for name, path in modules().items()}
     too_long = {name: n for name, n in sizes.items() if n > MAX_LINES and name not in NOT_YET_SPLIT}
     assert not too_long, f"split these by concept (limit {MAX_LINES} lines): {too_long}"
+
+
+def test_only_the_lifecycle_changes_a_jobs_state() -> None:
+    """Status and the delivery claim change in one module, so every transition is checked there."""
+    writers = {
+        name
+        for name, path in modules().items()
+        if name != "bot.lifecycle"
+        and any(marker in path.read_text() for marker in ("update(Job)", ".status = ", "delivered="))
+    }
+    assert not writers, f"these modules write a job's state themselves: {sorted(writers)}"
