@@ -11,6 +11,7 @@ import re
 
 import discord
 
+from bot.failure_messages import BLOCKED_MESSAGE
 from bot.models import Job
 from bot.operations import Operation, job_notes
 from workers.schema import ErrorCode, JobKind
@@ -27,13 +28,10 @@ FAILURE_REASONS: dict[ErrorCode, str] = {
     ErrorCode.ENGINE_ERROR: "The image engine failed while making this image.",
     ErrorCode.TIMEOUT: "This job took too long and was stopped.",
     ErrorCode.CANCELLED: "This job was cancelled.",
+    ErrorCode.BLOCKED: BLOCKED_MESSAGE,
 }
-# Codes whose detail tells the member something the reason does not: their prompt, their image,
-# the engine's state, or what broke (a worker's message is member-safe by contract, and the bot's
-# own say which side failed, e.g. a worker running another version).
-SHOWN_DETAIL = frozenset(
-    {ErrorCode.CONTENT_POLICY, ErrorCode.BAD_INPUT, ErrorCode.ENGINE_UNAVAILABLE, ErrorCode.ENGINE_ERROR}
-)
+# Codes whose detail the member can act on (their prompt, their image, the engine's state).
+SHOWN_DETAIL = frozenset({ErrorCode.CONTENT_POLICY, ErrorCode.BAD_INPUT, ErrorCode.ENGINE_UNAVAILABLE})
 
 
 def shown_prompt(job: Job) -> str:
@@ -109,7 +107,8 @@ def failure_content(job: Job) -> str:
         code = ErrorCode(job.error_code) if job.error_code else ErrorCode.ENGINE_ERROR
     except ValueError:
         code = ErrorCode.ENGINE_ERROR
-    lines = [f"{job_head(job)} ❌ {FAILURE_REASONS[code]}"]
+    reason = FAILURE_REASONS.get(code, FAILURE_REASONS[ErrorCode.ENGINE_ERROR])
+    lines = [f"{job_head(job)} ❌ {reason}"]
     detail = (job.error or "").strip()
     if detail and code in SHOWN_DETAIL:
         lines.append(f"> {discord.utils.escape_markdown(detail[:300])}")

@@ -73,7 +73,8 @@ def read_outcome(info: Any) -> TaskOutcome:
     raw = info.get("result") if isinstance(info, dict) else None
     if isinstance(raw, dict) and raw.get("version", 1) != SCHEMA_VERSION:
         log.error("worker result has schema version %r, the bot %s", raw.get("version", 1), SCHEMA_VERSION)
-        raise ResultRejected(ErrorCode.ENGINE_ERROR, WRONG_VERSION)
+        # A worker of another version is, for this bot, an engine that is not available.
+        raise ResultRejected(ErrorCode.ENGINE_UNAVAILABLE, WRONG_VERSION)
     try:
         return TaskOutcome.model_validate(info)
     except ValidationError as exc:

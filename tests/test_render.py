@@ -79,10 +79,12 @@ def test_failure_says_why_and_the_refund() -> None:
     hidden = failure_content(job(error_code=ErrorCode.TIMEOUT.value, error="took 901 s", cost=0))
     assert "took 901" not in hidden and "refunded" not in hidden  # the reason says it all
     version = failure_content(
-        job(error_code=ErrorCode.ENGINE_ERROR.value, error="The worker runs a different version")
+        job(error_code=ErrorCode.ENGINE_UNAVAILABLE.value, error="The worker runs a different version")
     )
     assert "> The worker runs a different version" in version
     assert "failed while making" in failure_content(job(error_code="nonsense"))
+    assert "Traceback" not in failure_content(job(error_code=ErrorCode.ENGINE_ERROR.value, error="Traceback"))
+    assert "safety filter" in failure_content(job(error_code=ErrorCode.BLOCKED.value))
 
 
 def test_file_stem_is_safe() -> None:
