@@ -12,6 +12,7 @@ import os
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -37,6 +38,7 @@ from workers.schema import (
     JobRequest,
     Layout,
     Progress,
+    SafetyVerdict,
     TaskOutcome,
     WorkerError,
 )
@@ -352,6 +354,97 @@ def test_a_revoked_job_is_cancelled_before_it_starts(
         state.revoked.discard("job-revoked")
     assert outcome.error is not None and outcome.error.code is ErrorCode.CANCELLED
     assert fake_engine.runs == 0
+
+
+# --------------------------------------------------------------------------- safety verdicts
+
+
+class FakeClassifier:
+    """Flags every image whose mean red is at least 60 (tiles 2 and 3 of ``tile``); counts calls."""
+
+    def __init__(self) -> None:
+        self.calls: list[int] = []
+
+    def classify(self, images: Any) -> list[SafetyVerdict]:
+        self.calls.append(len(images))
+        verdicts = []
+        for image in images:
+            red = image.resize((1, 1), Image.Resampling.BOX).getpixel((0, 0))[0]
+            unsafe = red >= 60
+            verdicts.append(
+                SafetyVerdict(label="nsfw" if unsafe else "normal", score=red / 255, unsafe=unsafe)
+            )
+        return verdicts
+
+
+def _classified_app(fake_engine: FakeEngine, classifier: Any, **overrides: Any) -> Celery:
+    app = make_celery(_settings(safety_model="fake-classifier", **overrides))
+    runtime = runtime_of(app)
+    runtime.loaders[SDXL] = lambda settings: fake_engine
+    runtime.loaders[OPENAI] = lambda settings: fake_engine
+    runtime.safety_loader = classifier
+    runtime.delivery_counter = FakeCounter  # type: ignore[method-assign]
+    return app
+
+
+def test_sdxl_results_carry_one_verdict_per_tile_in_order(fake_engine: FakeEngine) -> None:
+    classifier = FakeClassifier()
+    devices: list[str] = []
+
+    def load(settings: WorkerSettings, device: str) -> FakeClassifier:
+        devices.append(device)
+        return classifier
+
+    app = _classified_app(fake_engine, load)
+    outcome, _ = _run(app, "job-safe")
+    assert outcome.result is not None, outcome.error
+    assert [v.unsafe for v in outcome.result.safety] == [False, False, True, True]  # U1..U4
+    assert classifier.calls == [4]  # one batch per job
+    assert "safety" in outcome.result.timings.phases
+    _run(app, "job-safe-2")
+    assert devices == ["cpu"]  # loaded once per process, on the engine's device
+
+
+def test_openai_results_are_not_classified_by_the_worker(fake_engine: FakeEngine) -> None:
+    classifier = FakeClassifier()
+    app = _classified_app(fake_engine, lambda settings, device: classifier)
+    task = FakeTask(app, "job-api")
+    outcome = TaskOutcome.model_validate(tasks.run_job(task, OPENAI, _job("job-api")))  # type: ignore[arg-type]
+    assert outcome.result is not None and outcome.result.safety == []
+    assert classifier.calls == []
+
+
+def test_without_a_safety_model_nothing_is_classified(
+    app: Celery, runtime: WorkerRuntime, fake_engine: FakeEngine, counter: FakeCounter
+) -> None:
+    runtime.safety_loader = lambda settings, device: pytest.fail("no classifier is configured")
+    outcome, _ = _run(app, "job-unclassified")
+    assert outcome.result is not None and outcome.result.safety == []
+
+
+def test_a_classifier_that_cannot_load_withholds_the_result(fake_engine: FakeEngine) -> None:
+    def broken(settings: WorkerSettings, device: str) -> Any:
+        raise WorkerError(ErrorCode.ENGINE_UNAVAILABLE, "The safety classifier could not be loaded.")
+
+    outcome, _ = _run(_classified_app(fake_engine, broken), "job-no-classifier")
+    assert outcome.result is None
+    assert outcome.error is not None and outcome.error.code is ErrorCode.ENGINE_UNAVAILABLE
+
+
+@pytest.mark.slow
+def test_the_real_classifier_scores_a_grid(fake_engine: FakeEngine, tmp_path: Path) -> None:
+    pytest.importorskip("transformers")
+    from workers.tiny_safety import make_tiny_safety_classifier
+
+    model = make_tiny_safety_classifier(tmp_path / "safety", probabilities={"normal": 0.2, "nsfw": 0.8})
+    app = make_celery(_settings(safety_model=str(model)))
+    runtime = runtime_of(app)
+    runtime.loaders[SDXL] = lambda settings: fake_engine
+    runtime.delivery_counter = FakeCounter  # type: ignore[method-assign]
+    outcome, _ = _run(app, "job-real-safety")
+    assert outcome.result is not None, outcome.error
+    assert [(v.label, v.unsafe) for v in outcome.result.safety] == [("nsfw", True)] * 4
+    assert all(v.score == pytest.approx(0.8, abs=1e-3) for v in outcome.result.safety)
 
 
 # --------------------------------------------------------------------------- the runtime

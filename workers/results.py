@@ -21,6 +21,7 @@ from workers.schema import (
     JobRequest,
     JobResult,
     Layout,
+    SafetyVerdict,
     Timings,
     b64encode_bytes,
 )
@@ -47,6 +48,8 @@ def build_result(
     engine_s: float,
     load_s: float = 0.0,
     options: EncodeOptions | None = None,
+    safety: list[SafetyVerdict] | None = None,
+    safety_s: float = 0.0,
     clock: Callable[[], float] = time.perf_counter,
 ) -> JobResult:
     """The ``JobResult`` for ``output``: a grid of four or a single image, encoded once.
@@ -54,8 +57,10 @@ def build_result(
     ``started_at`` is the task's start on ``clock`` (``total_s`` runs from it to the end of the
     encode); ``engine_s`` is the engine's wall time, the generation time when the engine reports
     no phases; ``load_s`` is the engine load this job paid before running (added to the engine's
-    own ``output.load_s``). Raises ``ValueError`` for an output that breaks the engine contract
-    (no images, mixed sizes, a count that is neither 1 nor 4).
+    own ``output.load_s``). ``safety`` holds the classifier's verdicts, one per image in order,
+    and ``safety_s`` the time they took (a ``safety`` phase, not part of the generation time).
+    Raises ``ValueError`` for an output that breaks the engine contract (no images, mixed sizes,
+    a count that is neither 1 nor 4) or verdicts that do not match the images.
     """
     options = options or EncodeOptions()
     images = output.images
@@ -64,6 +69,8 @@ def build_result(
     tile_width, tile_height = images[0].size
     if any(image.size != (tile_width, tile_height) for image in images):
         raise ValueError("the engine returned images of different sizes")
+    if safety and len(safety) != len(images):
+        raise ValueError(f"{len(safety)} safety verdicts for {len(images)} images")
     if len(images) == GRID_SIZE:
         layout, picture = Layout.GRID, compose_grid(images)
     elif len(images) == 1:
@@ -77,6 +84,8 @@ def build_result(
 
     phases = {name: round(seconds, 4) for name, seconds in output.phases.items()}
     generation_s = sum(output.phases.values()) if output.phases else engine_s
+    if safety:
+        phases["safety"] = round(safety_s, 4)
     return JobResult(
         job_id=request.job_id,
         layout=layout,
@@ -98,4 +107,5 @@ def build_result(
         ),
         report=output.report,
         notes=_unique(output.notes),
+        safety=list(safety or []),
     )

@@ -16,13 +16,23 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
+
+from PIL import Image
 
 from workers.output import EngineOutput
 from workers.redelivery import DeliveryCounter, make_delivery_counter
 from workers.results import EncodeOptions
-from workers.schema import QUEUE_API, QUEUE_GPU, ErrorCode, JobRequest, Progress, WorkerError
+from workers.schema import (
+    QUEUE_API,
+    QUEUE_GPU,
+    ErrorCode,
+    JobRequest,
+    Progress,
+    SafetyVerdict,
+    WorkerError,
+)
 from workers.settings import WorkerSettings, get_settings
 
 if TYPE_CHECKING:
@@ -55,7 +65,17 @@ class ImageEngine(Protocol):
         ...
 
 
+class ImageClassifier(Protocol):
+    """What the safety classifier provides (``workers.safety.SafetyChecker``)."""
+
+    def classify(self, images: Sequence[Image.Image]) -> list[SafetyVerdict]:
+        """One verdict per image, in order."""
+        ...
+
+
 Loader = Callable[[WorkerSettings], ImageEngine]
+# Builds the safety classifier for these settings on a device (the engine's), or None if unset.
+SafetyLoader = Callable[[WorkerSettings, str], ImageClassifier | None]
 
 
 def _load_sdxl(settings: WorkerSettings) -> ImageEngine:
@@ -71,15 +91,31 @@ def _load_openai(settings: WorkerSettings) -> ImageEngine:
 
 
 DEFAULT_LOADERS: dict[str, Loader] = {SDXL: _load_sdxl, OPENAI: _load_openai}
+# Engines whose results the worker's own classifier checks; OpenAI moderates its images itself.
+CLASSIFIED_ENGINES = frozenset({SDXL})
+
+
+def _load_safety(settings: WorkerSettings, device: str) -> ImageClassifier | None:
+    if not settings.safety_model:
+        return None
+    from workers.safety import SafetyChecker  # transformers: only where a classifier is set
+
+    return SafetyChecker.from_settings(settings, device=device)
 
 
 class WorkerRuntime:
     """A worker process's engines, delivery counter and shutdown flag, made from its settings."""
 
-    def __init__(self, settings: WorkerSettings, loaders: dict[str, Loader] | None = None) -> None:
+    def __init__(
+        self,
+        settings: WorkerSettings,
+        loaders: dict[str, Loader] | None = None,
+        safety_loader: SafetyLoader = _load_safety,
+    ) -> None:
         """Nothing is loaded or connected until first used."""
         self.settings = settings
         self.loaders: dict[str, Loader] = dict(loaders or DEFAULT_LOADERS)
+        self.safety_loader = safety_loader
         self.encode_options = EncodeOptions(settings.image_format, settings.image_compress_level)
         # Set in the worker's main process when it starts shutting down, and inherited by any
         # child the pool forks after that (billiard replaces children that die during a
@@ -88,6 +124,8 @@ class WorkerRuntime:
         self._engines: dict[str, tuple[int, ImageEngine]] = {}
         self._engine_locks: dict[str, threading.Lock] = {}
         self._counter: tuple[int, DeliveryCounter] | None = None
+        self._safety: tuple[int, ImageClassifier | None] | None = None
+        self._safety_lock = threading.Lock()
         self._lock = threading.Lock()
 
     def _engine_lock(self, kind: str) -> threading.Lock:
@@ -125,6 +163,24 @@ class WorkerRuntime:
             log.info("%s engine ready in process %d", kind, pid)
             return engine, time.perf_counter() - started
 
+    def safety_checker(self, kind: str, device: str = "cpu") -> ImageClassifier | None:
+        """The process's safety classifier for results of engine ``kind``; None when none applies.
+
+        Loaded on first use (on ``device``, the engine's, so a GPU worker classifies on its GPU)
+        and kept. A configured classifier that cannot load raises ``WorkerError``: results are
+        then withheld rather than sent unchecked.
+        """
+        if kind not in CLASSIFIED_ENGINES or not self.settings.safety_model:
+            return None
+        pid = os.getpid()
+        cached = self._safety
+        if cached is not None and cached[0] == pid:
+            return cached[1]
+        with self._safety_lock:
+            if self._safety is None or self._safety[0] != pid:
+                self._safety = (pid, self.safety_loader(self.settings, device))
+            return self._safety[1]
+
     def delivery_counter(self) -> DeliveryCounter:
         """The process's delivery counter, made once per process (connections must not cross a fork)."""
         pid = os.getpid()
@@ -134,10 +190,14 @@ class WorkerRuntime:
             return self._counter[1]
 
     def warm_up(self, kinds: list[str]) -> None:
-        """Load these engines now; a failure is logged and retried by the first job."""
+        """Load these engines (and the safety classifier their results need) now.
+
+        A failure is logged and retried by the first job.
+        """
         for kind in kinds:
             try:
-                self.engine(kind)
+                engine, _ = self.engine(kind)
+                self.safety_checker(kind, str(getattr(engine, "device", "cpu")))
             except Exception:
                 log.warning("warm-up of the %s engine failed; jobs will retry the load", kind)
 

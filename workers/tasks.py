@@ -6,8 +6,9 @@
 
 A job's life on the worker, in :func:`run_job`: check the message's schema version, validate
 it, count the start (bounded redeliveries), check for a cancel, get the warm engine, run it
-(pixels, not files), then build the result with ``workers.results.build_result``: the grid is
-composed and encoded exactly once, here.
+(pixels, not files), classify SDXL images when ``SAFETY_MODEL`` is set (the bot decides what
+to do with the verdicts), then build the result with ``workers.results.build_result``: the grid
+is composed and encoded exactly once, here.
 
 Tasks are idempotent: the bot uses ``task_id = job_id``, and the same request (same seed) gives
 the same images, so a redelivered message simply recomputes. With ``WARMUP`` on, each prefork
@@ -123,8 +124,18 @@ def run_job(task: Task, kind: str, raw: Any) -> dict[str, Any]:
         engine_s = time.perf_counter() - engine_started
         if not isinstance(output, EngineOutput):
             raise TypeError(f"the {kind} engine returned {type(output).__name__}, not EngineOutput")
+        safety_started = time.perf_counter()
+        checker = runtime.safety_checker(kind, str(getattr(engine, "device", "cpu")))
+        verdicts = checker.classify(output.images) if checker is not None else None
         result = build_result(
-            request, output, started, engine_s=engine_s, load_s=load_s, options=runtime.encode_options
+            request,
+            output,
+            started,
+            engine_s=engine_s,
+            load_s=load_s,
+            options=runtime.encode_options,
+            safety=verdicts,
+            safety_s=time.perf_counter() - safety_started,
         )
         log.info(
             "job %s finished: %s %dx%d %s, generation %.2fs, encode %.2fs, total %.2fs",
