@@ -306,7 +306,7 @@ def test_compile_setup_is_lazy_static_and_cached(tmp_path: Path, monkeypatch: py
 
 @pytest.mark.skipif(
     os.environ.get("MIRAGE_COMPILE_TESTS") != "1",
-    reason="Inductor compiles the tiny UNet in ~80 s on 2 CPU cores; set MIRAGE_COMPILE_TESTS=1 to run",
+    reason="Inductor compiles the tiny UNet and VAE in ~2 min on 2 CPU cores; MIRAGE_COMPILE_TESTS=1 runs it",
 )
 def test_compiled_grid_matches_eager(tiny_model_dir: Path, engine: SDXLEngine, tmp_path: Path) -> None:
     compiled = SDXLEngine.load(_settings(tiny_model_dir, torch_compile=True, compile_cache_dir=tmp_path))
@@ -329,3 +329,19 @@ def test_warmup_covers_the_configured_buckets(tiny_model_dir: Path) -> None:
     ]
     every = buckets(torch_compile=True, compile_warmup_aspects="all")
     assert every[0] == (1024, 1024) and sorted(every) == sorted(SDXL_BUCKETS)
+
+
+def test_compiled_warm_up_runs_every_bucket_and_an_upscale(tiny_model_dir: Path) -> None:
+    requests: list[JobRequest] = []
+    fake = types.SimpleNamespace(
+        settings=_settings(tiny_model_dir, torch_compile=True, compile_warmup_aspects="1:1,16:9"),
+        base_resolution=64,
+        run=requests.append,
+    )
+    fake.warmup_buckets = lambda: SDXLEngine.warmup_buckets(fake)  # type: ignore[arg-type]
+    SDXLEngine.warm_up(fake)  # type: ignore[arg-type]
+    assert [(r.kind, r.params.width, r.params.height) for r in requests[:2]] == [
+        (JobKind.IMAGINE, 1024, 1024),
+        (JobKind.IMAGINE, 1344, 768),
+    ]
+    assert requests[2].kind is JobKind.UPSCALE and requests[2].input_image and len(requests) == 3

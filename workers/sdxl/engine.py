@@ -62,7 +62,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
 from workers import canvas
-from workers.imaging import decode_image
+from workers.imaging import decode_image, encode_png
 from workers.output import EngineOutput
 from workers.schema import (
     GRID_SIZE,
@@ -79,6 +79,7 @@ from workers.schema import (
     Sampler,
     WorkerError,
     b64decode_text,
+    b64encode_bytes,
     nearest_bucket,
     scale_bucket,
 )
@@ -366,17 +367,23 @@ class SDXLEngine:
         """Short grids through the real job path: allocator, kernel choices and compiles happen now.
 
         One grid at the base size; with ``TORCH_COMPILE`` one per bucket of
-        ``COMPILE_WARMUP_ASPECTS``, so no member's first grid at those aspects waits for a compile.
+        ``COMPILE_WARMUP_ASPECTS`` and one 2x upscale of a base-size image (its larger tiles and
+        the tiled decode are shapes of their own), so no member's first job waits for a compile.
         """
+        params = GenerationParams(prompt="warm-up", steps=2)
         for width, height in self.warmup_buckets():
-            request = JobRequest(
-                job_id="warm-up",
-                kind=JobKind.IMAGINE,
-                params=GenerationParams(prompt="warm-up", steps=2, width=width, height=height),
-                seed=0,
-                count=GRID_SIZE,
+            sized = params.model_copy(update={"width": width, "height": height})
+            self.run(
+                JobRequest(job_id="warm-up", kind=JobKind.IMAGINE, params=sized, seed=0, count=GRID_SIZE)
             )
-            self.run(request)
+        if self.settings.torch_compile:
+            side = self.base_resolution
+            source = b64encode_bytes(encode_png(Image.new("RGB", (side, side), (128, 128, 128))))
+            self.run(
+                JobRequest(
+                    job_id="warm-up", kind=JobKind.UPSCALE, params=params, seed=0, count=1, input_image=source
+                )
+            )
 
     def warmup_buckets(self) -> list[tuple[int, int]]:
         """The 1024-base buckets :meth:`warm_up` runs (the square one first)."""
@@ -701,7 +708,8 @@ class SDXLEngine:
         Encoding here rather than inside the pipeline is what makes the text encoders' time
         visible; the embeddings are exactly the ones the pipeline would compute.
         """
-        with self._phase(job, "text_encode"), torch.inference_mode():
+        # no_grad, not inference_mode: inference tensors fed to a compiled UNet break AOTAutograd.
+        with self._phase(job, "text_encode"), torch.no_grad():
             embeds, negative, pooled, negative_pooled = self.txt2img.encode_prompt(
                 prompt=job.prompt,
                 device=self.device,

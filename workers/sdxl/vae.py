@@ -97,7 +97,7 @@ class VaeRunner:
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Pixels in [-1, 1] (``[B, 3, H, W]``, on the device) for pipeline latents."""
-        with torch.inference_mode():
+        with torch.no_grad():
             pixels = self.vae.decode(self.unscale(latents), return_dict=False)[0]
             if self.dtype == torch.float16 and self._needs_fp32 and not torch.isfinite(pixels).all():
                 # Rare with fp16 on SDXL's original VAE, and the image would be black: redo it.
