@@ -199,9 +199,12 @@ def _peak_gib() -> float | None:
 
 def _timed_runs(call: Callable[[], Any], runs: int, warm: int = 1) -> dict[str, Any]:
     """``warm`` untimed calls, then ``runs`` timed ones: median, all times, per-phase medians, peak."""
+    first_call_s = None
     for _ in range(warm):
+        started = time.perf_counter()
         call()
-    _sync()
+        _sync()
+        first_call_s = first_call_s or round(time.perf_counter() - started, 3)
     _reset_peak()
     times: list[float] = []
     phases: list[dict[str, float]] = []
@@ -219,6 +222,8 @@ def _timed_runs(call: Callable[[], Any], runs: int, warm: int = 1) -> dict[str, 
         "times_s": [round(t, 4) for t in times],
         "peak_gib": _peak_gib(),
     }
+    if first_call_s is not None:
+        result["first_call_s"] = first_call_s  # the untimed warm-up call: kernel choices, allocator
     if phases:
         result["phases_s"] = {
             name: round(statistics.median(p.get(name, 0.0) for p in phases), 4) for name in PHASES
@@ -351,6 +356,7 @@ def bench_levers(engine: Any, rec: Recorder, *, steps: int, runs: int, size: int
             vae_mode = changes.pop("vae_dtype", None)
             progress = changes.pop("progress", False)
             engine.levers = Levers(**{**fast.__dict__, **changes})
+            engine.vae.retries = 0
             if vae_mode:
                 engine.set_vae_dtype(vae_mode)
             reports: list[Any] = []
@@ -365,6 +371,8 @@ def bench_levers(engine: Any, rec: Recorder, *, steps: int, runs: int, size: int
                 if vae_mode:
                     engine.set_vae_dtype(_dtype_name(fast_vae))
             result["vae_dtype"] = vae_mode or _dtype_name(fast_vae)
+            # fp16 decodes that overflowed and were redone in fp32 (random weights may overflow).
+            result["vae_fp32_retries"] = engine.vae.retries
             if progress:
                 result["reports"] = len(reports)
                 result["previews"] = sum(1 for report in reports if report.preview)
@@ -652,8 +660,9 @@ def print_table(data: dict[str, Any]) -> None:
         extras = {
             key: row[key]
             for key in (
-                "load_s", "first_grid_s", "load_plus_first_grid_s", "vae_dtype", "tiles", "unet_full",
-                "unet_shallow", "steps", "previews", "reports", "mode", "notes", "fp8",
+                "load_s", "first_call_s", "first_grid_s", "load_plus_first_grid_s", "vae_dtype",
+                "vae_fp32_retries", "tiles", "unet_full", "unet_shallow", "steps", "previews", "reports",
+                "mode", "notes", "fp8",
             )
             if key in row and row[key] not in (None, [], "")
         }  # fmt: skip
