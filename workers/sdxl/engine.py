@@ -319,17 +319,18 @@ class SDXLEngine:
                 vae=pipe.vae,
             )
             refiner.to(device)
-        fp8_skipped = None
-        if settings.fp8:
-            fp8_skipped = loading.quantize_fp8(pipe.unet)
-            if fp8_skipped:
-                log.warning("%s", fp8_skipped)
+        fp8_skipped = loading.fp8_unavailable() if settings.fp8 else None
         if gpu:
             # SDPA is diffusers' default attention processor on torch 2 (ATTENTION_BACKEND picks
             # its kernel). Fused QKV would bypass LoRA adapters and FP8's per-layer quantization.
             loading.speed_up_for_gpu(pipe, fuse_qkv=not loras and not (settings.fp8 and not fp8_skipped))
             if refiner is not None:
                 refiner.unet.to(memory_format=torch.channels_last)
+        if settings.fp8 and not fp8_skipped:
+            # After the layout changes: FP8 replaces the linear weights with tensor subclasses.
+            fp8_skipped = loading.quantize_fp8(pipe.unet)
+        if fp8_skipped:
+            log.warning("%s", fp8_skipped)
         if settings.torch_compile:
             loading.enable_compile(
                 pipe, settings.compile_cache_dir, mode=settings.compile_mode, vae=settings.compile_vae

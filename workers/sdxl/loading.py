@@ -306,18 +306,28 @@ def attention_backend(name: str, device: torch.device) -> contextlib.AbstractCon
     return sdpa_kernel([backend])
 
 
-def quantize_fp8(unet: torch.nn.Module) -> str | None:
-    """FP8 (e4m3, dynamic per-row activation scales) for the UNet's linear layers via torchao.
-
-    Returns None when applied, else the reason it was skipped (no torchao, no FP8-capable GPU),
-    which the caller logs: FP8 is an opt-in lever and its absence must not stop a worker.
-    """
+def fp8_unavailable() -> str | None:
+    """Why FP8 cannot run here (no torchao, no FP8-capable GPU), or None when it can."""
     try:
-        from torchao.quantization import quantize_
+        import torchao.quantization  # noqa: F401
     except ImportError:
         return "FP8 skipped: torchao is not installed (pip install torchao)"
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9):
         return "FP8 skipped: it needs an Ada, Hopper or newer GPU"
+    return None
+
+
+def quantize_fp8(unet: torch.nn.Module) -> str | None:
+    """FP8 (e4m3, dynamic per-row activation scales) for the UNet's linear layers via torchao.
+
+    Returns None when applied, else the reason it was skipped (:func:`fp8_unavailable`), which
+    the caller logs: FP8 is an opt-in lever and its absence must not stop a worker.
+    """
+    reason = fp8_unavailable()
+    if reason:
+        return reason
+    from torchao.quantization import quantize_
+
     try:
         from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow
 
