@@ -152,8 +152,8 @@ class Results:
             raise MediaNotFound(f"{job_id}/{index}")
         return row
 
-    async def tile(self, parent_id: str, index: int) -> Image:
-        """The row of tile ``index`` of a stored grid, cropping and storing it on first use.
+    async def tile(self, parent_id: str, index: int) -> tuple[Image, bytes]:
+        """Tile ``index`` of a stored grid (its row and bytes), cropping and storing it on first use.
 
         Raises ``MediaNotFound`` when the grid is gone and ``ValueError`` when the stored tile
         or grid is not a readable image.
@@ -165,22 +165,24 @@ class Results:
         else:
             data = await self.store.get(row.key)
             await asyncio.to_thread(probe, data)  # a stored tile is reused only if it is an image
-            return row
+            return row, data
         grid = await self.store.get((await self.image(parent_id, 0)).key)
         data, width, height = await asyncio.to_thread(crop_tile, grid, index)
         try:
             async with self.sessions() as session, session.begin():
-                return await put_image(
+                row = await put_image(
                     self.store, session, parent_id, index, data, ext="png", size=(width, height)
                 )
         except IntegrityError:
             # Another press cut the same tile at the same moment; its row (same bytes) wins.
-            return await self.image(parent_id, index)
+            row = await self.image(parent_id, index)
+        return row, data
 
     async def input_image(self, parent_id: str, index: int | None) -> bytes:
         """The bytes a follow-up job starts from: a grid's tile ``index``, or the single image."""
-        row = await self.tile(parent_id, index) if index else await self.image(parent_id, 0)
-        return await self.store.get(row.key)
+        if index:
+            return (await self.tile(parent_id, index))[1]
+        return await self.store.get((await self.image(parent_id, 0)).key)
 
     async def share(self, session: AsyncSession, job_id: str, source: Image) -> Image:
         """In the caller's transaction: make ``source`` (a stored tile) image 0 of a crop job.

@@ -269,6 +269,16 @@ class Tracker:
                 if result.notes:
                     row.params = {**(row.params or {}), NOTES_KEY: list(result.notes)}
         if claimed:
+            timings = result.timings
+            log.info(
+                "job %s done on %s: generation %.2fs, load %.2fs, encode %.2fs, total %.2fs",
+                job.id,
+                result.report.model,
+                timings.generation_s,
+                timings.load_s,
+                timings.encode_s,
+                timings.total_s,
+            )
             await self._completed(job.id)
             await self.delivery.deliver(job.id)
 
@@ -296,7 +306,7 @@ class Tracker:
         if job is None or job.status != JobStatus.RUNNING.value or not job.parent_id:
             return
         try:
-            tile = await self.results.tile(job.parent_id, job.parent_index or 1)
+            tile, _data = await self.results.tile(job.parent_id, job.parent_index or 1)
         except (MediaNotFound, ValueError) as exc:
             log.warning("crop %s: parent image unavailable (%s)", job_id, exc)
             await self._fail(job_id, ErrorCode.BAD_INPUT, GRID_GONE)
