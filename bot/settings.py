@@ -90,7 +90,8 @@ class BotSettings(BaseSettings):
     web_secret: SecretStr = SecretStr("")
     web_secret_file: Path = Field(default_factory=lambda: _data_dir() / "web_secret")
     gallery_name: str = Field(default="Mirage", min_length=1, max_length=60)
-    gallery_accent: str = Field(default="#8ab4ff", pattern=r"^#(?:[0-9a-fA-F]{3}|[0-9a-fA-F]{6})$")
+    # A hex colour; the "#" is optional because .env files and compose read "#" as a comment.
+    gallery_accent: str = Field(default="#8ab4ff", pattern=r"^#?(?:[0-9a-fA-F]{3}|[0-9a-fA-F]{6})$")
     # A path on the gallery's own origin (the pages load nothing from elsewhere), e.g. /brand/logo.png.
     gallery_logo: str = Field(default="", pattern=r"^(?:/[A-Za-z0-9._~%-][A-Za-z0-9._~%/-]*)?$")
     keep_metadata: bool = False
@@ -135,6 +136,11 @@ class BotSettings(BaseSettings):
         if isinstance(value, int):
             return [value]
         return value
+
+    @field_validator("gallery_accent")
+    @classmethod
+    def _hash_colour(cls, value: str) -> str:
+        return value if value.startswith("#") else f"#{value}"
 
     @field_validator("database_url")
     @classmethod

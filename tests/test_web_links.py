@@ -370,3 +370,33 @@ async def test_links_made_by_another_process_verify(
     async with TestClient(TestServer(create_app(sessions, store, settings))) as client:
         assert "falcon" in await fetch(client, path_of(url))
     assert timedelta(days=7) == PRIVATE_JOB_TTL
+
+
+async def test_access_log_never_holds_a_link_token(
+    sessions: async_sessionmaker[AsyncSession], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import aiohttp
+
+    from bot.web import start_web
+
+    store = LocalMediaStore(tmp_path / "media")
+    seed = await seed_gallery(sessions, store)
+    signer = Signer(SECRET)
+    settings = BotSettings(_env_file=None, media_dir=tmp_path / "media")
+    runner = await start_web(create_app(sessions, store, settings, signer=signer), "127.0.0.1", 0)
+    base = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    token = signer.sign(PURPOSE_JOB, ALICE, seed.stealth, 0, PRIVATE_JOB_TTL)
+    edit = signer.sign(PURPOSE_REGION, ALICE, seed.stealth, 1, REGION_TTL)
+    caplog.set_level("INFO", logger="aiohttp.access")
+    try:
+        async with aiohttp.ClientSession() as http:
+            for path in (f"/p/{token}", f"/p/{token}/i/0.png", f"/edit/{edit}", "/?q=falcon"):
+                async with http.get(base + path) as response:
+                    assert response.status == 200, path
+    finally:
+        await runner.cleanup()
+    lines = [r.getMessage() for r in caplog.records if r.name == "aiohttp.access"]
+    assert len(lines) == 4
+    assert all(token not in line and edit not in line for line in lines)
+    assert '"GET /p/<token>" 200' in lines[0] and '"GET /p/<token>/i/0.png" 200' in lines[1]
+    assert '"GET /edit/<token>" 200' in lines[2] and '"GET /" 200' in lines[3]

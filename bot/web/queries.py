@@ -18,7 +18,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
-from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import ColumnElement, Select, and_, func, select
@@ -26,22 +25,12 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import aliased
 
 from bot.models import Favourite, Image, Job, JobStatus, Member
-from bot.web import search
 from workers.schema import Visibility
 
-FAMILY_PREVIEW = 8  # family members shown under an entry; the job page lists them all
 
-
-def _shown(job: Any = Job) -> tuple[ColumnElement[bool], ...]:
+def shown(job: Any = Job) -> tuple[ColumnElement[bool], ...]:
     """The one definition of "may appear in the gallery", for ``Job`` or an alias of it."""
     return (job.visibility == Visibility.PUBLIC.value, job.status == JobStatus.DONE.value)
-
-
-class Order(StrEnum):
-    """How a listing is sorted."""
-
-    NEW = "new"  # newest families first
-    TOP = "top"  # most favourited families first; families nobody favourited are left out
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,35 +42,6 @@ class Thumb:
     cover_index: int
     width: int
     height: int
-
-
-@dataclass(frozen=True, slots=True)
-class Entry:
-    """One card of a listing: a family's root job, its cover and the rest of the family."""
-
-    job_id: str
-    prompt: str
-    params: dict[str, Any]
-    seed: int
-    kind: str
-    created_at: datetime
-    cover_index: int
-    width: int
-    height: int
-    member_name: str
-    member_public_id: str
-    favourites: int
-    family: list[Thumb] = field(default_factory=list)
-    family_size: int = 0  # members besides the root, of which ``family`` holds the first few
-
-
-@dataclass(frozen=True, slots=True)
-class Page:
-    """One page of entries, and whether another page follows."""
-
-    entries: list[Entry]
-    number: int
-    has_next: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,122 +98,37 @@ class JobView:
     family: list[Thumb] = field(default_factory=list)  # the shown family, root first, this job included
 
 
-def _cover_index(job: Any = Job) -> Any:
-    # The grid (index 0) when there is one, else the first stored image: the picture a job shows.
+def cover_index(job: Any = Job) -> Any:
+    """The index of the picture a job shows: the grid (0) when there is one, else its first image."""
     return select(func.min(Image.index)).where(Image.job_id == job.id).correlate(job).scalar_subquery()
 
 
-def _root_condition() -> ColumnElement[bool]:
+def root_condition() -> ColumnElement[bool]:
     """Shown jobs that head a family: no parent, or a parent that is not shown."""
     parent = aliased(Job)
-    shown_parent = select(parent.id).where(parent.id == Job.parent_id, *_shown(parent)).exists()
-    return and_(*_shown(), ~shown_parent)
+    shown_parent = select(parent.id).where(parent.id == Job.parent_id, *shown(parent)).exists()
+    return and_(*shown(), ~shown_parent)
 
 
-def _families(roots: Select[Any] | None = None, name: str = "family") -> Any:
+def families(roots: Select[Any] | None = None, name: str = "family") -> Any:
     """A recursive CTE of (job_id, root_id) for every shown job under the given (or every) root."""
     if roots is None:
-        roots = select(Job.id).where(_root_condition())
+        roots = select(Job.id).where(root_condition())
     base = select(Job.id.label("job_id"), Job.id.label("root_id")).where(Job.id.in_(roots))
     tree = base.cte(name, recursive=True)
     child = aliased(Job)
     # UNION (not UNION ALL) also ends the recursion should a parent_id cycle ever exist.
     return tree.union(
-        select(child.id, tree.c.root_id).join(tree, child.parent_id == tree.c.job_id).where(*_shown(child))
+        select(child.id, tree.c.root_id).join(tree, child.parent_id == tree.c.job_id).where(*shown(child))
     )
 
 
-def _entry_select() -> Select[Any]:
-    cover = _cover_index()
-    return (
-        select(
-            Job.id,
-            Job.prompt,
-            Job.params,
-            Job.seed,
-            Job.kind,
-            Job.created_at,
-            cover.label("cover_index"),
-            Image.width,
-            Image.height,
-            Member.display_name,
-            Member.public_id,
-        )
-        .join(Member, Member.id == Job.member_id)
-        .join(Image, and_(Image.job_id == Job.id, Image.index == cover))
-    )
-
-
-async def entries_page(
-    session: AsyncSession,
-    page: int,
-    page_size: int,
-    *,
-    order: Order = Order.NEW,
-    member_id: int | None = None,
-    query: str = "",
-) -> Page:
-    """Page ``page`` (1-based) of families, filtered by owner and/or a search ``query``.
-
-    A search finds a family when any of its shown jobs matches, and an empty result (not every
-    family) when the query has nothing searchable in it.
-    """
-    stmt = _entry_select().where(_root_condition())
-    if member_id is not None:
-        stmt = stmt.where(Job.member_id == member_id)
-    if query:
-        condition = await search.matching(session, query)
-        if condition is None:
-            return Page(entries=[], number=page, has_next=False)
-        family = _families(name="matched_family")
-        matched = select(family.c.root_id).join(Job, Job.id == family.c.job_id).where(condition)
-        stmt = stmt.where(Job.id.in_(matched))
-    if order is Order.TOP:
-        family = _families(name="top_family")
-        counts = (
-            select(family.c.root_id.label("root_id"), func.count(Favourite.id).label("n"))
-            .join(Favourite, Favourite.job_id == family.c.job_id)
-            .group_by(family.c.root_id)
-            .subquery()
-        )
-        stmt = stmt.join(counts, counts.c.root_id == Job.id).order_by(
-            counts.c.n.desc(), Job.created_at.desc(), Job.id.desc()
-        )
-    else:
-        stmt = stmt.order_by(Job.created_at.desc(), Job.id.desc())
-    # One extra row says whether there is a next page without a COUNT over the table.
-    rows = (await session.execute(stmt.limit(page_size + 1).offset((page - 1) * page_size))).all()
-    shown_rows = rows[:page_size]
-    members = await _family_members(session, [row.id for row in shown_rows])
-    counts_by_root = await _family_favourites(session, [row.id for row in shown_rows])
-    entries = [
-        Entry(
-            job_id=row.id,
-            prompt=row.prompt or "",
-            params=row.params if isinstance(row.params, dict) else {},
-            seed=row.seed,
-            kind=row.kind,
-            created_at=row.created_at,
-            cover_index=row.cover_index,
-            width=row.width,
-            height=row.height,
-            member_name=row.display_name or "",
-            member_public_id=row.public_id,
-            favourites=counts_by_root.get(row.id, 0),
-            family=members.get(row.id, [])[:FAMILY_PREVIEW],
-            family_size=len(members.get(row.id, [])),
-        )
-        for row in shown_rows
-    ]
-    return Page(entries=entries, number=page, has_next=len(rows) > page_size)
-
-
-async def _family_members(session: AsyncSession, root_ids: list[str]) -> dict[str, list[Thumb]]:
+async def family_members(session: AsyncSession, root_ids: list[str]) -> dict[str, list[Thumb]]:
     """The shown members (with a picture) of each family, oldest first, roots left out."""
     if not root_ids:
         return {}
-    family = _families(select(Job.id).where(Job.id.in_(root_ids)))
-    cover = _cover_index()
+    family = families(select(Job.id).where(Job.id.in_(root_ids)))
+    cover = cover_index()
     rows = (
         await session.execute(
             select(family.c.root_id, Job.id, Job.kind, cover.label("cover_index"), Image.width, Image.height)
@@ -273,55 +148,8 @@ async def _family_members(session: AsyncSession, root_ids: list[str]) -> dict[st
     return found
 
 
-async def _family_favourites(session: AsyncSession, root_ids: list[str]) -> dict[str, int]:
-    """Favourites on the shown jobs of each family, summed per family."""
-    if not root_ids:
-        return {}
-    family = _families(select(Job.id).where(Job.id.in_(root_ids)))
-    rows = (
-        await session.execute(
-            select(family.c.root_id, func.count(Favourite.id))
-            .join(Favourite, Favourite.job_id == family.c.job_id)
-            .group_by(family.c.root_id)
-        )
-    ).all()
-    return {root_id: int(count) for root_id, count in rows}
-
-
-async def favourites_page(session: AsyncSession, member_id: int, page: int, page_size: int) -> Page:
-    """The shown jobs a member favourited, most recently favourited first, one entry each."""
-    stmt = (
-        _entry_select()
-        .join(Favourite, Favourite.job_id == Job.id)
-        .where(Favourite.member_id == member_id, *_shown())
-        .order_by(Favourite.created_at.desc(), Favourite.id.desc())
-        .limit(page_size + 1)
-        .offset((page - 1) * page_size)
-    )
-    rows = (await session.execute(stmt)).all()
-    shown_rows = rows[:page_size]
-    counts = await _job_favourites(session, [row.id for row in shown_rows])
-    entries = [
-        Entry(
-            job_id=row.id,
-            prompt=row.prompt or "",
-            params=row.params if isinstance(row.params, dict) else {},
-            seed=row.seed,
-            kind=row.kind,
-            created_at=row.created_at,
-            cover_index=row.cover_index,
-            width=row.width,
-            height=row.height,
-            member_name=row.display_name or "",
-            member_public_id=row.public_id,
-            favourites=counts.get(row.id, 0),
-        )
-        for row in shown_rows
-    ]
-    return Page(entries=entries, number=page, has_next=len(rows) > page_size)
-
-
-async def _job_favourites(session: AsyncSession, job_ids: list[str]) -> dict[str, int]:
+async def job_favourites(session: AsyncSession, job_ids: list[str]) -> dict[str, int]:
+    """Favourites per job, for the given jobs (missing: none)."""
     if not job_ids:
         return {}
     rows = (
@@ -354,7 +182,7 @@ async def _shown_root_of(session: AsyncSession, job_id: str) -> str:
         parent_id = await session.scalar(select(Job.parent_id).where(Job.id == current))
         if parent_id is None or parent_id in seen:
             return current
-        shown_parent = await session.scalar(select(Job.id).where(Job.id == parent_id, *_shown()))
+        shown_parent = await session.scalar(select(Job.id).where(Job.id == parent_id, *shown()))
         if shown_parent is None:
             return current
         seen.add(parent_id)
@@ -362,7 +190,7 @@ async def _shown_root_of(session: AsyncSession, job_id: str) -> str:
 
 
 async def _view(
-    session: AsyncSession, job: Job, public_id: str, display_name: str, *, shown: bool
+    session: AsyncSession, job: Job, public_id: str, display_name: str, *, with_family: bool
 ) -> JobView:
     images = [
         ImageView(index=i.index, key=i.key, width=i.width, height=i.height, content_type=i.content_type)
@@ -375,30 +203,30 @@ async def _view(
         # The parent goes through the same filter: a stealth parent is simply not there.
         prow = (
             await session.execute(
-                select(Job.id, Job.prompt, _cover_index().label("cover_index")).where(
-                    Job.id == job.parent_id, *_shown()
+                select(Job.id, Job.prompt, cover_index().label("cover_index")).where(
+                    Job.id == job.parent_id, *shown()
                 )
             )
         ).first()
         if prow is not None:
             parent = ParentView(job_id=prow.id, prompt=prow.prompt or "", cover_index=prow.cover_index)
     family: list[Thumb] = []
-    if shown:
+    if with_family:
         root_id = await _shown_root_of(session, job.id)
         root = (
             await session.execute(
-                select(Job.id, Job.kind, _cover_index().label("cover_index"), Image.width, Image.height)
-                .join(Image, and_(Image.job_id == Job.id, Image.index == _cover_index()))
+                select(Job.id, Job.kind, cover_index().label("cover_index"), Image.width, Image.height)
+                .join(Image, and_(Image.job_id == Job.id, Image.index == cover_index()))
                 .where(Job.id == root_id)
             )
         ).first()
-        members = (await _family_members(session, [root_id])).get(root_id, [])
+        members = (await family_members(session, [root_id])).get(root_id, [])
         if root is not None and members:
             family = [
                 Thumb(root.id, root.kind, root.cover_index, root.width, root.height),
                 *members,
             ]
-    favourites = (await _job_favourites(session, [job.id])).get(job.id, 0)
+    favourites = (await job_favourites(session, [job.id])).get(job.id, 0)
     return JobView(
         job_id=job.id,
         kind=job.kind,
@@ -425,12 +253,12 @@ async def job_view(session: AsyncSession, job_id: str) -> JobView | None:
         await session.execute(
             select(Job, Member.public_id, Member.display_name)
             .join(Member, Member.id == Job.member_id)
-            .where(Job.id == job_id, *_shown())
+            .where(Job.id == job_id, *shown())
         )
     ).first()
     if row is None:
         return None
-    return await _view(session, row[0], row.public_id, row.display_name, shown=True)
+    return await _view(session, row[0], row.public_id, row.display_name, with_family=True)
 
 
 async def owned_job_view(session: AsyncSession, job_id: str, user_id: int) -> JobView | None:
@@ -445,7 +273,7 @@ async def owned_job_view(session: AsyncSession, job_id: str, user_id: int) -> Jo
     if row is None:
         return None
     # A private page lists no family: the other jobs may be hidden, and are not this link's to show.
-    return await _view(session, row[0], row.public_id, row.display_name, shown=False)
+    return await _view(session, row[0], row.public_id, row.display_name, with_family=False)
 
 
 def _image_view(image: Image) -> ImageView:
@@ -464,7 +292,7 @@ async def shown_image(session: AsyncSession, job_id: str, index: int) -> ImageVi
         await session.scalars(
             select(Image)
             .join(Job, Job.id == Image.job_id)
-            .where(Image.job_id == job_id, Image.index == index, *_shown())
+            .where(Image.job_id == job_id, Image.index == index, *shown())
         )
     ).first()
     return None if image is None else _image_view(image)
