@@ -16,9 +16,12 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 say() { echo "[gpu_check $(date +%T)] $*"; }
 
-SDXL_IMPORT="import diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl, workers.sdxl.engine"
+# diffusers 0.42 wants huggingface_hub >= 1.32 (transformers 5 takes any 1.x): an older one on the
+# machine, or an engine that does not import, brings in the carried huggingface_hub 1.33.
+SDXL_IMPORT="import huggingface_hub as h, packaging.version as v
+assert v.Version(h.__version__) >= v.Version('1.32'), 'huggingface_hub ' + h.__version__ + ' < 1.32'
+import diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl, workers.sdxl.engine"
 if ! python3 -c "$SDXL_IMPORT" 2>"$OUT/import_error.txt"; then
-    # diffusers wants huggingface_hub >= 1.32; an older one on the machine is replaced by ours.
     say "the SDXL engine does not import ($(tail -n 1 "$OUT/import_error.txt")); adding the carried huggingface_hub"
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/fallback/*.whl
     if ! python3 -c "$SDXL_IMPORT" 2>>"$OUT/import_error.txt"; then
