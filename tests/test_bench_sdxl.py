@@ -102,3 +102,28 @@ def test_table_shows_errors_and_skips(tmp_path: Path) -> None:
     fast = next(line for line in table.stdout.splitlines() if line.startswith("fast"))
     assert "2.00" in fast  # 6.0 s plain / 3.0 s
     assert "ERROR: InductorError" in table.stdout and "skipped: budget" in table.stdout
+
+
+def test_engine_and_bench_import_without_the_worker_stack(tmp_path: Path) -> None:
+    """The lent GPU machine has no Celery, Redis or database drivers: the bench must not need them."""
+    path = tmp_path / "empty.json"
+    path.write_text(json.dumps({"meta": {}, "sections": {}}))
+    code = f"""
+import importlib.abc, runpy, sys
+
+class Absent(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in ("celery", "kombu", "billiard", "redis", "sqlalchemy", "discord", "bot"):
+            raise ImportError(f"{{name}} is not installed here")
+
+sys.meta_path.insert(0, Absent())
+import workers.sdxl.engine, workers.sdxl.health
+sys.argv = ["bench_sdxl.py", "--table", {str(path)!r}]
+runpy.run_path({str(BENCH)!r}, run_name="__main__")
+"""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=180
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "configuration" in result.stdout
