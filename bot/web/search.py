@@ -7,6 +7,7 @@ Alembic's comparison to leave them alone.
 
 from __future__ import annotations
 
+import logging
 import re
 from typing import Any
 
@@ -15,7 +16,10 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from bot.models import Job
 
+log = logging.getLogger(__name__)
+
 SQLITE_SEARCH_TABLE = "jobs_fts"
+SQLITE_TRIGGERS = ("jobs_fts_insert", "jobs_fts_delete", "jobs_fts_update")
 PG_SEARCH_INDEX = "ix_jobs_prompt_search"
 PG_TEXT_CONFIG = "english"
 MAX_QUERY_CHARS = 200
@@ -77,13 +81,26 @@ def fts5_query(query: str) -> str | None:
     return expression
 
 
-async def has_fts5_table(session: AsyncSession) -> bool:
-    """Whether the SQLite database has the FTS5 search table (FTS5 may be missing from the build)."""
-    found = await session.execute(
-        text("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = :name"),
-        {"name": SQLITE_SEARCH_TABLE},
+async def fts5_search_ready(session: AsyncSession) -> bool:
+    """Whether SQLite has the FTS5 table *and* the triggers that keep it current.
+
+    FTS5 may be missing from the SQLite build (no table), and a later migration that rebuilds
+    ``jobs`` in batch mode drops its triggers with the old table; an index that stopped
+    following new jobs would quietly miss them, so either case searches with LIKE instead.
+    """
+    insert, delete, update = SQLITE_TRIGGERS
+    found = await session.scalar(
+        text(
+            "SELECT count(*) FROM sqlite_master WHERE (type = 'table' AND name = :table)"
+            " OR (type = 'trigger' AND tbl_name = 'jobs' AND name IN (:insert, :delete, :update))"
+        ),
+        {"table": SQLITE_SEARCH_TABLE, "insert": insert, "delete": delete, "update": update},
     )
-    return found.first() is not None
+    if found == 1 + len(SQLITE_TRIGGERS):
+        return True
+    if found:
+        log.warning("the prompt search index lost its triggers (a jobs table rebuild?): searching with LIKE")
+    return False
 
 
 def _like_pattern(words: str) -> str:
@@ -103,7 +120,7 @@ async def matching(session: AsyncSession, query: str) -> ColumnElement[bool] | N
         config = literal_column(f"'{PG_TEXT_CONFIG}'")
         # The expression matches the GIN index of migration 0003 word for word, so it is used.
         return func.to_tsvector(config, Job.prompt).bool_op("@@")(func.websearch_to_tsquery(config, query))
-    if dialect == "sqlite" and await has_fts5_table(session):
+    if dialect == "sqlite" and await fts5_search_ready(session):
         expression = fts5_query(query)
         if expression is None:
             return None
