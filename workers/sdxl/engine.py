@@ -9,7 +9,8 @@ Operations (``request.kind``):
 - IMAGINE / REROLL: one batch of ``request.count`` (4) images, seeds ``seed..seed+3``, at the
   aspect bucket scaled to the model's base resolution.
 - VARIATION: img2img of the input at ``strength`` (0.5 subtle, 0.85 strong, default 0.85).
-- UPSCALE: Lanczos 2x, then img2img over overlapping base-size tiles at ``strength``
+- UPSCALE: Lanczos 2x, then img2img over the fewest overlapping tiles (up to 1.25x the base
+  side, 4 for a 2x of 1024 px, denoised as one batch) at ``strength``
   (0.35 subtle, 0.55 creative), blended in latent space and decoded with VAE tiling.
 - ZOOM / PAN / SQUARE: canvas from :mod:`workers.canvas`, inpainting at strength 1.0 over the
   new area, then the original pasted back with a feathered seam.
