@@ -103,6 +103,10 @@ class Signer:
             payload, mac = _unb64(payload_b64), _unb64(mac_b64)
         except ValueError:
             raise BadToken("malformed token") from None
+        # Base64 leaves spare bits in the last character; only the canonical spelling is
+        # accepted, so each grant has exactly one token text.
+        if _b64(payload) != payload_b64 or _b64(mac) != mac_b64:
+            raise BadToken("malformed token")
         # The MAC is checked before the payload is trusted at all, in constant time.
         if not hmac.compare_digest(mac, self._mac(payload)):
             raise BadToken("bad signature")

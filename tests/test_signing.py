@@ -186,3 +186,18 @@ def test_concurrent_creation_agrees_on_one_secret(tmp_path: Path) -> None:
     for proc in procs:
         proc.join(30)
     assert secrets == {path.read_text().strip().encode()}
+
+
+def test_only_the_canonical_spelling_verifies() -> None:
+    """The last base64 character carries spare bits; other spellings of the same MAC are refused."""
+    signer = Signer(SECRET)
+    token = signer.sign(PURPOSE_REGION, 1, JOB, 1, REGION_TTL)
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+    last = alphabet.index(token[-1])
+    # A 32-byte MAC is 43 characters: the final one holds 4 bits and 2 spare ones.
+    twin = token[:-1] + alphabet[last ^ 1]
+    assert base64.urlsafe_b64decode(twin.rsplit(".", 1)[1] + "=") == base64.urlsafe_b64decode(
+        token.rsplit(".", 1)[1] + "="
+    )
+    with pytest.raises(BadToken, match="malformed"):
+        signer.verify(twin, PURPOSE_REGION)

@@ -580,6 +580,48 @@ async def check_editor(
         " return {x: b.x, y: b.y, w: b.width, h: b.height}; })()",
     )
     assert abs(box["w"] / box["h"] - EDITOR_IMAGE[0] / EDITOR_IMAGE[1]) < 0.01
+
+    def at(fx: float, fy: float) -> dict[str, float]:
+        return {"x": box["x"] + fx * box["w"], "y": box["y"] + fy * box["h"]}
+
+    async def marked(fx: float, fy: float) -> bool:
+        # The overlay tints what is selected; its alpha at a point says whether it is marked.
+        x, y = int(fx * EDITOR_IMAGE[0]), int(fy * EDITOR_IMAGE[1])
+        return await cdp.evaluate(
+            page,
+            f"document.getElementById('overlay').getContext('2d').getImageData({x}, {y}, 1, 1).data[3] > 0",
+        )
+
+    # Lasso: a triangle drawn point by point is filled; Undo takes it back.
+    await click(cdp, page, await center_of(cdp, page, "#tool-lasso"))
+    await drag(cdp, page, at(0.1, 0.1), at(0.3, 0.1), steps=4)
+    assert not await marked(0.2, 0.14)  # a lasso is only filled once it closes
+    await cdp.send(
+        "Input.dispatchMouseEvent",
+        {"type": "mousePressed", **at(0.1, 0.1), "button": "left", "buttons": 1, "clickCount": 1},
+        page,
+    )
+    for point in (at(0.3, 0.1), at(0.2, 0.3)):
+        await cdp.send(
+            "Input.dispatchMouseEvent", {"type": "mouseMoved", **point, "button": "left", "buttons": 1}, page
+        )
+    await cdp.send(
+        "Input.dispatchMouseEvent",
+        {"type": "mouseReleased", **at(0.2, 0.3), "button": "left", "buttons": 0, "clickCount": 1},
+        page,
+    )
+    assert await marked(0.2, 0.17) and not await marked(0.5, 0.5)
+    await click(cdp, page, await center_of(cdp, page, "#undo"))
+    assert not await marked(0.2, 0.17)
+    # Brush: a stroke marks the path it went along; Clear removes everything.
+    await click(cdp, page, await center_of(cdp, page, "#tool-brush"))
+    await drag(cdp, page, at(0.7, 0.1), at(0.9, 0.1))
+    assert await marked(0.8, 0.1) and not await marked(0.8, 0.4)
+    await click(cdp, page, await center_of(cdp, page, "#clear"))
+    assert not await marked(0.8, 0.1)
+    assert await cdp.evaluate(page, "document.getElementById('submit').disabled") is True
+
+    await click(cdp, page, await center_of(cdp, page, "#tool-rect"))
     rect = (0.2, 0.25, 0.65, 0.8)  # left, top, right, bottom as fractions of the picture
     start = {"x": box["x"] + rect[0] * box["w"], "y": box["y"] + rect[1] * box["h"]}
     end = {"x": box["x"] + rect[2] * box["w"], "y": box["y"] + rect[3] * box["h"]}
@@ -603,7 +645,9 @@ async def check_editor(
     assert len(calls) == 1
 
     # Links that are forged or expired open an error page, not the editor.
-    for bad in (token[:-1] + ("A" if token[-1] != "A" else "B"), expired_token(token)):
+    middle = len(token) - 10  # inside the signature, where every bit counts
+    forged = token[:middle] + ("A" if token[middle] != "A" else "B") + token[middle + 1 :]
+    for bad in (forged, expired_token(token)):
         await navigate(cdp, page, f"{base}/edit/{bad}")
         assert "invalid or has expired" in await cdp.evaluate(page, "document.body.innerText")
         assert await cdp.evaluate(page, "document.getElementById('overlay')") is None
