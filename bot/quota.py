@@ -36,17 +36,21 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Integer, Row, case, delete, literal, select, update
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy import Row, case, delete, literal, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlalchemy.orm import identity
-from sqlalchemy.orm.attributes import set_committed_value
-from sqlalchemy.orm.util import identity_key
-from sqlalchemy.sql.elements import ColumnElement
 
 from bot.credits import CreditReport, InsufficientCredits, QuotaDefaults, _period, _utc, period_bounds
-from bot.models import CreditEntry, Guild, LedgerKind, Member, UTCDateTime, utcnow
+from bot.models import LedgerKind, Member, UTCDateTime, utcnow
+from bot.quota_sql import (
+    GUILDS,
+    LEDGER,
+    MEMBERS,
+    dialect_insert,
+    greatest,
+    int_param,
+    least,
+    sync_member,
+)
 from bot.settings import Period
 
 __all__ = [
@@ -60,10 +64,6 @@ __all__ = [
     "reserve",
 ]
 
-_members = Member.__table__
-_guilds = Guild.__table__
-_ledger = CreditEntry.__table__
-_NOTE_MAX = 200
 _SPLIT_RE = re.compile(r"allowance=(\d+) bonus=(\d+)")
 
 
@@ -85,38 +85,6 @@ def _effective(
     return _Effective(limit=defaults.limit if limit is None else limit, period=period)
 
 
-def _least(a: ColumnElement[Any], b: ColumnElement[Any]) -> ColumnElement[Any]:
-    # CASE instead of LEAST()/min(): PostgreSQL and SQLite spell those differently.
-    return case((a < b, a), else_=b)
-
-
-def _greatest(a: ColumnElement[Any], b: ColumnElement[Any]) -> ColumnElement[Any]:
-    return case((a > b, a), else_=b)
-
-
-def _int(value: int) -> ColumnElement[int]:
-    return literal(value, Integer)
-
-
-def _insert(session: AsyncSession, table: Any) -> Any:
-    """A dialect INSERT, so ON CONFLICT is available on both backends."""
-    dialect = session.get_bind().dialect.name
-    if dialect == "postgresql":
-        return pg_insert(table)
-    if dialect == "sqlite":
-        return sqlite_insert(table)
-    raise NotImplementedError(f"quota needs PostgreSQL or SQLite, not {dialect}")
-
-
-def _sync_member(session: AsyncSession, member_id: int, **values: Any) -> None:
-    """Bring an already-loaded Member up to date without marking it dirty."""
-    identity_map: identity.IdentityMap = session.identity_map
-    member = identity_map.get(identity_key(Member, member_id))
-    if member is not None:
-        for name, value in values.items():
-            set_committed_value(member, name, value)
-
-
 async def _account(session: AsyncSession, member_id: int) -> Row[Any]:
     """The member's and their guild's limit/period, with usage, bonus and period start.
 
@@ -126,16 +94,16 @@ async def _account(session: AsyncSession, member_id: int) -> Row[Any]:
     row = (
         await session.execute(
             select(
-                _members.c.credit_limit,
-                _members.c.credit_period,
-                _guilds.c.credit_limit,
-                _guilds.c.credit_period,
-                _members.c.credits_used,
-                _members.c.bonus_credits,
-                _members.c.period_start,
+                MEMBERS.c.credit_limit,
+                MEMBERS.c.credit_period,
+                GUILDS.c.credit_limit,
+                GUILDS.c.credit_period,
+                MEMBERS.c.credits_used,
+                MEMBERS.c.bonus_credits,
+                MEMBERS.c.period_start,
             )
-            .select_from(_members.outerjoin(_guilds, _guilds.c.id == _members.c.guild_id))
-            .where(_members.c.id == member_id)
+            .select_from(MEMBERS.outerjoin(GUILDS, GUILDS.c.id == MEMBERS.c.guild_id))
+            .where(MEMBERS.c.id == member_id)
         )
     ).first()
     if row is None:
@@ -162,12 +130,12 @@ async def get_or_create_member(
     display_name = display_name[:100]
     now = utcnow()
     await session.execute(
-        _insert(session, _guilds)
+        dialect_insert(session, GUILDS)
         .values(id=guild_id, name="", created_at=now)
         .on_conflict_do_nothing(index_elements=["id"])
     )
     await session.execute(
-        _insert(session, _members)
+        dialect_insert(session, MEMBERS)
         .values(
             guild_id=guild_id,
             user_id=user_id,
@@ -180,11 +148,11 @@ async def get_or_create_member(
     )
     if display_name:
         await session.execute(
-            update(_members)
+            update(MEMBERS)
             .where(
-                _members.c.guild_id == guild_id,
-                _members.c.user_id == user_id,
-                _members.c.display_name != display_name,
+                MEMBERS.c.guild_id == guild_id,
+                MEMBERS.c.user_id == user_id,
+                MEMBERS.c.display_name != display_name,
             )
             .values(display_name=display_name)
         )
@@ -220,27 +188,27 @@ async def reserve(
 
     # Roll an expired period over and pin the row: this UPDATE takes the PostgreSQL row lock that
     # the spend below relies on, and returns the state the spend starts from.
-    stale = _members.c.period_start.is_(None) | (_members.c.period_start < start_value)
+    stale = MEMBERS.c.period_start.is_(None) | (MEMBERS.c.period_start < start_value)
     before = (
         await session.execute(
-            update(_members)
-            .where(_members.c.id == member_id)
+            update(MEMBERS)
+            .where(MEMBERS.c.id == member_id)
             .values(
-                credits_used=case((stale, _int(0)), else_=_members.c.credits_used),
-                period_start=case((stale, start_value), else_=_members.c.period_start),
+                credits_used=case((stale, int_param(0)), else_=MEMBERS.c.credits_used),
+                period_start=case((stale, start_value), else_=MEMBERS.c.period_start),
             )
-            .returning(_members.c.credits_used, _members.c.bonus_credits, _members.c.period_start)
+            .returning(MEMBERS.c.credits_used, MEMBERS.c.bonus_credits, MEMBERS.c.period_start)
         )
     ).one_or_none()
     if before is None:
         raise LookupError(f"no member with id {member_id}")
     used_before, bonus_before, period_start = before
-    _sync_member(session, member_id, credits_used=used_before, period_start=period_start)
+    sync_member(session, member_id, credits_used=used_before, period_start=period_start)
 
     # The ledger key is the idempotency guard: a job already reserved inserts nothing here.
     entry_id = (
         await session.execute(
-            _insert(session, _ledger)
+            dialect_insert(session, LEDGER)
             .values(
                 member_id=member_id,
                 job_id=job_id,
@@ -250,7 +218,7 @@ async def reserve(
                 created_at=now,
             )
             .on_conflict_do_nothing(index_elements=["job_id", "kind"])
-            .returning(_ledger.c.id)
+            .returning(LEDGER.c.id)
         )
     ).scalar_one_or_none()
     if entry_id is None:
@@ -258,30 +226,30 @@ async def reserve(
 
     from_allowance, from_bonus = 0, 0
     if cost > 0:
-        used, bonus = _members.c.credits_used, _members.c.bonus_credits
-        allowance_left = _greatest(_int(eff.limit) - used, _int(0))
-        take = _least(allowance_left, _int(cost))
+        used, bonus = MEMBERS.c.credits_used, MEMBERS.c.bonus_credits
+        allowance_left = greatest(int_param(eff.limit) - used, int_param(0))
+        take = least(allowance_left, int_param(cost))
         spent = (
             await session.execute(
-                update(_members)
-                .where(_members.c.id == member_id, allowance_left + bonus >= _int(cost))
-                .values(credits_used=used + take, bonus_credits=bonus - (_int(cost) - take))
-                .returning(_members.c.credits_used, _members.c.bonus_credits)
+                update(MEMBERS)
+                .where(MEMBERS.c.id == member_id, allowance_left + bonus >= int_param(cost))
+                .values(credits_used=used + take, bonus_credits=bonus - (int_param(cost) - take))
+                .returning(MEMBERS.c.credits_used, MEMBERS.c.bonus_credits)
             )
         ).one_or_none()
         if spent is None:
-            await session.execute(delete(_ledger).where(_ledger.c.id == entry_id))
+            await session.execute(delete(LEDGER).where(LEDGER.c.id == entry_id))
             remaining = max(eff.limit - used_before, 0) + bonus_before
             raise InsufficientCredits(cost=cost, remaining=remaining, resets_at=end)
         used_after, bonus_after = spent
         from_allowance, from_bonus = used_after - used_before, bonus_before - bonus_after
         if from_allowance + from_bonus != cost:  # only if the row changed under us: a locking bug
             raise RuntimeError(f"credit row for member {member_id} changed during reserve of job {job_id}")
-        _sync_member(session, member_id, credits_used=used_after, bonus_credits=bonus_after)
+        sync_member(session, member_id, credits_used=used_after, bonus_credits=bonus_after)
 
     await session.execute(
-        update(_ledger)
-        .where(_ledger.c.id == entry_id)
+        update(LEDGER)
+        .where(LEDGER.c.id == entry_id)
         .values(note=f"allowance={from_allowance} bonus={from_bonus}")
     )
 
@@ -298,8 +266,8 @@ async def refund(session: AsyncSession, job_id: str, now: datetime | None = None
     now = _utc(now)
     reserved = (
         await session.execute(
-            select(_ledger.c.member_id, _ledger.c.amount, _ledger.c.note).where(
-                _ledger.c.job_id == job_id, _ledger.c.kind == LedgerKind.RESERVE.value
+            select(LEDGER.c.member_id, LEDGER.c.amount, LEDGER.c.note).where(
+                LEDGER.c.job_id == job_id, LEDGER.c.kind == LedgerKind.RESERVE.value
             )
         )
     ).one_or_none()
@@ -311,7 +279,7 @@ async def refund(session: AsyncSession, job_id: str, now: datetime | None = None
 
     entry_id = (
         await session.execute(
-            _insert(session, _ledger)
+            dialect_insert(session, LEDGER)
             .values(
                 member_id=member_id,
                 job_id=job_id,
@@ -321,26 +289,26 @@ async def refund(session: AsyncSession, job_id: str, now: datetime | None = None
                 created_at=now,
             )
             .on_conflict_do_nothing(index_elements=["job_id", "kind"])
-            .returning(_ledger.c.id)
+            .returning(LEDGER.c.id)
         )
     ).scalar_one_or_none()
     if entry_id is None:
         return False
 
-    used = _members.c.credits_used
+    used = MEMBERS.c.credits_used
     after = (
         await session.execute(
-            update(_members)
-            .where(_members.c.id == member_id)
+            update(MEMBERS)
+            .where(MEMBERS.c.id == member_id)
             .values(
-                credits_used=_greatest(used - _int(from_allowance), _int(0)),
-                bonus_credits=_members.c.bonus_credits + _int(from_bonus),
+                credits_used=greatest(used - int_param(from_allowance), int_param(0)),
+                bonus_credits=MEMBERS.c.bonus_credits + int_param(from_bonus),
             )
-            .returning(_members.c.credits_used, _members.c.bonus_credits)
+            .returning(MEMBERS.c.credits_used, MEMBERS.c.bonus_credits)
         )
     ).one_or_none()
     if after is not None:
-        _sync_member(session, member_id, credits_used=after[0], bonus_credits=after[1])
+        sync_member(session, member_id, credits_used=after[0], bonus_credits=after[1])
     return True
 
 

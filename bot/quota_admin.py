@@ -13,7 +13,7 @@ from sqlalchemy.orm.attributes import set_committed_value
 from sqlalchemy.orm.util import identity_key
 
 from bot.models import Guild, LedgerKind, utcnow
-from bot.quota import _NOTE_MAX, _guilds, _insert, _int, _ledger, _members, _sync_member
+from bot.quota_sql import GUILDS, LEDGER, MEMBERS, NOTE_MAX, dialect_insert, int_param, sync_member
 from bot.settings import Period
 
 __all__ = ["grant", "reset_usage", "set_guild_default", "set_member_limit"]
@@ -31,14 +31,14 @@ async def set_member_limit(
         raise ValueError("limit must not be negative")
     period_value = Period(period).value if period is not None else None
     result = await session.execute(
-        update(_members)
-        .where(_members.c.id == member_id)
+        update(MEMBERS)
+        .where(MEMBERS.c.id == member_id)
         .values(credit_limit=limit, credit_period=period_value)
-        .returning(_members.c.id)
+        .returning(MEMBERS.c.id)
     )
     if result.scalar_one_or_none() is None:
         raise LookupError(f"no member with id {member_id}")
-    _sync_member(session, member_id, credit_limit=limit, credit_period=period_value)
+    sync_member(session, member_id, credit_limit=limit, credit_period=period_value)
 
 
 async def grant(session: AsyncSession, member_id: int, amount: int, actor_id: int, note: str = "") -> int:
@@ -49,34 +49,32 @@ async def grant(session: AsyncSession, member_id: int, amount: int, actor_id: in
     """
     if amount == 0:
         raise ValueError("amount must not be 0")
-    bonus = _members.c.bonus_credits
+    bonus = MEMBERS.c.bonus_credits
     new_bonus = (
         await session.execute(
-            update(_members)
-            .where(_members.c.id == member_id, bonus + _int(amount) >= _int(0))
-            .values(bonus_credits=bonus + _int(amount))
+            update(MEMBERS)
+            .where(MEMBERS.c.id == member_id, bonus + int_param(amount) >= int_param(0))
+            .values(bonus_credits=bonus + int_param(amount))
             .returning(bonus)
         )
     ).scalar_one_or_none()
     if new_bonus is None:
-        current = (
-            await session.execute(select(bonus).where(_members.c.id == member_id))
-        ).scalar_one_or_none()
+        current = (await session.execute(select(bonus).where(MEMBERS.c.id == member_id))).scalar_one_or_none()
         if current is None:
             raise LookupError(f"no member with id {member_id}")
         raise ValueError(f"cannot take back {-amount} credits: the member has {current} granted credits")
     await session.execute(
-        _ledger.insert().values(
+        LEDGER.insert().values(
             member_id=member_id,
             job_id=None,
             kind=LedgerKind.GRANT.value,
             amount=-amount,  # ledger sign: positive spends, negative gives
             actor_id=actor_id,
-            note=note[:_NOTE_MAX],
+            note=note[:NOTE_MAX],
             created_at=utcnow(),
         )
     )
-    _sync_member(session, member_id, bonus_credits=new_bonus)
+    sync_member(session, member_id, bonus_credits=new_bonus)
     return new_bonus
 
 
@@ -86,22 +84,22 @@ async def reset_usage(session: AsyncSession, member_id: int, actor_id: int) -> i
     Returns the number of allowance credits cleared (recorded in the ledger). Raises
     ``LookupError`` for an unknown member.
     """
-    used = _members.c.credits_used
+    used = MEMBERS.c.credits_used
     # Pin the row first (row lock on PostgreSQL) so the amount cleared is exactly what was used.
     row = (
         await session.execute(
-            update(_members)
-            .where(_members.c.id == member_id)
+            update(MEMBERS)
+            .where(MEMBERS.c.id == member_id)
             .values(credits_used=used)
-            .returning(_members.c.credits_used)
+            .returning(MEMBERS.c.credits_used)
         )
     ).one_or_none()
     if row is None:
         raise LookupError(f"no member with id {member_id}")
     cleared = row[0]
-    await session.execute(update(_members).where(_members.c.id == member_id).values(credits_used=0))
+    await session.execute(update(MEMBERS).where(MEMBERS.c.id == member_id).values(credits_used=0))
     await session.execute(
-        _ledger.insert().values(
+        LEDGER.insert().values(
             member_id=member_id,
             job_id=None,
             kind=LedgerKind.RESET.value,
@@ -111,7 +109,7 @@ async def reset_usage(session: AsyncSession, member_id: int, actor_id: int) -> i
             created_at=utcnow(),
         )
     )
-    _sync_member(session, member_id, credits_used=0)
+    sync_member(session, member_id, credits_used=0)
     return cleared
 
 
@@ -126,7 +124,7 @@ async def set_guild_default(
         raise ValueError("limit must not be negative")
     period_value = Period(period).value if period is not None else None
     await session.execute(
-        _insert(session, _guilds)
+        dialect_insert(session, GUILDS)
         .values(id=guild_id, name="", credit_limit=limit, credit_period=period_value, created_at=utcnow())
         .on_conflict_do_update(
             index_elements=["id"], set_={"credit_limit": limit, "credit_period": period_value}
