@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import base64
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from bot.models import JobStatus
+from bot.models import Job, JobStatus, utcnow
+from bot.sending import TOKEN_LIFETIME, fit, preview_jpeg, token_alive
 from tests.botutil import (
     GRID_IDS,
     FakeDispatcher,
@@ -15,6 +18,8 @@ from tests.botutil import (
     bot_harness,
     custom_ids,
     has_result,
+    image_of,
+    png_bytes,
 )
 
 pytestmark = pytest.mark.timeout(60)
@@ -57,3 +62,30 @@ async def test_delivery_retries_when_discord_is_down(h: Harness) -> None:
     assert len(custom_ids(message)) == GRID_IDS
     sends = [r for r in inter.requests if r.route == "webhook_message_edit" and r.files]
     assert len([r for r in sends if r.status == 200]) == 1  # delivered exactly once
+
+
+# --- pure helpers ------------------------------------------------------------------------------
+
+
+def test_the_token_is_used_until_shortly_before_discord_drops_it() -> None:
+    fresh = Job(application_id=1, interaction_token="t", created_at=utcnow())
+    assert token_alive(fresh)
+    late = Job(
+        application_id=1, interaction_token="t", created_at=utcnow() - TOKEN_LIFETIME + timedelta(seconds=10)
+    )
+    assert not token_alive(late)  # inside the margin: go to the channel instead
+    assert not token_alive(Job(application_id=None, interaction_token="t", created_at=utcnow()))
+
+
+def test_attachments_are_reencoded_only_when_too_large() -> None:
+    data = png_bytes(256, 256, noise=True)
+    assert fit(data, len(data), "png") == (data, "png")  # fits: the stored bytes go out as they are
+    smaller, ext = fit(data, len(data) // 4, "png")
+    assert len(smaller) <= len(data) // 4 and ext in ("jpg", "webp", "png")
+
+
+def test_a_preview_is_a_small_jpeg_or_nothing() -> None:
+    preview = preview_jpeg(base64.b64encode(png_bytes(600, 400)).decode(), 100_000)
+    assert preview is not None and image_of(preview).size == (256, 171)
+    assert preview_jpeg("not base64!", 100_000) is None
+    assert preview_jpeg(base64.b64encode(png_bytes(600, 400, noise=True)).decode(), 10) is None
