@@ -96,6 +96,7 @@ class WorkerSettings(BaseSettings):
     attention_backend: str = "auto"  # auto, flash, efficient, cudnn, math (SDPA kernels)
     fp8: bool = False  # FP8 UNet linear layers through torchao (Hopper or newer)
     upscale_fewest_tiles: bool = True  # cover the upscale with the fewest (slightly larger) tiles
+    channels_last: bool = False  # measured slower in eager fp16 on an H200; try it with compile
 
     # Image inputs: image prompts, --sref, --cref/--oref through an IP-Adapter, and /describe.
     # IP_ADAPTER_MODEL: hub id or local folder holding IP-Adapter weights (e.g. h94/IP-Adapter);
