@@ -20,6 +20,8 @@ SCHEMA_VERSION = 2
 # Celery task names: the bot dispatches by name so it never imports worker code.
 TASK_SDXL = "mirage.sdxl.run"
 TASK_OPENAI = "mirage.openai.run"
+# /describe runs on either queue: on ``gpu`` with the local captioner, on ``api`` with OpenAI.
+TASK_DESCRIBE = "mirage.describe.run"
 QUEUE_GPU = "gpu"
 QUEUE_API = "api"
 
@@ -83,6 +85,21 @@ class JobKind(StrEnum):
     PAN = "pan"
     SQUARE = "square"
     CROP = "crop"  # U#: a crop of the parent grid, no generation
+    BLEND = "blend"  # /blend: 2-5 images in references["prompt"], no text needed
+    DESCRIBE = "describe"  # /describe: four prompts for input_image (task TASK_DESCRIBE)
+    REGION = "region"  # Vary (Region): repaint mask_image's white area of input_image
+
+
+class ReferenceRole(StrEnum):
+    """Roles of the reference images a job carries in ``JobRequest.references``."""
+
+    PROMPT = "prompt"  # image prompts before the text, and /blend's images (--iw)
+    STYLE = "style"  # --sref (--sw)
+    CHARACTER = "character"  # --cref (--cw)
+    OMNI = "omni"  # --oref (--ow)
+
+
+MAX_BLEND_IMAGES = 5
 
 
 class Direction(StrEnum):
@@ -200,6 +217,15 @@ class JobRequest(BaseModel):
     direction: Direction | None = None  # pan
     input_image: str | None = None  # base64 PNG for variation / upscale / zoom / pan / square
     openai_model: str | None = None  # dall-e-3, dall-e-2, gpt-image-1 for the api engine
+    # Reference pictures by ReferenceRole value ("prompt", "style", "character", "omni"): base64
+    # PNG from the bot's media store, never URLs. Weights are GenerationParams' --iw/--sw/--cw/--ow.
+    references: dict[str, list[str]] = Field(default_factory=dict)
+    # REGION: base64 PNG the size of input_image, white = repaint, black = keep.
+    mask_image: str | None = None
+
+    def reference_images(self, role: ReferenceRole | str) -> list[str]:
+        """The base64 pictures of one role (empty when the job has none)."""
+        return list(self.references.get(str(role), []))
 
 
 class ImageFormat(StrEnum):
@@ -358,15 +384,28 @@ def b64decode_text(text: str) -> bytes:
     return base64.b64decode(text.encode("ascii"), validate=True)
 
 
+class DescribeResult(BaseModel):
+    """What ``/describe`` returns: prompt suggestions (``--ar`` included) and the picture's ratio."""
+
+    version: int = SCHEMA_VERSION
+    job_id: str
+    prompts: list[str]  # usually 4, each ending in "--ar W:H"
+    aspect: str  # "3:2", as --ar takes it
+    model: str = ""  # the captioner or chat model that wrote them
+    generation_s: float = Field(default=0.0, ge=0)
+
+
 class TaskOutcome(BaseModel):
-    """What every task returns: exactly one of ``result`` or ``error``.
+    """What every task returns: exactly one of ``result``, ``describe`` or ``error``.
 
     Tasks return known failures instead of raising them, so the bot never has to unpickle a
-    worker's exception class to decide on a refund.
+    worker's exception class to decide on a refund. ``describe`` comes only from
+    ``TASK_DESCRIBE``.
     """
 
     result: JobResult | None = None
     error: JobError | None = None
+    describe: DescribeResult | None = None
 
 
 class WorkerError(Exception):
