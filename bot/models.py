@@ -21,6 +21,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
 )
+from sqlalchemy import false as sa_false
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
 
@@ -130,6 +131,9 @@ class Member(Base):
     credits_used: Mapped[int] = mapped_column(Integer, default=0)
     bonus_credits: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    # /prefer: text appended to every prompt, and whether buttons open the Remix editor first.
+    prompt_suffix: Mapped[str | None] = mapped_column(Text, nullable=True)
+    remix: Mapped[bool] = mapped_column(Boolean, default=False, server_default=sa_false())
 
     jobs: Mapped[list[Job]] = relationship(back_populates="member", lazy="raise")
 
@@ -224,3 +228,42 @@ class Favourite(Base):
     member_id: Mapped[int] = mapped_column(ForeignKey("members.id", ondelete="CASCADE"))
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class MemberOption(Base):
+    """A member's ``/prefer option``: ``--name`` in their prompts expands to ``value``."""
+
+    __tablename__ = "member_options"
+    __table_args__ = (UniqueConstraint("member_id", "name", name="uq_member_options_member_name"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    member_id: Mapped[int] = mapped_column(ForeignKey("members.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String(32))
+    value: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class PendingConfirmation(Base):
+    """An action waiting for its member's Yes/No (bot/confirm.py); the id is in the buttons."""
+
+    __tablename__ = "pending_confirmations"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_token)
+    user_id: Mapped[int] = mapped_column(BigInteger)
+    kind: Mapped[str] = mapped_column(String(32))
+    payload: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
+
+
+class JobInput(Base):
+    """An image a member gave a job (attachment, image prompt, --sref/--cref/--oref), stored."""
+
+    __tablename__ = "job_inputs"
+    __table_args__ = (UniqueConstraint("job_id", "role", "index", name="uq_job_inputs_job_role_index"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    role: Mapped[str] = mapped_column(String(16))  # image, style, character, omni
+    index: Mapped[int] = mapped_column(Integer)
+    key: Mapped[str] = mapped_column(String(255))
