@@ -29,7 +29,7 @@ from bot.results import Results
 from bot.sending import DEFAULT_FILESIZE_LIMIT, Sender, preview_jpeg, token_alive
 from bot.settings import BotSettings
 from bot.views import result_view
-from workers.schema import Progress
+from workers.schema import Engine, Progress
 
 log = logging.getLogger(__name__)
 
@@ -183,13 +183,18 @@ class Delivery:
         await self.lifecycle.delivered(job_id, message_id)
         self._forget(job_id)
 
+    def _failure_content(self, job: Job) -> str:
+        """The failure message; the OpenAI engine is suggested only where it is deployed."""
+        openai_configured = self.settings.openai_enabled or self.settings.default_engine == Engine.OPENAI
+        return failure_content(job, openai_configured=openai_configured)
+
     async def _send_final(self, job: Job) -> int | None:
         limit = self._limits.get(job.id, DEFAULT_FILESIZE_LIMIT)
         async with self._lock(job.id):
             self._finalized.add(job.id)
             if job.status != JobStatus.DONE.value:
                 return await self.sender.send_final(
-                    job, content=failure_content(job), image=None, view=None, limit=limit
+                    job, content=self._failure_content(job), image=None, view=None, limit=limit
                 )
             main = await self.results.image(job.id, 0)  # MediaNotFound: retried later, then logged
             data = await self.results.store.get(main.key)

@@ -2,7 +2,7 @@
 
 Midjourney's shape: ``**prompt** - <what> by <@member> (fast/public)``, a progress percentage
 while running, the engine's notes under a result as small ``-#`` lines, and for a failure the
-reason and the refund.
+fixed sentence of its failure kind (``bot.failure_messages``) and the refund.
 """
 
 from __future__ import annotations
@@ -11,27 +11,14 @@ import re
 
 import discord
 
-from bot.failure_messages import BLOCKED_MESSAGE
+from bot.failure_messages import failure_message
 from bot.models import Job
 from bot.operations import Operation, job_notes
-from workers.schema import ErrorCode, JobKind
+from workers.schema import JobKind
 
 MAX_PROMPT_SHOWN = 1500
 MAX_NOTES_SHOWN = 5
 MAX_NOTE_LENGTH = 200
-
-FAILURE_REASONS: dict[ErrorCode, str] = {
-    ErrorCode.CONTENT_POLICY: "The image service rejected this prompt under its content policy.",
-    ErrorCode.BAD_INPUT: "The input image could not be used (it may be corrupt or missing).",
-    ErrorCode.ENGINE_UNAVAILABLE: "The image engine is not available right now. Try again later or "
-    "pick another engine in /settings.",
-    ErrorCode.ENGINE_ERROR: "The image engine failed while making this image.",
-    ErrorCode.TIMEOUT: "This job took too long and was stopped.",
-    ErrorCode.CANCELLED: "This job was cancelled.",
-    ErrorCode.BLOCKED: BLOCKED_MESSAGE,
-}
-# Codes whose detail the member can act on (their prompt, their image, the engine's state).
-SHOWN_DETAIL = frozenset({ErrorCode.CONTENT_POLICY, ErrorCode.BAD_INPUT, ErrorCode.ENGINE_UNAVAILABLE})
 
 
 def shown_prompt(job: Job) -> str:
@@ -101,17 +88,15 @@ def final_content(job: Job) -> str:
     return "\n".join([f"{job_head(job)} {mode_suffix(job)}", *note_lines(job_notes(job))])
 
 
-def failure_content(job: Job) -> str:
-    """The message for a failed job: why, and that the credits came back."""
-    try:
-        code = ErrorCode(job.error_code) if job.error_code else ErrorCode.ENGINE_ERROR
-    except ValueError:
-        code = ErrorCode.ENGINE_ERROR
-    reason = FAILURE_REASONS.get(code, FAILURE_REASONS[ErrorCode.ENGINE_ERROR])
+def failure_content(job: Job, *, openai_configured: bool = False) -> str:
+    """The message for a failed job: one fixed sentence for its failure kind, and the refund.
+
+    The worker's own text (``job.error``) is never shown: it may name files, devices or an
+    API's wording, so it goes to the logs only. ``openai_configured`` says whether the OpenAI
+    engine may be suggested after an SDXL failure (``bot.failure_messages``).
+    """
+    reason = failure_message(job.error_code, engine=job.engine, openai_configured=openai_configured)
     lines = [f"{job_head(job)} ❌ {reason}"]
-    detail = (job.error or "").strip()
-    if detail and code in SHOWN_DETAIL:
-        lines.append(f"> {discord.utils.escape_markdown(detail[:300])}")
     if job.cost:
         plural = job.cost != 1
         lines.append(f"Your {job.cost} credit{'s' if plural else ''} {'were' if plural else 'was'} refunded.")

@@ -109,6 +109,10 @@ class BotSettings(BaseSettings):
     # What happens to a result the workers' image classifier flagged, outside NSFW channels.
     safety_action: Literal["block", "spoiler"] = "block"
     safety_allow_nsfw_channels: bool = True  # age-restricted channels get flagged results as they are
+    # Whether OpenAI workers are deployed: only then do failure messages suggest that engine.
+    openai_enabled: bool = False
+    # Credits a /describe costs (a caption, no picture made).
+    cost_describe: int = Field(default=0, ge=0)
 
     @model_validator(mode="before")
     @classmethod

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from bot.failure_messages import CONTENT_POLICY_MESSAGE, failure_message
 from bot.models import Job
 from bot.render import (
     MAX_NOTES_SHOWN,
@@ -74,17 +75,26 @@ def test_notes_are_one_line_escaped_bounded_and_few() -> None:
 def test_failure_says_why_and_the_refund() -> None:
     failed = job(error_code=ErrorCode.CONTENT_POLICY.value, error="blocked word", cost=2)
     text = failure_content(failed)
-    assert "❌ The image service rejected this prompt" in text
-    assert "> blocked word" in text and "Your 2 credits were refunded." in text
+    assert f"❌ {CONTENT_POLICY_MESSAGE}" in text
+    assert "Your 2 credits were refunded." in text
     hidden = failure_content(job(error_code=ErrorCode.TIMEOUT.value, error="took 901 s", cost=0))
     assert "took 901" not in hidden and "refunded" not in hidden  # the reason says it all
-    version = failure_content(
-        job(error_code=ErrorCode.ENGINE_UNAVAILABLE.value, error="The worker runs a different version")
-    )
-    assert "> The worker runs a different version" in version
     assert "failed while making" in failure_content(job(error_code="nonsense"))
-    assert "Traceback" not in failure_content(job(error_code=ErrorCode.ENGINE_ERROR.value, error="Traceback"))
     assert "safety filter" in failure_content(job(error_code=ErrorCode.BLOCKED.value))
+
+
+def test_failure_shows_only_the_fixed_sentence_never_the_workers_text() -> None:
+    for code in ErrorCode:
+        text = failure_content(job(error_code=code.value, error="/models/sdxl on cuda:0: Traceback", cost=0))
+        assert "Traceback" not in text and "cuda" not in text
+        assert text == f"**a red fox** - <@42> ❌ {failure_message(code)}"
+
+
+def test_failure_suggests_openai_only_when_it_is_configured() -> None:
+    down = job(error_code=ErrorCode.ENGINE_UNAVAILABLE.value, engine="sdxl")
+    assert "--model openai" not in failure_content(down)
+    assert "--model openai" in failure_content(down, openai_configured=True)
+    assert "--model sdxl" in failure_content(job(error_code=ErrorCode.ENGINE_ERROR.value, engine="openai"))
 
 
 def test_file_stem_is_safe() -> None:

@@ -71,7 +71,7 @@ async def test_progress_edits_are_throttled_and_carry_a_preview(h: Harness) -> N
 @pytest.mark.parametrize(
     ("code", "text"),
     [
-        (ErrorCode.CONTENT_POLICY, "content policy"),
+        (ErrorCode.CONTENT_POLICY, "safety system refused"),
         (ErrorCode.BAD_INPUT, "could not be used"),
         (ErrorCode.ENGINE_UNAVAILABLE, "not available"),
         (ErrorCode.TIMEOUT, "too long"),
