@@ -114,6 +114,18 @@ class BotSettings(BaseSettings):
     # Credits a /describe costs (a caption, no picture made).
     cost_describe: int = Field(default=0, ge=0)
 
+    # Prompts (bot/cogs/imagine.py): the owner's style presets folder (same-named files override
+    # the shipped ones) and a house style every prompt gets unless it says --style raw / --raw.
+    styles_dir: Path | None = None
+    house_style: str = ""
+    # --v / --niji profiles: JSON or a TOML file path, {"7": {"queue": "gpu-v7", "loras": {...},
+    # "style": "..."}}; see bot/profiles.py. Unset: every profile uses the default model.
+    model_profiles: str = ""
+    # --relax costs this fraction of a job's credits (rounded down; 0 makes relaxed jobs free).
+    relax_cost_factor: float = Field(default=0.5, ge=0, le=1)
+    # How long a Yes/No confirmation (several jobs, expensive jobs) waits for its member.
+    confirm_expiry_s: int = Field(default=600, ge=10)
+
     @model_validator(mode="before")
     @classmethod
     def _warn_deprecated(cls, data: object) -> object:
