@@ -104,6 +104,9 @@ class Guild(Base):
     credit_period: Mapped[str | None] = mapped_column(String(8), nullable=True)
     default_engine: Mapped[str | None] = mapped_column(String(16), nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    # Access (bot/access.py): the owner's approval when ALLOWED_GUILD_IDS restricts guilds, or a ban.
+    approved: Mapped[bool] = mapped_column(Boolean, default=False, server_default=sa_false())
+    banned: Mapped[bool] = mapped_column(Boolean, default=False, server_default=sa_false())
 
 
 class Member(Base):
@@ -134,6 +137,7 @@ class Member(Base):
     # /prefer: text appended to every prompt, and whether buttons open the Remix editor first.
     prompt_suffix: Mapped[str | None] = mapped_column(Text, nullable=True)
     remix: Mapped[bool] = mapped_column(Boolean, default=False, server_default=sa_false())
+    banned: Mapped[bool] = mapped_column(Boolean, default=False, server_default=sa_false())
 
     jobs: Mapped[list[Job]] = relationship(back_populates="member", lazy="raise")
 
@@ -179,6 +183,8 @@ class Job(Base):
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     generation_s: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # Times the supervisor put it back in line after its worker stopped sending heartbeats.
+    resends: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
     member: Mapped[Member] = relationship(back_populates="jobs", lazy="raise")
     images: Mapped[list[Image]] = relationship(back_populates="job", lazy="raise", order_by="Image.index")
