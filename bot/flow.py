@@ -43,12 +43,27 @@ class JobFlow:
         parent: Job,
         operation: Operation,
         parent_index: int | None = None,
+        *,
+        params: GenerationParams | None = None,
     ) -> Created | None:
-        """Accept a button press on ``parent``'s message."""
+        """Accept a button press on ``parent``'s message (``params``: the member's edited ones)."""
         return await self.accept(
             interaction,
-            lambda actor: self.jobs.create_followup(actor, parent, operation, parent_index=parent_index),
+            lambda actor: self.jobs.create_followup(
+                actor, parent, operation, parent_index=parent_index, params=params
+            ),
         )
+
+    async def submit(self, actor: Actor, create: Callable[[Actor], Awaitable[Created]]) -> Created:
+        """Accept a job asked for outside Discord (the web editor) and set it going.
+
+        Refusals propagate as ``JobRefused`` for the caller to word; with no interaction to
+        answer, the member first hears of the job when its result is posted in the channel.
+        """
+        created = await create(actor)
+        await self.jobs.release(created.job.member_id)
+        self.tracker.wake()
+        return created
 
     async def accept(
         self,

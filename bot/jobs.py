@@ -133,14 +133,21 @@ class JobService:
         return await self._create(actor, Operation(JobKind.IMAGINE), plan)
 
     async def create_followup(
-        self, actor: Actor, parent: Job, operation: Operation, *, parent_index: int | None = None
+        self,
+        actor: Actor,
+        parent: Job,
+        operation: Operation,
+        *,
+        parent_index: int | None = None,
+        params: GenerationParams | None = None,
     ) -> Created:
         """Accept a button press on ``parent``: a new job owned and charged to the presser.
 
         Reroll gets a new random seed; everything else keeps the parent's seed so a variation
-        of a seeded grid is reproducible too.
+        of a seeded grid is reproducible too. ``params`` replaces the parent's parameters where
+        the member edited them (Custom Zoom's prompt and ``--ar``, Vary (Region)'s prompt).
         """
-        parent_params = generation_params(parent)
+        parent_params = params if params is not None else generation_params(parent)
 
         def plan(member: Member) -> _Plan:
             """The parent's prompt and engine; the presser's visibility unless they own it."""
@@ -314,6 +321,9 @@ class JobService:
         if job.parent_id and operation.kind not in (JobKind.REROLL, JobKind.IMAGINE):
             data = await self.results.input_image(job.parent_id, job.parent_index)
             input_image = base64.b64encode(data).decode("ascii")
+        mask_image = None
+        if operation.mask_key:
+            mask_image = base64.b64encode(await self.results.store.get(operation.mask_key)).decode("ascii")
         return JobRequest(
             job_id=job.id,
             kind=operation.kind,
@@ -324,6 +334,7 @@ class JobService:
             scale=operation.scale,
             direction=operation.direction,
             input_image=input_image,
+            mask_image=mask_image,
             openai_model=self.settings.openai_model if job.engine == Engine.OPENAI.value else None,
         )
 

@@ -28,7 +28,7 @@ from workers.schema import (
 SINGLE_IMAGE_KINDS = frozenset({JobKind.UPSCALE, JobKind.CROP})
 # Operation details are stored next to the generation parameters in Job.params (the gallery lists
 # them: "Strength 0.85"), and so are the engine's notes for the member once the job is done.
-OP_KEYS = ("strength", "scale", "direction")
+OP_KEYS = ("strength", "scale", "direction", "mask_key")
 NOTES_KEY = "notes"
 NON_GENERATION_KEYS = frozenset({*OP_KEYS, NOTES_KEY})
 
@@ -70,6 +70,7 @@ class Operation:
     strength: float | None = None
     scale: float | None = None
     direction: Direction | None = None
+    mask_key: str | None = None  # Vary (Region): the media key of the mask (white = repaint)
 
     def as_dict(self) -> dict[str, Any]:
         """The operation's knobs as JSON for ``Job.params`` (so a restart can rebuild the request)."""
@@ -77,6 +78,7 @@ class Operation:
             "strength": self.strength,
             "scale": self.scale,
             "direction": self.direction.value if self.direction else None,
+            "mask_key": self.mask_key,
         }
         return {key: value for key, value in values.items() if value is not None}
 
@@ -90,6 +92,7 @@ class Operation:
             strength=raw.get("strength"),
             scale=raw.get("scale"),
             direction=Direction(direction) if direction else None,
+            mask_key=raw.get("mask_key"),
         )
 
 
