@@ -75,7 +75,9 @@ class BotSettings(BaseSettings):
 
     max_running_per_member: int = Field(default=3, ge=1)
     max_waiting_per_member: int = Field(default=10, ge=0)
-    job_timeout_s: int = Field(default=900, ge=10)
+    # How long a job may run once a worker started it; above the workers' hard time limit (1260 s)
+    # so the worker's own limit ends a stuck job first.
+    job_timeout_s: int = Field(default=1500, ge=10)
     progress_edit_interval_s: float = Field(
         default=2.0,
         ge=0.1,
@@ -109,6 +111,29 @@ class BotSettings(BaseSettings):
     # What happens to a result the workers' image classifier flagged, outside NSFW channels.
     safety_action: Literal["block", "spoiler"] = "block"
     safety_allow_nsfw_channels: bool = True  # age-restricted channels get flagged results as they are
+
+    # Crash recovery and timeouts (bot/supervisor.py, docs/reliability.md). A running job whose
+    # worker heartbeat has not changed for heartbeat_stale_s is put back in line, at most
+    # max_resends times; a job waits at the broker up to max_queue_wait_s before it is refunded.
+    heartbeat_stale_s: float = Field(default=45.0, ge=5)
+    max_resends: int = Field(default=3, ge=0)
+    max_queue_wait_s: int = Field(default=6 * 3600, ge=60)
+
+    # Who may use the bot (bot/access.py). Empty ALLOWED_GUILD_IDS: any guild (a warning at start).
+    allowed_guild_ids: Annotated[list[int], NoDecode] = Field(default_factory=list)
+    leave_unapproved_guilds: bool = False
+    owner_user_ids: Annotated[list[int], NoDecode] = Field(default_factory=list)
+    allow_dms: bool = False
+
+    # Credits priced by work (bot/pricing.py): today's costs are for 25 steps, 1 MP, 4 images.
+    price_base_steps: int = Field(default=25, ge=1)
+    price_base_megapixels: float = Field(default=1.0, gt=0)
+    price_base_images: int = Field(default=4, ge=1)
+    price_confirm_at: int = Field(default=4, ge=1)  # jobs costing this much ask first
+
+    # Prometheus /metrics: on its own port (METRICS_PORT), and/or only with a bearer token.
+    metrics_port: int | None = Field(default=None, ge=1, le=65535)
+    metrics_token: SecretStr = SecretStr("")
     # Whether OpenAI workers are deployed: only then do failure messages suggest that engine.
     openai_enabled: bool = False
     # Credits a /describe costs (a caption, no picture made).
@@ -138,7 +163,9 @@ class BotSettings(BaseSettings):
                 log.warning("setting %s is deprecated; use %s", old.upper(), new.upper())
         return data
 
-    @field_validator("admin_user_ids", "discord_guild_ids", mode="before")
+    @field_validator(
+        "admin_user_ids", "discord_guild_ids", "allowed_guild_ids", "owner_user_ids", mode="before"
+    )
     @classmethod
     def _split_ids(cls, value: object) -> object:
         # Environment variables carry lists as "1,2,3"; accept JSON lists too.
