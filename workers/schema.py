@@ -339,6 +339,11 @@ class Progress(BaseModel):
     step: int = 0
     total_steps: int = 0
     preview: str | None = None
+    # Heartbeat: the worker node running the job and when it last said so (unix seconds). A
+    # running task refreshes them every HEARTBEAT_INTERVAL_S even between progress reports, so
+    # a heartbeat that stops advancing means the worker is gone, not slow.
+    worker: str | None = None
+    heartbeat_at: float | None = None
 
 
 def quality_steps(quality: float) -> int:
@@ -415,3 +420,41 @@ class WorkerError(Exception):
         super().__init__(message)
         self.code = code
         self.message = message
+
+
+class JobFailed(Exception):
+    """What a task raises for a job that ended with a ``JobError``: the task ends in FAILURE.
+
+    Its arguments are plain strings, ``(code, message)``, so Celery's JSON result serialiser
+    stores it as ``{"exc_type": "JobFailed", "exc_module": "workers.schema", "exc_message":
+    [code, message]}`` and the bot rebuilds it without torch (see :meth:`from_exception`).
+    ``message`` is member-safe.
+    """
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(str(code), message)
+        self.code = str(code)
+        self.message = message
+
+    @property
+    def error_code(self) -> ErrorCode:
+        """The code as an ``ErrorCode``; an unknown one (a newer worker) reads as ENGINE_ERROR."""
+        try:
+            return ErrorCode(self.code)
+        except ValueError:
+            return ErrorCode.ENGINE_ERROR
+
+    @classmethod
+    def from_exception(cls, exc: object) -> JobFailed | None:
+        """``exc`` as a JobFailed, or None when it is another exception.
+
+        Celery rebuilds a stored exception from its module when that module is imported, and
+        otherwise as a stand-in class of the same name with the same arguments: both are read.
+        """
+        if isinstance(exc, cls):
+            return exc
+        if isinstance(exc, BaseException) and type(exc).__name__ == cls.__name__:
+            args = exc.args
+            if len(args) == 2 and all(isinstance(arg, str) for arg in args):
+                return cls(args[0], args[1])
+        return None

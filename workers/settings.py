@@ -123,6 +123,20 @@ class WorkerSettings(BaseSettings):
     # Input pixels per tile side when UPSCALER_MODEL runs tiled (workers/upscaler.py).
     upscaler_tile_px: int = Field(default=512, ge=64)
 
+    # Running it for real (issues 15 and 17).
+    # A running task refreshes its PROGRESS meta (worker, heartbeat_at) this often, so the bot
+    # can tell a dead worker from a slow one.
+    heartbeat_interval_s: float = Field(default=10.0, gt=0)
+    # Prometheus metrics of this worker on this port (0: off).
+    worker_metrics_port: int = Field(default=0, ge=0, le=65535)
+    # Where OPENAI_REQUESTS_PER_MINUTE is counted: a redis:// URL shares it between all API
+    # workers; unset, the result backend when that is Redis, else each process counts its own.
+    openai_rate_limit_storage: str | None = None
+    # One JSON object per log line (as the bot's LOG_JSON).
+    log_json: bool = False
+    # A worker whose model failed to load tries again after this many seconds.
+    model_retry_s: float = Field(default=60.0, gt=0)
+
 
 @lru_cache(maxsize=1)
 def get_settings() -> WorkerSettings:
