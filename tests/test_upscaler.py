@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -215,3 +216,57 @@ def test_torchvision_stand_in_does_not_linger(spandrel_ready: None) -> None:
         lama.rotate(None, 0.0)
     with pytest.raises(ModuleNotFoundError):
         importlib.import_module("torchvision")
+
+
+# --- through the SDXL engine ----------------------------------------------------------------------
+
+
+def _engine_upscale(model_dir: Path, **overrides: Any) -> tuple[Any, Any]:
+    """Load the tiny SDXL (no warm-up) with ``overrides`` and run one 2x upscale of a 32 px image."""
+    import base64
+    import io
+
+    import torch
+
+    from workers.schema import GenerationParams, JobKind, JobRequest
+    from workers.sdxl.engine import SDXLEngine
+
+    settings = WorkerSettings(
+        _env_file=None, sdxl_model=str(model_dir), warmup=False, device="cpu", **overrides
+    )  # type: ignore[call-arg]
+    buffer = io.BytesIO()
+    noise(32, 32, 3).save(buffer, format="PNG")
+    request = JobRequest(
+        job_id="up",
+        kind=JobKind.UPSCALE,
+        params=GenerationParams(prompt="a fox", steps=2),
+        seed=1,
+        count=1,
+        input_image=base64.b64encode(buffer.getvalue()).decode("ascii"),
+    )
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)  # 2 shared CI cores
+    try:
+        engine = SDXLEngine.load(settings)
+        return engine, engine.run(request)
+    finally:
+        torch.set_num_threads(saved)
+
+
+def test_engine_upscale_runs_the_configured_model(tiny_model_dir: Path, weights: dict[str, Path]) -> None:
+    """UPSCALER_MODEL is loaded with the engine and enlarges the source before img2img: no note."""
+    engine, output = _engine_upscale(tiny_model_dir, upscaler_model=weights["x2"])
+    assert isinstance(engine.upscaler, ModelUpscaler)
+    assert engine.upscaler.calls == 1
+    assert engine.last_info["upscaler"] == weights["x2"].name
+    assert output.notes == []
+    assert output.images[0].size == (64, 64)
+    assert output.phases["upscaler"] > 0
+
+
+def test_engine_upscale_without_a_model_says_lanczos(tiny_model_dir: Path) -> None:
+    """No UPSCALER_MODEL: Lanczos enlarges, and the member is told so in the result's notes."""
+    engine, output = _engine_upscale(tiny_model_dir)
+    assert isinstance(engine.upscaler, LanczosUpscaler)
+    assert output.notes == [LANCZOS_NOTE]
+    assert output.images[0].size == (64, 64)

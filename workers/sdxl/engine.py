@@ -9,8 +9,9 @@ Operations (``request.kind``):
 - IMAGINE / REROLL: one batch of ``request.count`` (4) images, seeds ``seed..seed+3``, at the
   aspect bucket scaled to the model's base resolution.
 - VARIATION: img2img of the input at ``strength`` (0.5 subtle, 0.85 strong, default 0.85).
-- UPSCALE: Lanczos 2x, then img2img over the fewest overlapping tiles (up to 1.25x the base
-  side, 4 for a 2x of 1024 px, denoised as one batch) at ``strength``
+- UPSCALE: 2x with ``UPSCALER_MODEL`` (:mod:`workers.upscaler`; Lanczos when unset), then
+  img2img over the fewest overlapping tiles (up to 1.25x the base side, 4 for a 2x of 1024 px,
+  denoised as one batch) at ``strength``
   (0.35 subtle, 0.55 creative), blended in latent space and decoded with VAE tiling.
 - ZOOM / PAN / SQUARE: canvas from :mod:`workers.canvas`, inpainting at strength 1.0 over the
   new area, then the original pasted back with a feathered seam.
@@ -91,6 +92,7 @@ from workers.sdxl.prompt import parse_lora_tags
 from workers.sdxl.tiles import fewest_tiles, ramp, tile_grid
 from workers.sdxl.vae import VaeRunner, to_images
 from workers.settings import WorkerSettings
+from workers.upscaler import LanczosUpscaler, Upscaler, configured_upscaler
 
 log = logging.getLogger(__name__)
 
@@ -247,6 +249,8 @@ class SDXLEngine:
         self.vae = VaeRunner(txt2img.vae, device=device, model_dtype=dtype, mode=settings.vae_dtype)
         self.last_info: dict[str, Any] = {}  # the facts of the last job, for logs and tests
         self.fp8_status = "off"  # "applied", or why FP8 was skipped
+        # What enlarges an upscale's source before its img2img pass (load() sets UPSCALER_MODEL's).
+        self.upscaler: Upscaler = LanczosUpscaler()
         for pipe in self._pipelines():
             pipe.set_progress_bar_config(disable=True)
 
@@ -345,8 +349,7 @@ class SDXLEngine:
             )
             if refiner is not None:
                 refiner.unet.compile(fullgraph=False, dynamic=False)
-        if settings.upscaler_model:
-            log.warning("UPSCALER_MODEL is not supported yet; upscales use Lanczos before the img2img pass")
+        upscaler = configured_upscaler(settings, device=device, dtype=dtype)
         engine = cls(
             pipe,
             settings,
@@ -357,6 +360,7 @@ class SDXLEngine:
             loras=loras,
             lora_unavailable=lora_unavailable,
         )
+        engine.upscaler = upscaler
         if settings.fp8:
             engine.fp8_status = fp8_skipped or "applied"
         if settings.warmup:
@@ -615,10 +619,11 @@ class SDXLEngine:
         )
         if max(target) > 4 * self.base_resolution:
             raise WorkerError(ErrorCode.BAD_INPUT, "The image is too large to upscale further.")
-        if self.settings.upscaler_model:
-            job.notes.append("ESRGAN upscaler not supported yet: Lanczos used")
-        # TODO: run settings.upscaler_model (ESRGAN-class) here instead of Lanczos when configured.
-        enlarged = source.resize(target, Image.Resampling.LANCZOS)
+        with self._phase(job, "upscaler"):
+            enlarged = self.upscaler.upscale_to(source, target)
+        if self.upscaler.note:
+            job.notes.append(self.upscaler.note)
+        job.info["upscaler"] = self.upscaler.name
         strength = _strength(job.request.strength, UPSCALE_STRENGTH)
         steps = _steps_for_strength(job.steps, strength)
         scale = self.vae_scale_factor
