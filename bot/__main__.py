@@ -1,4 +1,9 @@
-"""``python -m bot`` / ``mirage-bot``: migrate, then serve Discord and the web gallery until stopped."""
+"""``python -m bot`` / ``mirage-bot``: migrate, then serve Discord and the web gallery until stopped.
+
+``python -m bot invite-url`` prints the link that adds the bot to a server (``bot.invite``). A
+bad token or an unreachable Discord ends the process with a non-zero status, so the service
+manager restarts it (or the operator sees why at once).
+"""
 
 from __future__ import annotations
 
@@ -10,9 +15,13 @@ import signal
 import subprocess
 import sys
 
+import aiohttp
+import discord
+
 from bot.client import MirageBot
 from bot.database import make_engine, make_sessionmaker, upgrade
 from bot.dispatch import CeleryDispatcher
+from bot.invite import BadToken, client_id_from_token, invite_url
 from bot.logconfig import setup_logging
 from bot.settings import BotSettings, get_settings
 from bot.storage import make_store
@@ -59,10 +68,12 @@ async def run(settings: BotSettings, *, stop: asyncio.Event | None = None) -> No
 
     bot_task = asyncio.create_task(bot.start(token), name="discord")
     stop_task = asyncio.create_task(stop.wait(), name="stop")
+    failure: BaseException | None = None
     try:
         done, _pending = await asyncio.wait({bot_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
         if bot_task in done and bot_task.exception() is not None:
-            log.error("the Discord client stopped: %s", bot_task.exception())
+            failure = bot_task.exception()
+            log.error("the Discord client stopped: %s", _failure_text(failure))
         else:
             log.info("shutting down")
     finally:
@@ -79,6 +90,18 @@ async def run(settings: BotSettings, *, stop: asyncio.Event | None = None) -> No
         await dispatcher.close()
         await engine.dispose()
         log.info("stopped")
+    if failure is not None:
+        # A non-zero exit lets the service manager (systemd Restart=on-failure, Compose) restart it.
+        raise SystemExit(f"Mirage stopped: {_failure_text(failure)}")
+
+
+def _failure_text(exc: BaseException) -> str:
+    """Why the Discord client stopped, in words an operator can act on."""
+    if isinstance(exc, discord.LoginFailure):
+        return "Discord refused the token (DISCORD_TOKEN is wrong or was reset)"
+    if isinstance(exc, OSError | aiohttp.ClientError):
+        return f"Discord could not be reached ({exc.__class__.__name__}: {exc})"
+    return f"{exc.__class__.__name__}: {exc}"
 
 
 def _start_local_worker() -> subprocess.Popen[bytes]:
@@ -101,6 +124,24 @@ def _stop_local_worker(worker: subprocess.Popen[bytes]) -> None:
         worker.wait()
 
 
+def print_invite_url(settings: BotSettings, client_id: int | None) -> None:
+    """Print the invite link of the application ``client_id`` or of ``DISCORD_TOKEN``'s."""
+    if client_id is None:
+        token = settings.discord_token.get_secret_value()
+        if not token:
+            raise SystemExit(
+                "Give --client-id (Discord developer portal → your application → General Information → "
+                "Application ID) or set DISCORD_TOKEN."
+            )
+        try:
+            client_id = client_id_from_token(token)
+        except BadToken as exc:
+            raise SystemExit(
+                f"DISCORD_TOKEN does not look like a bot token ({exc}); give --client-id."
+            ) from exc
+    print(invite_url(client_id))
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: settings, logging, then the event loop (with a local worker on request)."""
     parser = argparse.ArgumentParser(prog="python -m bot", description="Run the Mirage Discord bot.")
@@ -109,8 +150,24 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="also run a Celery worker for the gpu and api queues in a child process (one-machine setup)",
     )
+    parser.add_argument(
+        "command",
+        nargs="?",
+        choices=("run", "invite-url"),
+        default="run",
+        help="run (the default): serve Discord and the gallery; invite-url: print the link that adds "
+        "the bot to a server",
+    )
+    parser.add_argument(
+        "--client-id",
+        type=int,
+        help="invite-url: the application id (default: read from DISCORD_TOKEN)",
+    )
     args = parser.parse_args(argv)
     settings = get_settings()
+    if args.command == "invite-url":
+        print_invite_url(settings, args.client_id)
+        return
     setup_logging(settings)
     if not settings.discord_token.get_secret_value():
         raise SystemExit(

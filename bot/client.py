@@ -55,6 +55,10 @@ class MirageBot(commands.Bot):
         sync_commands: bool = True,
         **options: Any,
     ) -> None:
+        # Mirage never joins voice; without this, every start warns that PyNaCl and davey are
+        # missing, which reads like a broken install.
+        discord.VoiceClient.warn_nacl = False
+        discord.VoiceClient.warn_dave = False
         # Slash commands and components arrive as interactions: no privileged intents needed.
         intents = options.pop("intents", None) or discord.Intents.none()
         intents.guilds = True

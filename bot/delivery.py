@@ -22,7 +22,7 @@ from pydantic import ValidationError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from bot.lifecycle import Lifecycle
-from bot.logconfig import job_context
+from bot.logconfig import job_context, log_job_end
 from bot.models import Job, JobStatus
 from bot.render import failure_content, final_content, progress_content, waiting_content
 from bot.results import Results
@@ -171,6 +171,8 @@ class Delivery:
             job = await session.get(Job, job_id)
         if job is None:
             return
+        if job_id not in self._retry_at:
+            log_job_end(log, job)  # once per job, not again on each retried send
         try:
             message_id = await self._send_final(job)
         except Exception as exc:

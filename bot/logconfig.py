@@ -25,10 +25,13 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from datetime import UTC, datetime
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
 from bot.settings import BotSettings
+
+if TYPE_CHECKING:
+    from bot.models import Job
 
 REDACTED = "[redacted]"
 # Shorter values would redact innocent text ("1234", "admin") all over the log.
@@ -250,3 +253,50 @@ def setup_logging(settings: BotSettings) -> None:
     logging.getLogger("discord.http").setLevel(max(logging.INFO, root.level))
     for name, floor in QUIET_LOGGERS.items():
         logging.getLogger(name).setLevel(max(floor, root.level))
+
+
+def _seconds(start: datetime | None, end: datetime | None) -> float | None:
+    return (end - start).total_seconds() if start is not None and end is not None else None
+
+
+def job_end_fields(job: Job) -> dict[str, Any]:
+    """How a final job ended, as log fields: outcome, refund, queue wait and run durations.
+
+    ``wait_s`` runs from acceptance to a worker starting it (fairness hold and broker queue
+    together), ``run_s`` from that start to its end; a job that failed before starting has only
+    a wait. ``error`` is the worker's own text, which members never see.
+    """
+    refunded = job.cost if job.status != "done" else 0
+    start = job.started_at
+    fields: dict[str, Any] = {
+        "job_id": job.id,
+        "outcome": job.status,
+        "kind": job.kind,
+        "engine": job.engine,
+        "wait_s": _seconds(job.created_at, start or job.finished_at),
+        "run_s": _seconds(start, job.finished_at),
+        "generation_s": job.generation_s,
+        "refunded": refunded,
+    }
+    if job.status != "done":
+        fields["error_code"] = job.error_code
+        fields["error"] = job.error
+    return fields
+
+
+def log_job_end(logger: logging.Logger, job: Job) -> None:
+    """One INFO line when a job ends (done, failed or cancelled), with its id and durations."""
+    fields = job_end_fields(job)
+
+    def shown(value: float | None) -> str:
+        return "-" if value is None else f"{value:.2f}s"
+
+    text = (
+        f"job {job.id} {fields['outcome']} ({job.kind}, {job.engine}): "
+        f"waited {shown(fields['wait_s'])}, ran {shown(fields['run_s'])}"
+    )
+    if job.status != "done":
+        text += f", {fields['refunded']} credit(s) refunded, {job.error_code}: {job.error or ''}"
+    extra = {f"end_{key}": value for key, value in fields.items() if key != "job_id"}
+    with job_context(job.id, job.member_id):
+        logger.info("%s", text, extra=extra)

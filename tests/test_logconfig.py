@@ -11,12 +11,14 @@ import io
 import json
 import logging
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from bot.logconfig import QUIET_LOGGERS, job_context, make_handler, setup_logging
+from bot.logconfig import QUIET_LOGGERS, job_context, job_end_fields, log_job_end, make_handler, setup_logging
+from bot.models import Job
 from bot.settings import BotSettings
 
 DISCORD_TOKEN = "MTIzNDU2Nzg5MDEyMzQ1Njc4.GhIjKl.distinctive-discord-token-value"
@@ -258,3 +260,41 @@ def test_setup_logging_redacts_library_loggers(
     assert "webhooks/1/[redacted]" in err and "discord.http" in err
     assert_clean(err)
     assert "token-value" not in err
+
+
+def ended_job(**values: Any) -> Job:
+    """A final job accepted at 12:00:00, started 2.5 s later and finished 4 s after that."""
+    accepted = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
+    fields: dict[str, Any] = {
+        "id": "J" * 22,
+        "member_id": 7,
+        "kind": "imagine",
+        "engine": "sdxl",
+        "status": "done",
+        "cost": 2,
+        "created_at": accepted,
+        "started_at": accepted + timedelta(seconds=2.5),
+        "finished_at": accepted + timedelta(seconds=6.5),
+    }
+    fields.update(values)
+    return Job(**fields)
+
+
+def test_a_done_job_logs_its_end_with_wait_and_run_durations(caplog: pytest.LogCaptureFixture) -> None:
+    logger = logging.getLogger("bot.test_job_end")
+    with caplog.at_level(logging.INFO, logger="bot.test_job_end"):
+        log_job_end(logger, ended_job())
+    [record] = caplog.records
+    assert record.levelno == logging.INFO
+    assert record.getMessage() == f"job {'J' * 22} done (imagine, sdxl): waited 2.50s, ran 4.00s"
+    assert record.end_refunded == 0 and record.end_wait_s == 2.5  # type: ignore[attr-defined]
+
+
+def test_a_failed_job_logs_the_refund_and_the_workers_text() -> None:
+    never_started = ended_job(
+        status="failed", started_at=None, error_code="engine_error", error="CUDA out of memory"
+    )
+    fields = job_end_fields(never_started)
+    assert fields["outcome"] == "failed" and fields["refunded"] == 2
+    assert fields["wait_s"] == 6.5 and fields["run_s"] is None
+    assert fields["error"] == "CUDA out of memory"

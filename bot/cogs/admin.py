@@ -1,6 +1,7 @@
 """Admin commands: ``/quota`` (show, set, grant, reset, default) and ``/status``.
 
-Every command here carries ``@admin_only()`` (``bot.checks``), which decides on each use.
+Every command here carries ``@admin_only()`` (``bot.checks``), which decides on each use, and
+Manage Server as its ``default_member_permissions``, so Discord hides them from other members.
 """
 
 from __future__ import annotations
@@ -40,8 +41,13 @@ def describe(report: quota.CreditReport) -> str:
 class Admin(commands.Cog):
     """Credits administration and the health of the queue."""
 
+    # Manage Server by default, so members do not even see these commands; server owners can
+    # still grant them to other roles in Server Settings → Integrations.
     quota_group = app_commands.Group(
-        name="quota", description="Manage members' credits (admins)", guild_only=True
+        name="quota",
+        description="Manage members' credits (admins)",
+        guild_only=True,
+        default_permissions=discord.Permissions(manage_guild=True),
     )
 
     def __init__(self, bot: MirageBot) -> None:
@@ -146,6 +152,7 @@ class Admin(commands.Cog):
         await interaction.followup.send(f"Server default set to {limit} credits per {shown}.", ephemeral=True)
 
     @app_commands.command(name="status", description="Queue depth, workers online and recent jobs (admins)")
+    @app_commands.default_permissions(manage_guild=True)
     @admin_only()
     async def status(self, interaction: discord.Interaction) -> None:
         """A snapshot of the compute side and the last hour."""
