@@ -40,6 +40,31 @@ RUNNING_STATES = frozenset({RECEIVED, STARTED, PROGRESS, RETRY})
 TASK_FOR_ENGINE: dict[Engine, str] = {Engine.SDXL: TASK_SDXL, Engine.OPENAI: TASK_OPENAI}
 DEFAULT_QUEUES: dict[Engine, str] = {Engine.SDXL: QUEUE_GPU, Engine.OPENAI: QUEUE_API}
 
+# Speed classes as Celery message priorities. The numbers mean opposite things per broker:
+# RabbitMQ delivers the highest number first (queues need ``x-max-priority``, set on both sides
+# by ``task_queue_max_priority``); kombu's Redis transport keeps one list per priority step
+# (0, 3, 6, 9 by default) and polls the lowest first. The embedded SQL transport is FIFO and
+# ignores priorities; there the bot's own release order (turbo, fast, relax) is all there is.
+MAX_PRIORITY = 10
+AMQP_PRIORITY = {"turbo": 9, "fast": 5, "relax": 1}
+REDIS_PRIORITY = {"turbo": 0, "fast": 3, "relax": 6}
+AMQP_SCHEMES = frozenset({"amqp", "amqps", "pyamqp"})
+REDIS_SCHEMES = frozenset({"redis", "rediss"})
+
+
+def broker_scheme(broker_url: str) -> str:
+    """The transport part of a broker URL (``redis``, ``amqp``, ``sqla``…), lowercased."""
+    return broker_url.split("://", 1)[0].split("+", 1)[0].lower()
+
+
+def task_priority(speed: str | None, broker_url: str) -> int | None:
+    """The Celery ``priority`` for a job of this speed class on this broker (None: not supported)."""
+    scheme = broker_scheme(broker_url)
+    table = AMQP_PRIORITY if scheme in AMQP_SCHEMES else REDIS_PRIORITY if scheme in REDIS_SCHEMES else None
+    if table is None:
+        return None
+    return table.get(speed or "fast", table["fast"])
+
 
 @dataclass(frozen=True, slots=True)
 class TaskState:
@@ -102,6 +127,9 @@ def make_celery_client(broker_url: str, result_backend: str) -> Celery:
     JSON only on the wire: the bot never unpickles anything a worker produced.
     """
     app = Celery("mirage-bot", broker=broker_url, backend=result_backend, set_as_current=False)
+    if broker_scheme(broker_url) in AMQP_SCHEMES:
+        # Must match the workers' declaration, or RabbitMQ refuses the redeclared queue.
+        app.conf.task_queue_max_priority = MAX_PRIORITY
     app.conf.update(
         task_serializer="json",
         result_serializer="json",
@@ -140,33 +168,48 @@ class CeleryDispatcher:
         *,
         queues: Mapping[Engine, str] | None = None,
         max_threads: int = 4,
+        profile_queues: Mapping[str, str] | None = None,
     ) -> None:
         self.app = app
         self.queues: dict[Engine, str] = dict(DEFAULT_QUEUES)
         if queues:
             self.queues.update(queues)
+        # --v / --niji profiles served by workers with another checkpoint (MODEL_PROFILES).
+        self.profile_queues: dict[str, str] = dict(profile_queues or {})
         self._executor = ThreadPoolExecutor(max_workers=max_threads, thread_name_prefix="celery-client")
 
     @classmethod
     def from_urls(
-        cls, broker_url: str, result_backend: str, *, queues: Mapping[Engine, str] | None = None
+        cls,
+        broker_url: str,
+        result_backend: str,
+        *,
+        queues: Mapping[Engine, str] | None = None,
+        profile_queues: Mapping[str, str] | None = None,
     ) -> CeleryDispatcher:
         """A dispatcher with its own client app for these URLs."""
-        return cls(make_celery_client(broker_url, result_backend), queues=queues)
+        return cls(
+            make_celery_client(broker_url, result_backend), queues=queues, profile_queues=profile_queues
+        )
 
     async def _run(self, fn: Any, *args: Any) -> Any:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, fn, *args)
 
-    def queue_for(self, engine: Engine) -> str:
-        """The queue a job for ``engine`` goes to."""
-        return self.queues[Engine(engine)]
+    def queue_for(self, engine: Engine, profile: str | None = None) -> str:
+        """The queue a job for ``engine`` goes to: its model profile's queue for SDXL, if mapped."""
+        engine = Engine(engine)
+        if engine == Engine.SDXL and profile and profile in self.profile_queues:
+            return self.profile_queues[profile]
+        return self.queues[engine]
 
     async def send(self, request: JobRequest, engine: Engine) -> None:
-        """Publish the task by name with ``task_id = job_id`` on the engine's queue."""
+        """Publish the task by name with ``task_id = job_id`` on its queue, at its speed's priority."""
         engine = Engine(engine)
         payload = request.model_dump(mode="json")
-        queue = self.queue_for(engine)
+        queue = self.queue_for(engine, request.params.model_profile)
+        priority = task_priority(request.params.speed, str(self.app.conf.broker_url or ""))
+        options: dict[str, Any] = {} if priority is None else {"priority": priority}
 
         def _send() -> None:
             self.app.send_task(
@@ -175,10 +218,11 @@ class CeleryDispatcher:
                 task_id=request.job_id,
                 queue=queue,
                 routing_key=queue,
+                **options,
             )
 
         await self._run(_send)
-        log.info("sent job %s (%s) to queue %s", request.job_id, request.kind, queue)
+        log.info("sent job %s (%s) to queue %s, priority %s", request.job_id, request.kind, queue, priority)
 
     async def states(self, job_ids: Sequence[str]) -> dict[str, TaskState]:
         """Read all states in one executor call (one round trip each, no per-job thread hop)."""

@@ -43,8 +43,10 @@ from bot.operations import (
     resolve_engine,
     resolve_visibility,
 )
+from bot.profiles import Prompting, profile_queues
 from bot.results import Results
 from bot.settings import BotSettings
+from bot.speed import job_cost, release_order
 from bot.storage import MediaNotFound
 from bot.telemetry import record_metric
 from workers.schema import (
@@ -100,6 +102,10 @@ class JobService:
         self.lifecycle = lifecycle
         self.results = results
         self.defaults = quota.QuotaDefaults.from_settings(settings)
+        # Styles and profiles apply at dispatch; profile queues go to a dispatcher that routes them.
+        self.prompting = Prompting.from_settings(settings)
+        if isinstance(routes := getattr(dispatcher, "profile_queues", None), dict):
+            routes.update(profile_queues(self.prompting.profiles))
         # One lock per member serialises release decisions in this process, so two completions
         # of the same member cannot both see room for one more job and send two.
         self._member_locks: dict[int, asyncio.Lock] = {}
@@ -107,13 +113,9 @@ class JobService:
 
     # --- costs -------------------------------------------------------------------------------
 
-    def cost_of(self, kind: JobKind, engine: Engine) -> int:
-        """Credits a job costs (configurable; by default grid 1 / 2, upscale 1, crop 0)."""
-        if kind == JobKind.CROP:
-            return self.settings.cost_crop
-        if kind == JobKind.UPSCALE:
-            return self.settings.cost_upscale
-        return self.settings.cost_openai_grid if engine == Engine.OPENAI else self.settings.cost_sdxl_grid
+    def cost_of(self, kind: JobKind, engine: Engine, speed: str | None = None) -> int:
+        """Credits a job costs (by default grid 1 / 2, upscale 1, crop 0; ``--relax`` less)."""
+        return job_cost(self.settings, kind, engine, speed)
 
     # --- creation ----------------------------------------------------------------------------
 
@@ -197,7 +199,7 @@ class JobService:
                 engine=plan.engine.value,
                 visibility=plan.visibility.value,
                 status=initial_status(operation.kind).value,
-                cost=self.cost_of(operation.kind, plan.engine),
+                cost=self.cost_of(operation.kind, plan.engine, plan.params.speed),
                 application_id=actor.application_id,
                 interaction_token=actor.interaction_token,
                 created_at=utcnow(),
@@ -280,14 +282,12 @@ class JobService:
                 room = self.settings.max_running_per_member - int(active or 0)
                 if room <= 0:
                     return 0
-                waiting = (
-                    await session.scalars(
-                        select(Job)
-                        .where(Job.member_id == member_id, Job.status == JobStatus.WAITING.value)
-                        .order_by(Job.created_at, Job.id)
-                        .limit(room)
-                    )
-                ).all()
+                rows = await session.scalars(
+                    select(Job).where(Job.member_id == member_id, Job.status == JobStatus.WAITING.value)
+                )
+                # Turbo, fast, relax, oldest first: the speed is in the params JSON, which SQL
+                # cannot order by portably, and a member holds at most max_waiting jobs.
+                waiting = release_order(rows.all())[:room]
             sent = 0
             for job in waiting:
                 if await self._dispatch(job):
@@ -327,7 +327,7 @@ class JobService:
         return JobRequest(
             job_id=job.id,
             kind=operation.kind,
-            params=generation_params(job),
+            params=self.prompting.prepare(generation_params(job)),
             seed=job.seed,
             count=grid_count(operation.kind),
             strength=operation.strength,

@@ -159,6 +159,10 @@ def celery_config(settings: WorkerSettings) -> dict[str, Any]:
         "task_soft_time_limit": settings.task_soft_time_limit_s,
         "task_time_limit": settings.task_time_limit_s,
         "broker_transport_options": broker_transport_options(broker_url, settings.visibility_timeout_s),
+        # The bot sends --turbo/--fast/--relax as message priorities (bot/dispatch.py). RabbitMQ
+        # honours them only on queues declared with x-max-priority, identically on both sides;
+        # Redis needs nothing here (kombu's default priority steps 0/3/6/9 match the bot's values).
+        "task_queue_max_priority": 10 if url_scheme(broker_url) in ("amqp", "amqps", "pyamqp") else None,
         "broker_connection_retry_on_startup": True,
         "broker_connection_max_retries": None,  # a worker waits out a broker restart
         # A lost broker connection does not stop a running GPU job: its result is idempotent,
