@@ -237,7 +237,7 @@ def test_fallback_plan_blends_image_prompts_and_notes_the_rest() -> None:
     assert any("--sref" in note for note in plan.notes)
     empty = fallback_plan(ImageInputs(character_images=(reference((1, 1, 1)),)), 64, 64)
     assert empty.init_image is None and empty.notes == (
-        "--cref needs an IP-Adapter on this server and was ignored.",
+        "--cref needs an IP-Adapter (IP_ADAPTER_MODEL) on this server and was ignored.",
     )
 
 

@@ -303,6 +303,32 @@ def ip_adapter_kwargs(pipe: Any, inputs: ImageInputs) -> dict[str, Any]:
     return {"ip_adapter_image": [content, style]}
 
 
+def blend_adapter_kwargs(
+    pipe: Any, images: Sequence[Image.Image], scale: float, *, guidance: bool
+) -> dict[str, Any]:
+    """``/blend`` through the adapter: the pictures' image embeddings averaged into one.
+
+    Sets the content slot to ``scale`` and the style slot to 0, and returns the pipeline call's
+    ``ip_adapter_image_embeds`` (negative then positive halves when ``guidance`` is on, as
+    diffusers expects). Averaging the embeddings, rather than giving the adapter every picture's
+    tokens, is what makes one picture out of several.
+    """
+    import torch
+
+    pipe.set_ip_adapter_scale([scale, 0.0])
+    projection = pipe.unet.encoder_hid_proj.image_projection_layers[CONTENT_SLOT]
+    from diffusers.models.embeddings import ImageProjection
+
+    hidden = not isinstance(projection, ImageProjection)
+    with torch.no_grad():
+        embeds, negative = pipe.encode_image(list(images), pipe.device, 1, hidden)
+    positive = embeds.mean(dim=0, keepdim=True)[None]  # (1, 1, ...): one picture for the batch
+    negative = negative[:1][None]
+    content = torch.cat([negative, positive]) if guidance else positive
+    style = torch.zeros_like(content)  # the style slot is at scale 0: its embedding is unused
+    return {"ip_adapter_image_embeds": [content, style]}
+
+
 @dataclass(frozen=True)
 class Fallback:
     """What to do without an IP-Adapter: img2img from ``init_image`` at ``strength``, or nothing."""
@@ -326,7 +352,7 @@ def fallback_plan(inputs: ImageInputs, width: int, height: int) -> Fallback:
         (inputs.omni_images, "--oref"),
     ):
         if pictures:
-            notes.append(f"{flag} needs an IP-Adapter on this server and was ignored.")
+            notes.append(f"{flag} needs an IP-Adapter (IP_ADAPTER_MODEL) on this server and was ignored.")
     if not inputs.prompt_images:
         return Fallback(None, 1.0, tuple(notes))
     fitted = [
@@ -337,5 +363,8 @@ def fallback_plan(inputs: ImageInputs, width: int, height: int) -> Fallback:
     for count, image in enumerate(fitted[1:], start=2):
         # Running mean: each new picture weighs 1/count, so all end up equal.
         blended = Image.blend(blended, image, 1.0 / count)
-    notes.append("Image prompts were used as the starting picture (this server has no IP-Adapter).")
+    notes.append(
+        "Image prompts were used as the starting picture: this server has no IP-Adapter "
+        "(IP_ADAPTER_MODEL is not set)."
+    )
     return Fallback(blended, fallback_strength(inputs.iw), tuple(notes))
