@@ -23,6 +23,7 @@ from bot.database import make_engine, make_sessionmaker, upgrade
 from bot.dispatch import CeleryDispatcher
 from bot.invite import BadToken, client_id_from_token, invite_url
 from bot.logconfig import setup_logging
+from bot.region import region_job_callback
 from bot.settings import BotSettings, get_settings
 from bot.storage import make_store
 from workers.schema import QUEUE_API, QUEUE_GPU
@@ -50,7 +51,9 @@ async def run(settings: BotSettings, *, stop: asyncio.Event | None = None) -> No
     except ImportError:  # the gallery is optional; the bot works without it
         log.info("web gallery not available")
     else:
-        runner = await start_web(create_app(sessions, store, settings), settings.web_host, settings.web_port)
+        # The editor's submit (Vary (Region)) accepts its job through this bot, in this process.
+        app = create_app(sessions, store, settings, region_job=region_job_callback(bot))
+        runner = await start_web(app, settings.web_host, settings.web_port)
         log.info(
             "gallery on http://%s:%s (public URL %s)",
             settings.web_host,

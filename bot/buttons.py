@@ -22,7 +22,14 @@ custom_id                   button                           job created
 Every press checks, before answering: the job exists (a missing or forged id gets "This job no
 longer exists"), it is finished, and for a stealth job that the presser is its owner (others get
 a refusal that says nothing about the job). Anyone else's public job can be built upon: the new
-job is owned by, and charged to, the presser.
+job is owned by, and charged to, the presser. Once a job is accepted, the pressed button turns
+blue (primary) on the source message, as Midjourney's do; it stays usable.
+
+The other buttons under a result live beside their logic and share :func:`load_source`:
+``mj:cz:<id>`` Custom Zoom (``bot.custom_zoom``), ``mj:region:<id>`` Vary (Region)
+(``bot.region``), ``mj:web:<id>`` and ``mj:fav:<id>`` (``bot.links``), and ``mj:x:<id>`` Cancel
+on a waiting or running job's message (``bot.cancel``). ``bot.views`` lists them all for the
+client to register.
 """
 
 from __future__ import annotations
@@ -182,38 +189,96 @@ class JobButton(ui.DynamicItem[ui.Button[Any]], template=TEMPLATE):
 
     async def interaction_check(self, interaction: discord.Interaction[Any], /) -> bool:
         """Load the job; refuse (privately) missing jobs, unfinished ones and others' stealth jobs."""
-        bot: MirageBot = interaction.client  # type: ignore[assignment]
-        lookup = asyncio.ensure_future(_load_job(bot, self.job_id))
-        # A refusal reads best as a private reply without a public "thinking…" first, so the
-        # job is looked up before answering, but never at the cost of Discord's 3 s deadline:
-        # when the database is slow, defer now and refuse (privately) afterwards.
-        done, _ = await asyncio.wait({lookup}, timeout=LOOKUP_BUDGET_S)
-        if not done:
-            await interaction.response.defer(thinking=True)
-        job = await lookup
-        if job is None:
-            await refuse(interaction, MISSING_JOB)
-            return False
-        if job.visibility == Visibility.STEALTH.value and job.user_id != interaction.user.id:
-            await refuse(interaction, NOT_YOURS)
-            return False
-        if job.status != JobStatus.DONE.value:
-            await refuse(interaction, NOT_READY if not JobStatus(job.status).is_final else MISSING_JOB)
-            return False
-        self.source_job = job
-        return True
+        self.source_job = await load_source(interaction, self.job_id)
+        return self.source_job is not None
 
     async def callback(self, interaction: discord.Interaction[Any]) -> None:
         """Start the job this button stands for."""
         assert self.source_job is not None
         operation, index = self.action.start(self.arg)
         bot: MirageBot = interaction.client  # type: ignore[assignment]
-        await bot.flow.press(interaction, self.source_job, operation, index)
+        if await bot.flow.press(interaction, self.source_job, operation, index) is not None:
+            await mark_pressed(interaction)
 
 
-async def _load_job(bot: MirageBot, job_id: str) -> Job | None:
+async def load_job(bot: MirageBot, job_id: str) -> Job | None:
+    """The job row with this id, or None."""
     async with bot.sessions() as session:
         return (await session.scalars(select(Job).where(Job.id == job_id))).first()
 
 
-DYNAMIC_ITEMS: tuple[type[ui.DynamicItem[Any]], ...] = (JobButton,)
+async def load_source(
+    interaction: discord.Interaction[Any], job_id: str, *, owner_only: bool = False, private: bool = False
+) -> Job | None:
+    """The finished job a press acts on, or None after refusing the press privately.
+
+    Refused: a missing or forged job, an unfinished one, a stealth job of someone else, and with
+    ``owner_only`` any job of someone else (the link would not open for them). ``private``: the
+    press will be answered ephemerally, so a slow lookup defers ephemerally too.
+    """
+    bot: MirageBot = interaction.client  # type: ignore[assignment]
+    lookup = asyncio.ensure_future(load_job(bot, job_id))
+    # A refusal reads best as a private reply without a public "thinking…" first, so the job
+    # is looked up before answering, but never at the cost of Discord's 3 s deadline: when the
+    # database is slow, defer now and refuse (privately) afterwards.
+    done, _ = await asyncio.wait({lookup}, timeout=LOOKUP_BUDGET_S)
+    if not done:
+        await interaction.response.defer(thinking=True, ephemeral=private)
+    job = await lookup
+    if job is None:
+        await refuse(interaction, MISSING_JOB)
+        return None
+    hidden = job.visibility == Visibility.STEALTH.value or owner_only
+    if hidden and job.user_id != interaction.user.id:
+        await refuse(interaction, NOT_YOURS)
+        return None
+    if job.status != JobStatus.DONE.value:
+        await refuse(interaction, NOT_READY if not JobStatus(job.status).is_final else MISSING_JOB)
+        return None
+    return job
+
+
+async def answer_privately(
+    interaction: discord.Interaction[Any], text: str, *, view: ui.View | None = None
+) -> None:
+    """An ephemeral answer, whether or not a slow lookup already deferred the press (privately)."""
+    if interaction.response.is_done():
+        await interaction.followup.send(text, ephemeral=True, view=view or discord.utils.MISSING)
+    else:
+        await interaction.response.send_message(text, ephemeral=True, view=view or discord.utils.MISSING)
+
+
+def pressed_view(message: discord.Message, custom_id: str) -> ui.View | None:
+    """The message's components with the ``custom_id`` button primary, or None if it already is.
+
+    The view is stopped: it only describes the look, presses are still routed by custom_id.
+    """
+    view = ui.View.from_message(message, timeout=None)
+    view.stop()
+    found = False
+    for item in view.children:
+        if isinstance(item, ui.Button) and item.custom_id == custom_id:
+            if item.style == discord.ButtonStyle.primary:
+                return None
+            item.style = discord.ButtonStyle.primary
+            found = True
+    return view if found else None
+
+
+async def mark_pressed(interaction: discord.Interaction[Any], *, custom_id: str | None = None) -> None:
+    """Turn the pressed button blue on its message, like Midjourney's; the rest stays as it was.
+
+    ``custom_id`` names the button when the interaction is not its press (a modal it opened).
+    """
+    message = interaction.message
+    custom_id = custom_id or (interaction.data or {}).get("custom_id")
+    if message is None or not isinstance(custom_id, str):
+        return
+    view = pressed_view(message, custom_id)
+    if view is None:
+        return
+    try:
+        await message.edit(view=view)
+    except discord.HTTPException as exc:
+        # Cosmetic only: the job was accepted and runs whatever the old message looks like.
+        log.info("could not mark button %s as pressed: %s", custom_id, exc)

@@ -20,7 +20,6 @@ import discord
 from discord.ext import commands
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from bot.buttons import DYNAMIC_ITEMS
 from bot.checks import MirageTree
 from bot.delivery import Delivery
 from bot.dispatch import DEFAULT_QUEUES, Dispatcher
@@ -30,8 +29,10 @@ from bot.lifecycle import Lifecycle
 from bot.results import Results
 from bot.sending import Sender
 from bot.settings import BotSettings
+from bot.signing import Signer, signer_from_settings
 from bot.storage import MediaStore
 from bot.tracker import Tracker
+from bot.views import DYNAMIC_ITEMS
 from workers.schema import Engine
 
 log = logging.getLogger(__name__)
@@ -94,6 +95,17 @@ class MirageBot(commands.Bot):
         )
         self.flow = JobFlow(self.jobs, self.tracker)
         self._metrics_task: asyncio.Task[None] | None = None
+        self._signer: Signer | None = None
+
+    async def link_signer(self) -> Signer:
+        """The signer of gallery links (Vary (Region), private pages), made on first use.
+
+        The same settings give the gallery the same key, so its links open there.
+        """
+        if self._signer is None:
+            # Reading (or creating) the secret file touches the disk: off the event loop.
+            self._signer = await asyncio.to_thread(signer_from_settings, self.settings)
+        return self._signer
 
     def dispatcher_queues(self) -> dict[Engine, str]:
         """Engine → queue name, as the dispatcher routes them."""

@@ -28,7 +28,7 @@ from bot.render import failure_content, final_content, progress_content, waiting
 from bot.results import Results
 from bot.sending import DEFAULT_FILESIZE_LIMIT, Sender, preview_jpeg, token_alive
 from bot.settings import BotSettings
-from bot.views import result_view
+from bot.views import pending_view, result_view
 from workers.schema import Engine, Progress
 
 log = logging.getLogger(__name__)
@@ -115,7 +115,7 @@ class Delivery:
                 return
             try:
                 await self.sender.edit_original(
-                    job, content=waiting_content(job, position), files=[], view=None
+                    job, content=waiting_content(job, position), files=[], view=pending_view(job.id)
                 )
             except discord.HTTPException as exc:
                 log.info("could not show waiting state of %s: %s", job.id, exc)
@@ -152,7 +152,10 @@ class Delivery:
                 return
             try:
                 await self.sender.edit_original(
-                    job, content=progress_content(job, progress.percent), files=files, view=None
+                    job,
+                    content=progress_content(job, progress.percent),
+                    files=files,
+                    view=pending_view(job.id),
                 )
             except discord.HTTPException as exc:
                 log.info("progress edit for %s failed: %s", job.id, exc)
@@ -200,7 +203,7 @@ class Delivery:
                 )
             main = await self.results.image(job.id, 0)  # MediaNotFound: retried later, then logged
             data = await self.results.store.get(main.key)
-            view = result_view(job, main.width, main.height)
+            view = result_view(job, main.width, main.height, public_url=self.settings.public_url)
             ext = main.key.rsplit(".", 1)[-1] if "." in main.key else "png"
             return await self.sender.send_final(
                 job, content=final_content(job), image=(data, ext), view=view, limit=limit

@@ -410,8 +410,13 @@ class Harness:
 
 
 def custom_ids(message: dict[str, Any]) -> list[str]:
-    """All custom_ids of a message's components, in order."""
-    return [c["custom_id"] for row in message.get("components") or [] for c in row.get("components") or []]
+    """All custom_ids of a message's components, in order (link buttons have none)."""
+    return [
+        c["custom_id"]
+        for row in message.get("components") or []
+        for c in row.get("components") or []
+        if "custom_id" in c
+    ]
 
 
 def row_sizes(message: dict[str, Any]) -> list[int]:

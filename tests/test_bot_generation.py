@@ -66,8 +66,8 @@ async def test_imagine_end_to_end(
         message = await inter.wait_original(has_result, timeout=60)
         assert message["id"] == str(inter.original_message_id)  # the deferred message became the result
         assert message["content"] == f"**a tiny robot** - <@{h.fake.user.id}> (fast/public)"
-        assert len(custom_ids(message)) == GRID_IDS and row_sizes(message) == [5, 4]
-        assert labels(message) == ["U1", "U2", "U3", "U4", "🔄", "V1", "V2", "V3", "V4"]
+        assert len(custom_ids(message)) == GRID_IDS and row_sizes(message) == [5, 5]
+        assert labels(message) == ["U1", "U2", "U3", "U4", "🔄", "V1", "V2", "V3", "V4", "Web"]
         grid_image = image_of(await attachment_bytes(h.fake, message))
         assert grid_image.size == (128, 128)
 

@@ -117,7 +117,7 @@ def test_grid_view_layout() -> None:
     view = result_view(_job(JobKind.IMAGINE), 128, 128)
     ids = [item.custom_id for item in view.children]  # type: ignore[attr-defined]
     assert ids[:5] == [f"mj:u:{JOB}:{n}" for n in range(1, 5)] + [f"mj:r:{JOB}"]
-    assert ids[5:] == [f"mj:v:{JOB}:{n}" for n in range(1, 5)]
+    assert ids[5:] == [f"mj:v:{JOB}:{n}" for n in range(1, 5)] + [f"mj:web:{JOB}"]
 
 
 def test_single_view_layout_square_and_upscale_rules() -> None:
@@ -150,8 +150,8 @@ async def test_u_button_crops_the_grid_without_generation(h: Harness) -> None:
     assert tile.size == (64, 64)
     assert tile.getpixel((10, 10)) == (30, 30, 220)  # the third image of the fake grid
     assert labels(result) == [
-        "Vary (Subtle)", "Vary (Strong)", "Upscale (Subtle)", "Upscale (Creative)",
-        "Zoom Out 2x", "Zoom Out 1.5x", "⬅️", "➡️", "⬆️", "⬇️",
+        "Vary (Subtle)", "Vary (Strong)", "Vary (Region)", "Upscale (Subtle)", "Upscale (Creative)",
+        "Zoom Out 2x", "Zoom Out 1.5x", "Custom Zoom", "⬅️", "➡️", "⬆️", "⬇️", "❤️", "Web",
     ]  # fmt: skip
     assert all(size <= 5 for size in row_sizes(result)) and len(row_sizes(result)) <= 5
     assert "Image #3" in result["content"]

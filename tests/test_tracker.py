@@ -37,8 +37,8 @@ async def h(tmp_path: Path, sqlite_url: str) -> Any:
 async def test_grid_delivery_and_layout(h: Harness) -> None:
     job, message = await finish_grid(h, "a lighthouse at dusk")
     assert len(custom_ids(message)) == GRID_IDS
-    assert row_sizes(message) == [5, 4]
-    assert labels(message) == ["U1", "U2", "U3", "U4", "🔄", "V1", "V2", "V3", "V4"]
+    assert row_sizes(message) == [5, 5]
+    assert labels(message) == ["U1", "U2", "U3", "U4", "🔄", "V1", "V2", "V3", "V4", "Web"]
     assert all(len(cid) <= 100 for cid in custom_ids(message))
     assert custom_ids(message)[0] == f"mj:u:{job.id}:1"
     assert message["content"] == f"**a lighthouse at dusk** - <@{h.fake.user.id}> (fast/public)"

@@ -1,0 +1,139 @@
+"""The ``Web`` and ``❤️`` buttons under a result.
+
+``Web`` opens the job's page in the gallery. A public job gets a plain link button to
+``<public_url>/j/<id>``: anyone may open it, as anyone may open the gallery. A stealth job's page
+must only open for its owner, and a link button in a channel message is the same URL for
+everyone, so a stealth result carries ``mj:web:<id>`` instead: pressed by the owner, it answers
+them privately with a signed ``/p/<token>`` link made for them (``bot.signing``); anyone else is
+refused without learning anything about the job.
+
+``❤️`` (``mj:fav:<id>``) toggles the presser's favourite (``bot.favourites``), answered
+privately; the gallery counts them.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import TYPE_CHECKING, Any
+
+import discord
+from discord import ui
+
+from bot import quota
+from bot.buttons import JOB_ID_CHARS, MISSING_JOB, answer_privately, load_source
+from bot.favourites import toggle_favourite
+from bot.interactions import DATABASE_ERRORS, DATABASE_UNAVAILABLE, refuse
+from bot.models import Job
+from bot.signing import private_job_url
+from workers.schema import Visibility
+
+if TYPE_CHECKING:
+    from bot.client import MirageBot
+
+log = logging.getLogger(__name__)
+
+WEB_LABEL = "Web"
+FAV_EMOJI = "❤️"
+ADDED = "Added to your favourites."
+REMOVED = "Removed from your favourites."
+PRIVATE_LINK = "Your private page for this image (only you can open it, for 7 days):"
+
+
+def public_job_url(public_url: str, job_id: str) -> str:
+    """The gallery page of a public job."""
+    return f"{public_url.rstrip('/')}/j/{job_id}"
+
+
+def web_item(job: Job, public_url: str, row: int) -> ui.Item[Any]:
+    """``Web``: a link for a public job, a private-link button for a stealth one."""
+    if job.visibility == Visibility.PUBLIC.value:
+        return ui.Button(label=WEB_LABEL, url=public_job_url(public_url, job.id), row=row)
+    return WebButton(job.id, row=row)
+
+
+def link_view(label: str, url: str) -> ui.View:
+    """A one-button view opening ``url`` (stopped: links need no routing)."""
+    view = ui.View(timeout=None)
+    view.add_item(ui.Button(label=label, url=url))
+    view.stop()
+    return view
+
+
+class WebButton(ui.DynamicItem[ui.Button[Any]], template=rf"mj:web:(?P<id>{JOB_ID_CHARS})"):
+    """``Web`` on a stealth result: a private page link for the owner, answered privately."""
+
+    def __init__(self, job_id: str, *, row: int | None = None) -> None:
+        self.job_id = job_id
+        super().__init__(
+            ui.Button(
+                label=WEB_LABEL,
+                custom_id=f"mj:web:{job_id}",
+                style=discord.ButtonStyle.secondary,
+                row=row,
+            )
+        )
+
+    @classmethod
+    async def from_custom_id(
+        cls, interaction: discord.Interaction[Any], item: ui.Item[Any], match: re.Match[str], /
+    ) -> WebButton:
+        """Rebuild the button from its custom_id."""
+        return cls(match["id"])
+
+    async def callback(self, interaction: discord.Interaction[Any]) -> None:
+        """Answer the owner (only) with the job's page link."""
+        job = await load_source(interaction, self.job_id, private=True)
+        if job is None:
+            return
+        bot: MirageBot = interaction.client  # type: ignore[assignment]
+        public_url = bot.settings.public_url
+        if job.visibility == Visibility.PUBLIC.value:
+            url, text = public_job_url(public_url, job.id), "This image's page:"
+        else:
+            signer = await bot.link_signer()
+            url, text = private_job_url(signer, public_url, interaction.user.id, job.id), PRIVATE_LINK
+        await answer_privately(interaction, f"{text} {url}", view=link_view(WEB_LABEL, url))
+
+
+class FavouriteButton(ui.DynamicItem[ui.Button[Any]], template=rf"mj:fav:(?P<id>{JOB_ID_CHARS})"):
+    """``❤️``: add or remove the presser's favourite, answered privately."""
+
+    def __init__(self, job_id: str, *, row: int | None = None) -> None:
+        self.job_id = job_id
+        super().__init__(
+            ui.Button(
+                emoji=FAV_EMOJI,
+                custom_id=f"mj:fav:{job_id}",
+                style=discord.ButtonStyle.secondary,
+                row=row,
+            )
+        )
+
+    @classmethod
+    async def from_custom_id(
+        cls, interaction: discord.Interaction[Any], item: ui.Item[Any], match: re.Match[str], /
+    ) -> FavouriteButton:
+        """Rebuild the button from its custom_id."""
+        return cls(match["id"])
+
+    async def callback(self, interaction: discord.Interaction[Any]) -> None:
+        """Toggle the favourite and say which way it went."""
+        job = await load_source(interaction, self.job_id, private=True)
+        if job is None:
+            return
+        bot: MirageBot = interaction.client  # type: ignore[assignment]
+        try:
+            async with bot.sessions() as session, session.begin():
+                member = await quota.get_or_create_member(
+                    session, interaction.guild_id or 0, interaction.user.id
+                )
+                added = await toggle_favourite(session, member.id, job.id)
+        except LookupError:
+            await refuse(interaction, MISSING_JOB)  # deleted since the check
+            return
+        except DATABASE_ERRORS:
+            log.exception("could not toggle a favourite of job %s", job.id)
+            await refuse(interaction, DATABASE_UNAVAILABLE)
+            return
+        await answer_privately(interaction, ADDED if added else REMOVED)
