@@ -41,6 +41,8 @@ def operation_label(job: Job) -> str:
         return f"Zoom Out {op.scale:g}x" if op.scale else "Zoom Out"
     if kind == JobKind.PAN:
         return f"Pan {op.direction.value.capitalize()}" if op.direction else "Pan"
+    if kind == JobKind.REGION:
+        return "Vary (Region)"
     return "Make Square"
 
 
