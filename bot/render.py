@@ -1,7 +1,10 @@
 """What the bot's messages about a job say: pure functions of the job row, no Discord I/O.
 
-Midjourney's shape: ``**prompt** - <what> by <@member> (fast/public)``, a progress percentage
-while running, the engine's notes under a result as small ``-#`` lines, and for a failure the
+Midjourney's shape: the first line is the normalised prompt with its parameters and seed,
+``**a red fox --ar 3:2 --seed 7** - <what> by <@member> (fast)``; ``(Waiting to start)`` before a
+worker takes it, ``(40%) (fast)`` while it runs (the speed class: fast, relax or turbo, with
+``stealth`` beside it for stealth jobs), the engine's notes under a result as small ``-#`` lines,
+and for a failure the
 fixed sentence of its failure kind (``bot.failure_messages``) and the refund.
 """
 
@@ -13,7 +16,9 @@ import discord
 
 from bot.failure_messages import failure_message
 from bot.models import Job
-from bot.operations import Operation, job_notes
+from bot.operations import Operation, generation_params, job_notes
+from bot.prompt import parameter_line
+from bot.speed import speed_of
 from workers.schema import JobKind
 
 MAX_PROMPT_SHOWN = 1500
@@ -27,6 +32,21 @@ def shown_prompt(job: Job) -> str:
     if len(text) > MAX_PROMPT_SHOWN:
         text = text[: MAX_PROMPT_SHOWN - 1] + "…"
     return discord.utils.escape_markdown(text)
+
+
+def prompt_line(job: Job) -> str:
+    """``**a red fox --ar 3:2 --seed 7**``: the prompt as typed back, parameters and seed included.
+
+    The prompt text is bounded first so the line stays within a message; a row whose stored
+    parameters no longer validate shows its plain prompt.
+    """
+    try:
+        params = generation_params(job)
+    except ValueError:
+        return f"**{shown_prompt(job)}**"
+    if len(params.prompt) > MAX_PROMPT_SHOWN:
+        params = params.model_copy(update={"prompt": params.prompt[: MAX_PROMPT_SHOWN - 1] + "…"})
+    return parameter_line(params, job.seed)
 
 
 def operation_label(job: Job) -> str:
@@ -47,10 +67,10 @@ def operation_label(job: Job) -> str:
 
 
 def job_head(job: Job) -> str:
-    """``**prompt** - <what> by <@user>`` like Midjourney's messages."""
+    """``**prompt --params --seed N** - <what> by <@user>`` like Midjourney's messages."""
     kind = JobKind(job.kind)
     mention = f"<@{job.user_id}>"
-    prompt = f"**{shown_prompt(job)}**"
+    prompt = prompt_line(job)
     if kind in (JobKind.IMAGINE, JobKind.REROLL):
         return f"{prompt} - {mention}"
     if kind == JobKind.CROP:
@@ -59,13 +79,15 @@ def job_head(job: Job) -> str:
 
 
 def mode_suffix(job: Job) -> str:
-    """``(fast/public)`` or ``(fast/stealth)``."""
-    return f"(fast/{job.visibility})"
+    """``(fast)``, ``(relax)`` or ``(turbo)``; ``(fast, stealth)`` for a stealth job."""
+    stealth = ", stealth" if job.visibility == "stealth" else ""
+    return f"({speed_of(job)}{stealth})"
 
 
 def waiting_content(job: Job, position: int) -> str:
-    """The message while a job waits for a worker."""
-    return f"{job_head(job)} Waiting to start… (position {position})"
+    """The message while a job waits for a worker; its place in line when others are ahead."""
+    head = f"{job_head(job)} (Waiting to start)"
+    return head if position <= 1 else f"{head}\n-# Position {position} in line"
 
 
 def progress_content(job: Job, percent: int) -> str:

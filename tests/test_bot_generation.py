@@ -62,10 +62,10 @@ async def test_imagine_end_to_end(
         assert callback.callback_type == 5 and callback.status == 200
         # The first edit of the deferred message says where the job is in line.
         first_edit = (await inter.edits(1))[0]
-        assert "Waiting to start… (position 1)" in first_edit.json["content"]
+        assert "(Waiting to start)" in first_edit.json["content"]
         message = await inter.wait_original(has_result, timeout=60)
         assert message["id"] == str(inter.original_message_id)  # the deferred message became the result
-        assert message["content"] == f"**a tiny robot** - <@{h.fake.user.id}> (fast/public)"
+        assert message["content"] == f"**a tiny robot --seed 7 --steps 2** - <@{h.fake.user.id}> (fast)"
         assert len(custom_ids(message)) == GRID_IDS and row_sizes(message) == [5, 5]
         assert labels(message) == ["U1", "U2", "U3", "U4", "🔄", "V1", "V2", "V3", "V4", "Web"]
         grid_image = image_of(await attachment_bytes(h.fake, message))

@@ -240,7 +240,7 @@ async def test_pressing_someone_elses_public_job_charges_the_presser(h: Harness)
 
 async def test_stealth_buttons_only_work_for_the_owner(h: Harness) -> None:
     job, message = await finish_grid(h, "secret --stealth")
-    assert job.visibility == "stealth" and "(fast/stealth)" in message["content"]
+    assert job.visibility == "stealth" and "(fast, stealth)" in message["content"]
     mallory = h.fake.add_member(h.fake.guild, "mallory").user
     count = await h.job_count()
     for custom_id in (f"mj:u:{job.id}:1", f"mj:v:{job.id}:1", f"mj:r:{job.id}"):

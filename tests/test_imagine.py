@@ -34,8 +34,10 @@ async def test_imagine_is_deferred_then_waits(h: Harness) -> None:
     assert callback.status == 200
     assert callback.callback_type == 5  # deferred: the 3 s deadline is met before any DB work
     message = await inter.wait_original(lambda m: "Waiting to start" in (m.get("content") or ""))
-    assert "(position 1)" in message["content"]
-    assert "**a red fox in the snow**" in message["content"]
+    assert (
+        message["content"]
+        == f"**a red fox in the snow --ar 3:2 --seed 42** - <@{h.fake.user.id}> (Waiting to start)"
+    )
     [request] = await h.dispatcher.wait_sent(1)
     job = await h.job_for(inter)
     assert request.job_id == job.id and request.seed == 42 and request.params.aspect == (3, 2)

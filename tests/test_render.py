@@ -20,12 +20,13 @@ from workers.schema import ErrorCode, JobKind
 
 
 def job(kind: JobKind = JobKind.IMAGINE, **values: Any) -> Job:
-    params = values.pop("params", {"prompt": "a red fox"})
+    prompt = values.pop("prompt", "a red fox")
+    params = values.pop("params", {"prompt": prompt})
     return Job(
         id="J" * 22,
         user_id=42,
         kind=kind.value,
-        prompt=values.pop("prompt", "a red fox"),
+        prompt=prompt,
         params=params,
         visibility=values.pop("visibility", "public"),
         parent_index=values.pop("parent_index", None),
@@ -51,17 +52,34 @@ def test_prompt_is_escaped_and_bounded() -> None:
 
 
 def test_waiting_and_progress_texts() -> None:
-    assert waiting_content(job(), 3).endswith("Waiting to start… (position 3)")
-    assert progress_content(job(visibility="stealth"), 40).endswith("(40%) (fast/stealth)")
+    assert waiting_content(job(), 1) == "**a red fox** - <@42> (Waiting to start)"
+    assert waiting_content(job(), 3) == "**a red fox** - <@42> (Waiting to start)\n-# Position 3 in line"
+    assert progress_content(job(visibility="stealth"), 40).endswith("(40%) (fast, stealth)")
+    relaxed = job(params={"prompt": "a red fox", "speed": "relax"})
+    assert progress_content(relaxed, 7) == "**a red fox --relax** - <@42> (7%) (relax)"
+
+
+def test_the_first_line_is_the_normalised_prompt_with_parameters_and_seed() -> None:
+    params = {"prompt": "a red fox", "aspect": [3, 2], "width": 1216, "height": 832, "stylize": 250}
+    done = job(params={**params, "speed": "turbo"}, seed=7)
+    assert final_content(done) == "**a red fox --ar 3:2 --seed 7 --stylize 250 --turbo** - <@42> (turbo)"
+    fast = job(params=params, seed=7)
+    assert final_content(fast) == "**a red fox --ar 3:2 --seed 7 --stylize 250** - <@42> (fast)"
+    vary = job(JobKind.VARIATION, params={**params, "strength": 0.5}, seed=7)
+    assert job_head(vary) == "**a red fox --ar 3:2 --seed 7 --stylize 250** - Variations (Subtle) by <@42>"
+
+
+def test_a_row_with_parameters_that_no_longer_validate_shows_its_plain_prompt() -> None:
+    assert job_head(job(params={"prompt": "a red fox", "chaos": 999})) == "**a red fox** - <@42>"
 
 
 def test_final_message_shows_notes_as_subtext_lines() -> None:
     done = job(params={"prompt": "a red fox", "notes": ["--tile is not supported by this engine"]})
     # The note is markdown-escaped ("\\-" renders as "-"), so a note can never format the message.
     assert final_content(done) == (
-        "**a red fox** - <@42> (fast/public)\n-# \\--tile is not supported by this engine"
+        "**a red fox** - <@42> (fast)\n-# \\--tile is not supported by this engine"
     )
-    assert final_content(job()) == "**a red fox** - <@42> (fast/public)"
+    assert final_content(job()) == "**a red fox** - <@42> (fast)"
 
 
 def test_notes_are_one_line_escaped_bounded_and_few() -> None:

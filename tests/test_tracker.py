@@ -41,7 +41,7 @@ async def test_grid_delivery_and_layout(h: Harness) -> None:
     assert labels(message) == ["U1", "U2", "U3", "U4", "🔄", "V1", "V2", "V3", "V4", "Web"]
     assert all(len(cid) <= 100 for cid in custom_ids(message))
     assert custom_ids(message)[0] == f"mj:u:{job.id}:1"
-    assert message["content"] == f"**a lighthouse at dusk** - <@{h.fake.user.id}> (fast/public)"
+    assert message["content"] == f"**a lighthouse at dusk --seed {job.seed}** - <@{h.fake.user.id}> (fast)"
     assert message["attachments"][0]["width"] == 128  # 2x2 grid of 64 px tiles
     assert job.status == JobStatus.DONE and job.delivered and job.message_id == int(message["id"])
     async with h.sessions() as session:
