@@ -31,6 +31,10 @@ from workers.schema import QUEUE_API, QUEUE_GPU
 log = logging.getLogger("bot")
 
 
+class ClientStopped(RuntimeError):
+    """The Discord client stopped on its own (bad token, Discord unreachable); ``main`` exits 1."""
+
+
 async def run(settings: BotSettings, *, stop: asyncio.Event | None = None) -> None:
     """Run the bot (and the gallery) until SIGTERM/SIGINT, ``stop`` is set, or the gateway fails."""
     token = settings.discord_token.get_secret_value()
@@ -94,8 +98,7 @@ async def run(settings: BotSettings, *, stop: asyncio.Event | None = None) -> No
         await engine.dispose()
         log.info("stopped")
     if failure is not None:
-        # A non-zero exit lets the service manager (systemd Restart=on-failure, Compose) restart it.
-        raise SystemExit(f"Mirage stopped: {_failure_text(failure)}")
+        raise ClientStopped(_failure_text(failure)) from failure
 
 
 def _failure_text(exc: BaseException) -> str:
@@ -180,6 +183,9 @@ def main(argv: list[str] | None = None) -> None:
     worker = _start_local_worker() if args.with_worker else None
     try:
         asyncio.run(run(settings))
+    except ClientStopped as exc:
+        # A non-zero exit lets the service manager (systemd Restart=on-failure, Compose) restart it.
+        raise SystemExit(f"Mirage stopped: {exc}") from None
     finally:
         if worker is not None:
             _stop_local_worker(worker)

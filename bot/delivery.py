@@ -21,6 +21,7 @@ import discord
 from pydantic import ValidationError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from bot.content_rules import SafetyAction, SafetyPolicy, job_safety_action
 from bot.lifecycle import Lifecycle
 from bot.logconfig import job_context, log_job_end
 from bot.models import Job, JobStatus
@@ -71,6 +72,7 @@ class Delivery:
         self._last_progress: dict[str, tuple[float, int]] = {}
         self._retry_at: dict[str, tuple[float, int]] = {}
         self._limits: dict[str, int] = {}
+        self.safety_policy = SafetyPolicy.from_settings(settings)
 
     async def stop(self) -> None:
         """Wait (bounded) for progress edits in flight, then close the HTTP session."""
@@ -205,6 +207,8 @@ class Delivery:
             data = await self.results.store.get(main.key)
             view = result_view(job, main.width, main.height, public_url=self.settings.public_url)
             ext = main.key.rsplit(".", 1)[-1] if "." in main.key else "png"
+            # A flagged result that was not blocked is posted behind Discord's spoiler blur.
+            spoiler = job_safety_action(job.params, self.safety_policy) is SafetyAction.SPOILER
             return await self.sender.send_final(
-                job, content=final_content(job), image=(data, ext), view=view, limit=limit
+                job, content=final_content(job), image=(data, ext), view=view, limit=limit, spoiler=spoiler
             )

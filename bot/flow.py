@@ -14,6 +14,7 @@ from typing import Any
 
 import discord
 
+from bot.content_rules import channel_is_nsfw
 from bot.interactions import DATABASE_ERRORS, DATABASE_UNAVAILABLE, actor_from, refuse
 from bot.jobs import Created, JobService
 from bot.models import Job
@@ -85,6 +86,9 @@ class JobFlow:
             await refuse(interaction, DATABASE_UNAVAILABLE)
             return None
         job = created.job
+        if channel_is_nsfw(interaction.channel):
+            # Recorded before the job runs: its result is judged in the channel it came from.
+            await self.tracker.results.remember_nsfw_channel(job)
         delivery = self.tracker.delivery
         delivery.remember_limit(job.id, interaction.filesize_limit)
         if job.kind == JobKind.CROP.value:

@@ -7,6 +7,9 @@ up front: a U# press, or a V# that needs a tile as its input, crops it from the 
 (decode once, crop, encode once) and stores it as image ``index`` of the grid, so the next press
 on the same tile reuses it. Grids stored by older versions, with their four tiles at 1..4,
 work the same way: their tiles are simply found.
+
+Before a result is stored, :func:`screen` applies the owner's safety policy
+(``bot.content_rules``) to the worker's verdicts in the channel the job came from.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import asyncio
 import binascii
 import io
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,8 +28,18 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from bot.content_rules import (
+    CHANNEL_NSFW_KEY,
+    SAFETY_KEY,
+    SafetyAction,
+    SafetyPolicy,
+    flagged_labels,
+    job_channel_nsfw,
+    safety_action,
+    verdict_payload,
+)
 from bot.media import FORMATS, probe, put_image
-from bot.models import Image
+from bot.models import Image, Job
 from bot.operations import grid_count
 from bot.storage import MediaNotFound, MediaStore
 from workers.schema import (
@@ -34,6 +48,7 @@ from workers.schema import (
     JobKind,
     JobResult,
     Layout,
+    SafetyVerdict,
     TaskOutcome,
     b64decode_text,
 )
@@ -43,6 +58,7 @@ log = logging.getLogger(__name__)
 WRONG_VERSION = "The worker runs a different version of Mirage than the bot, so its result could not be used."
 UNREADABLE = "The worker returned an unreadable result."
 UNUSABLE = "The engine returned unusable images."
+BLOCKED_DETAIL = "The image safety filter flagged the result ({labels}); nothing was posted."
 PNG_COMPRESS_LEVEL = 6  # a tile is encoded once; level 6 is Pillow's balance of size and time
 
 
@@ -109,6 +125,28 @@ def check_result(result: JobResult, kind: JobKind) -> CheckedImage:
     return CheckedImage(data=data, ext=ext, width=width, height=height)
 
 
+def screen(job: Job, verdicts: Sequence[SafetyVerdict], policy: SafetyPolicy) -> SafetyAction:
+    """What to do with ``job``'s result given its images' ``verdicts``; flagged ones are logged.
+
+    The channel is the one recorded when the job was accepted (an age-restricted channel may
+    get flagged results as they are, if the policy allows it).
+    """
+    action = safety_action(verdicts, job_channel_nsfw(job.params), policy)
+    if any(verdict.unsafe for verdict in verdicts):
+        log.warning(
+            "job %s: the safety filter flagged %s; %s",
+            job.id,
+            ", ".join(flagged_labels(verdicts)),
+            "blocked" if action is SafetyAction.BLOCK else f"posted ({action.value})",
+        )
+    return action
+
+
+def blocked_detail(verdicts: Sequence[SafetyVerdict]) -> str:
+    """The log-only reason stored on a blocked job (members read ``BLOCKED_MESSAGE``)."""
+    return BLOCKED_DETAIL.format(labels=", ".join(flagged_labels(verdicts)) or "unknown")
+
+
 def crop_tile(grid: bytes, index: int) -> tuple[bytes, int, int]:
     """Tile ``index`` (1-4, U1..U4 order) of a 2x2 grid as PNG: one decode, one encode.
 
@@ -141,6 +179,22 @@ class Results:
         return await put_image(
             self.store, session, job_id, 0, image.data, ext=image.ext, size=(image.width, image.height)
         )
+
+    async def remember_nsfw_channel(self, job: Job) -> None:
+        """Record that ``job`` was accepted in an age-restricted channel (before it runs)."""
+        async with self.sessions() as session, session.begin():
+            row = await session.get(Job, job.id)
+            if row is not None:
+                row.params = {**(row.params or {}), CHANNEL_NSFW_KEY: True}
+        job.params = {**(job.params or {}), CHANNEL_NSFW_KEY: True}
+
+    async def keep_verdicts(
+        self, session: AsyncSession, job_id: str, verdicts: Sequence[SafetyVerdict]
+    ) -> None:
+        """In the caller's transaction: store the verdicts a job's delivery is judged by."""
+        row = await session.get(Job, job_id)
+        if row is not None:
+            row.params = {**(row.params or {}), SAFETY_KEY: verdict_payload(verdicts)}
 
     async def image(self, job_id: str, index: int = 0) -> Image:
         """The row of a job's image ``index``; raises ``MediaNotFound`` when there is none."""

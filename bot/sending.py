@@ -23,6 +23,7 @@ from discord.utils import MISSING
 from discord.webhook.async_ import async_context
 from PIL import Image as PILImage
 
+from bot.content_rules import spoiler_filename
 from bot.models import Job, utcnow
 from bot.render import allowed_mentions_for, file_stem
 from workers.imaging import decode_image, encode_under
@@ -101,11 +102,13 @@ class Sender:
         image: tuple[bytes, str] | None,
         view: discord.ui.View | None,
         limit: int = DEFAULT_FILESIZE_LIMIT,
+        spoiler: bool = False,
     ) -> int | None:
         """Final message: edit the original response, else post to the channel with a mention.
 
         Attachments larger than the limit are re-encoded; a 40005 "too large" answer halves the
-        limit and tries again, so an image is never dropped.
+        limit and tries again, so an image is never dropped. ``spoiler`` sends the image as
+        ``SPOILER_<name>``, which Discord blurs until clicked.
         """
         use_token = token_alive(job)
         sent_size = 0
@@ -114,7 +117,8 @@ class Sender:
             if image is not None:
                 data, ext = await asyncio.to_thread(fit, image[0], limit, image[1])
                 sent_size = len(data)
-                files = [discord.File(io.BytesIO(data), filename=f"{file_stem(job)}.{ext}")]
+                name = f"{file_stem(job)}.{ext}"
+                files = [discord.File(io.BytesIO(data), filename=spoiler_filename(name) if spoiler else name)]
             try:
                 if use_token:
                     return await self.edit_original(job, content=content, files=files, view=view)

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import socket
 from pathlib import Path
 
 import aiohttp
+import discord
 import pytest
 import sqlalchemy as sa
 
-from bot.__main__ import run
+import bot.__main__ as bot_main
+from bot.__main__ import ClientStopped, run
+from bot.settings import BotSettings, get_settings
 from tests.botutil import FAKE_TOKEN, make_settings
 from tests.fakes import FakeDiscord
 
@@ -53,3 +57,75 @@ async def test_run_serves_and_stops_on_sigterm(tmp_path: Path, redis_url: str) -
         assert "jobs" in sa.inspect(conn).get_table_names()  # migrated at start
     engine.dispose()
     assert (tmp_path / "data" / "command_hash.json").exists()
+
+
+async def test_a_token_discord_refuses_ends_run_with_a_non_zero_exit(tmp_path: Path, redis_url: str) -> None:
+    settings = make_settings(
+        tmp_path / "data",
+        f"sqlite+aiosqlite:///{tmp_path / 'data' / 'mirage.db'}",
+        broker_url=redis_url,
+        result_backend=redis_url,
+        web_port=free_port(),
+        discord_token="a-token-that-was-reset",
+    )
+    async with FakeDiscord(token=FAKE_TOKEN) as fake:
+        with pytest.raises(ClientStopped, match="refused the token"):
+            await asyncio.wait_for(run(settings), 30)
+        assert any(r.status == 401 for r in fake.requests)  # the fake Discord answered 401
+
+
+async def test_an_unreachable_discord_ends_run_with_a_non_zero_exit(
+    tmp_path: Path, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    closed = free_port()  # nothing listens there once the probe socket is closed
+    monkeypatch.setattr(discord.http.Route, "BASE", f"http://127.0.0.1:{closed}/api/v10")
+    settings = make_settings(
+        tmp_path / "data",
+        f"sqlite+aiosqlite:///{tmp_path / 'data' / 'mirage.db'}",
+        broker_url=redis_url,
+        result_backend=redis_url,
+        web_port=free_port(),
+    )
+    with pytest.raises(ClientStopped, match="could not be reached"):
+        await asyncio.wait_for(run(settings), 30)
+
+
+def test_main_exits_non_zero_when_the_client_stops(monkeypatch: pytest.MonkeyPatch) -> None:
+    async def refused(settings: BotSettings) -> None:
+        raise ClientStopped("Discord refused the token (DISCORD_TOKEN is wrong or was reset)")
+
+    monkeypatch.setattr(bot_main, "run", refused)
+    monkeypatch.setattr(bot_main, "setup_logging", lambda settings: None)
+    monkeypatch.setenv("DISCORD_TOKEN", "a-token-that-was-reset")
+    get_settings.cache_clear()
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            bot_main.main([])
+    finally:
+        get_settings.cache_clear()
+    # A message as the code: Python prints it and exits with status 1 (Restart=on-failure restarts it).
+    assert isinstance(stopped.value.code, str) and "refused the token" in stopped.value.code
+
+
+async def test_start_logs_no_voice_warnings(
+    tmp_path: Path, redis_url: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # discord.py warns once per process; re-arm it so this test sees the first start's warnings.
+    monkeypatch.setattr(discord.VoiceClient, "warn_nacl", True)
+    monkeypatch.setattr(discord.VoiceClient, "warn_dave", True)
+    settings = make_settings(
+        tmp_path / "data",
+        f"sqlite+aiosqlite:///{tmp_path / 'data' / 'mirage.db'}",
+        broker_url=redis_url,
+        result_backend=redis_url,
+        web_port=free_port(),
+    )
+    stop = asyncio.Event()
+    with caplog.at_level(logging.WARNING):
+        async with FakeDiscord(token=FAKE_TOKEN) as fake:
+            task = asyncio.create_task(run(settings, stop=stop))
+            await fake.wait_until_connected(timeout=20)
+            stop.set()
+            await asyncio.wait_for(task, 20)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert not [w for w in warnings if "voice" in w or "PyNaCl" in w or "davey" in w]
