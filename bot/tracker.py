@@ -4,7 +4,8 @@ A background loop polls the result backend for every queued or running job (one 
 in the dispatcher's thread pool because Celery's result API blocks). For each job it:
 
 - records it running once a worker reports STARTED/PROGRESS, then shows the progress;
-- on SUCCESS checks and stores the result (``bot.results``), marks the job done *and* claims its
+- on SUCCESS checks the result and applies the safety policy to its verdicts (a blocked result
+  fails and is refunded), stores it (``bot.results``), marks the job done *and* claims its
   delivery in one transaction, then sends the result;
 - on an error outcome, a Celery FAILURE/REVOKED, or a job older than ``job_timeout_s``, fails it
   and refunds it in one transaction (``bot.lifecycle``), then tells the member why.
@@ -29,17 +30,25 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from bot.content_rules import (
+    SAFETY_KEY,
+    SafetyAction,
+    SafetyPolicy,
+    job_verdicts,
+    tile_verdicts,
+    verdict_payload,
+)
 from bot.delivery import Delivery, guarded
 from bot.dispatch import FAILURE, REVOKED, RUNNING_STATES, SUCCESS, Dispatcher, TaskState
 from bot.jobs import JobService
 from bot.lifecycle import ACTIVE, FINAL, UNDELIVERED_LOOKBACK, Lifecycle, values_of
 from bot.models import Job, JobStatus, utcnow
 from bot.operations import NOTES_KEY
-from bot.results import ResultRejected, Results, check_result, read_outcome
+from bot.results import ResultRejected, Results, blocked_detail, check_result, read_outcome, screen
 from bot.settings import BotSettings
 from bot.storage import MediaNotFound
 from bot.telemetry import record_metric
-from workers.schema import ErrorCode, JobKind, JobResult
+from workers.schema import ErrorCode, JobKind, JobResult, SafetyVerdict
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +84,7 @@ class Tracker:
         self._inflight: dict[str, asyncio.Task[Any]] = {}
         self._release_task: asyncio.Task[Any] | None = None
         self.ticks = 0
+        self.safety_policy = SafetyPolicy.from_settings(settings)
 
     # --- the loop ----------------------------------------------------------------------------------
 
@@ -259,6 +269,9 @@ class Tracker:
         except ResultRejected as exc:
             await self._fail(job.id, exc.code, str(exc))
             return
+        if screen(job, result.safety, self.safety_policy) is SafetyAction.BLOCK:
+            await self._fail(job.id, ErrorCode.BLOCKED, blocked_detail(result.safety))
+            return
         async with self.sessions() as session, session.begin():
             row = await session.get(Job, job.id, with_for_update=True)
             if row is None or JobStatus(row.status).is_final:
@@ -268,6 +281,9 @@ class Tracker:
                 await self.results.save(session, job.id, image)
                 if result.notes:
                     row.params = {**(row.params or {}), NOTES_KEY: list(result.notes)}
+                if result.safety:
+                    # Kept so delivery spoilers a flagged result and a U# crop is judged by its tile.
+                    row.params = {**(row.params or {}), SAFETY_KEY: verdict_payload(result.safety)}
         if claimed:
             timings = result.timings
             log.info(
@@ -299,6 +315,12 @@ class Tracker:
         if task is not None:
             await asyncio.shield(task)
 
+    async def _tile_verdicts(self, crop: Job) -> list[SafetyVerdict]:
+        """The parent grid's verdict for the tile a U# crop shows (judged in the crop's channel)."""
+        async with self.sessions() as session:
+            parent = await session.get(Job, crop.parent_id) if crop.parent_id else None
+        return tile_verdicts(job_verdicts(parent.params if parent else None), crop.parent_index or 1)
+
     async def finish_crop(self, job_id: str) -> None:
         """Give a crop job the parent's tile (cut once, then reused) and deliver it. No generation."""
         async with self.sessions() as session:
@@ -311,10 +333,16 @@ class Tracker:
             log.warning("crop %s: parent image unavailable (%s)", job_id, exc)
             await self._fail(job_id, ErrorCode.BAD_INPUT, GRID_GONE)
             return
+        verdicts = await self._tile_verdicts(job)
+        if screen(job, verdicts, self.safety_policy) is SafetyAction.BLOCK:
+            await self._fail(job_id, ErrorCode.BLOCKED, blocked_detail(verdicts))
+            return
         async with self.sessions() as session, session.begin():
             claimed = await self.lifecycle.finish(session, job_id, generation_s=0.0, crop=True)
             if claimed:
                 await self.results.share(session, job_id, tile)
+                if verdicts:
+                    await self.results.keep_verdicts(session, job_id, verdicts)
         if claimed:
             await self._completed(job_id)
             await self.delivery.deliver(job_id)
