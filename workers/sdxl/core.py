@@ -28,6 +28,7 @@ from workers.schema import (
     ErrorCode,
     GenerationParams,
     PromptPart,
+    ReferenceRole,
     WorkerError,
     nearest_bucket,
     scale_bucket,
@@ -38,6 +39,14 @@ from workers.sdxl.jobs import REFINER_SWITCH, Job, Levers, check_cancel, schedul
 from workers.sdxl.prompt import parse_lora_tags
 from workers.sdxl.vae import VaeRunner, to_images
 from workers.settings import WorkerSettings
+
+# How a member knows each kind of reference, for error messages ("--cref image 2 is not ...").
+_ROLE_LABELS = {
+    ReferenceRole.PROMPT.value: "image prompt",
+    ReferenceRole.STYLE.value: "--sref image",
+    ReferenceRole.CHARACTER.value: "--cref image",
+    ReferenceRole.OMNI.value: "--oref image",
+}
 
 
 def text_params(params: GenerationParams) -> tuple[GenerationParams, dict[str, float]]:
@@ -205,8 +214,9 @@ class EngineCore:
 
     def _references(self, job: Job, role: str) -> list[Image.Image]:
         """The job's reference pictures of one role, decoded (``BAD_INPUT`` names a bad one)."""
+        label = _ROLE_LABELS.get(str(role), f"{role} image")
         return [
-            decode_image(data, f"{role} image {index}")
+            decode_image(data, f"{label} {index}")
             for index, data in enumerate(job.request.reference_images(role), start=1)
         ]
 
