@@ -49,7 +49,7 @@ from workers.openai_engine.models import (
     size_text,
     style_option,
 )
-from workers.openai_engine.ratelimit import RateLimiter, shared_rate_limiter
+from workers.openai_engine.ratelimit import Limiter, RateLimiter, rate_limiter_for
 from workers.output import EngineOutput
 from workers.schema import (
     Engine,
@@ -119,7 +119,7 @@ class OpenAIEngine:
         api_key: SecretStr | None = None,
         max_retries: int = 4,
         timeout_s: float = 120.0,
-        rate_limiter: RateLimiter | None = None,
+        rate_limiter: Limiter | None = None,
         sleep: Callable[[float], None] | None = None,
         backoff_base_s: float = 0.5,
         backoff_max_s: float = 8.0,
@@ -131,7 +131,7 @@ class OpenAIEngine:
         self._secret = api_key or SecretStr("")
         self._max_retries = max_retries
         self._timeout_s = timeout_s
-        self._limiter = rate_limiter or RateLimiter(50)
+        self._limiter: Limiter = rate_limiter or RateLimiter(50)
         self._sleep = sleep
         self._backoff_base_s = backoff_base_s
         self._backoff_max_s = backoff_max_s
@@ -151,7 +151,7 @@ class OpenAIEngine:
             api_key=SecretStr(key),
             max_retries=settings.openai_max_retries,
             timeout_s=settings.openai_timeout_s,
-            rate_limiter=shared_rate_limiter(settings.openai_requests_per_minute),
+            rate_limiter=rate_limiter_for(settings),  # shared through Redis when it can be
         )
 
     def __repr__(self) -> str:
