@@ -187,11 +187,40 @@ def _check(tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_check_passes_on_the_embedded_defaults(tmp_path: Path) -> None:
-    done = _check(tmp_path)
+def test_check_passes_on_the_embedded_defaults(tmp_path: Path, tiny_model_dir: Path) -> None:
+    done = _check(
+        tmp_path, SDXL_MODEL=str(tiny_model_dir), DEVICE="cpu", SDXL_HEALTH_FILE=str(tmp_path / "h")
+    )
     assert done.returncode == 0, done.stderr
     assert "OK" in done.stdout
+    assert f"SDXL model {tiny_model_dir} loads on cpu (float32)" in done.stdout
     assert (tmp_path / "data" / "broker.db").exists()
+    assert not (tmp_path / "h").exists()  # the check's load leaves the worker's health file alone
+
+
+def test_check_fails_in_one_line_when_the_model_cannot_load(tmp_path: Path) -> None:
+    """The newcomer's first command says what is wrong with the model, and exits 1."""
+    done = _check(tmp_path, SDXL_MODEL=str(tmp_path / "no-such-model"), SDXL_HEALTH_FILE=str(tmp_path / "h"))
+    assert done.returncode == 1
+    fails = [line for line in done.stderr.splitlines() if line.startswith("FAIL:")]
+    assert fails == [
+        f"FAIL: SDXL model: SDXL model folder {str(tmp_path / 'no-such-model')!r} does not exist."
+    ]
+    assert "Traceback" not in done.stderr
+
+
+def test_check_skips_the_model_when_asked(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "workers", "check", "--skip-model"],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(REPO), "SDXL_MODEL": str(tmp_path / "none"), "BROKER_URL": "",
+             "RESULT_BACKEND": ""},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "SDXL model" not in done.stdout + done.stderr
 
 
 def test_check_fails_on_an_unreachable_broker_and_masks_secrets(tmp_path: Path) -> None:

@@ -3,7 +3,7 @@
 mirage-worker worker --queues gpu                 # prefork, 1 process (one worker per GPU)
 mirage-worker worker --queues api                 # threads, 8 concurrent API jobs
 mirage-worker make-tiny-model ./data/tiny-sdxl    # offline random-weight SDXL for tests
-mirage-worker check                               # settings, broker, OpenAI key; exit 0/1
+mirage-worker check                               # settings, broker, model, OpenAI key; exit 0/1
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ from workers.schema import QUEUE_API, QUEUE_GPU
 
 if TYPE_CHECKING:
     from celery import Celery
+
+    from workers.settings import WorkerSettings
 
 DEFAULT_CONCURRENCY = {"prefork": 1, "threads": 8, "solo": 1}
 
@@ -110,8 +112,55 @@ def _check_backend(app: Celery) -> str | None:
     return None
 
 
+def _gpu_stack_installed() -> bool:
+    import importlib.util
+
+    return all(importlib.util.find_spec(name) is not None for name in ("torch", "diffusers"))
+
+
+def _check_model(settings: WorkerSettings) -> str | None:
+    """Whether ``SDXL_MODEL`` loads here: None when it does, else a one-line reason.
+
+    A live worker on this machine that has it loaded (its health file says so) answers without a
+    second copy in memory. Otherwise the model is loaded in this process, without the warm-up,
+    and with a health file of its own so the worker's is left alone.
+    """
+    from workers.sdxl import health
+
+    state = health.health()
+    if state["ok"] and state.get("model") == settings.sdxl_model:
+        print(f"SDXL model {settings.sdxl_model} loaded by worker process {state.get('pid')}")
+        return None
+    if not _gpu_stack_installed():
+        return "SDXL model: torch and diffusers are not installed (pip install torch -e '.[gpu]')"
+    import os
+    import tempfile
+
+    print(f"loading SDXL model {settings.sdxl_model} to check it...", file=sys.stderr)
+    with tempfile.TemporaryDirectory(prefix="mirage-check-") as folder:
+        os.environ[health.ENV_HEALTH_FILE] = str(Path(folder) / "health.json")
+        try:
+            from workers.schema import WorkerError
+            from workers.sdxl.engine import SDXLEngine
+
+            engine = SDXLEngine.load(settings.model_copy(update={"warmup": False}))
+        except WorkerError as exc:
+            return f"SDXL model: {exc.message}"
+        except Exception as exc:
+            text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            return f"SDXL model: {type(exc).__name__}: {text}"[:300]
+    dtype = str(engine.dtype).removeprefix("torch.")
+    print(f"SDXL model {settings.sdxl_model} loads on {engine.device} ({dtype})")
+    return None
+
+
 def cmd_check(args: argparse.Namespace) -> int:
-    """Print the configuration with secrets masked, then check the broker, backend and OpenAI key."""
+    """Print the configuration with secrets masked, then check the broker, backend, model and OpenAI key.
+
+    The SDXL model is loaded when the ``gpu`` queue is checked: ``--queues`` naming it, or no
+    ``--queues`` on a machine with torch and diffusers installed (``--skip-model`` skips it).
+    Each problem is one ``FAIL:`` line on stderr; the exit status is 1 when there is any.
+    """
     from pydantic import ValidationError
 
     from workers.settings import WorkerSettings
@@ -143,6 +192,11 @@ def cmd_check(args: argparse.Namespace) -> int:
         if problem:
             problems.append(problem)
     queues: list[str] = args.queues or []
+    wants_model = QUEUE_GPU in queues or (not queues and _gpu_stack_installed())
+    if wants_model and not args.skip_model:
+        problem = _check_model(settings)
+        if problem:
+            problems.append(problem)
     wants_openai = QUEUE_API in queues or (not queues and settings.openai_api_key.get_secret_value())
     if wants_openai:
         from workers.openai_engine import check_credentials
@@ -180,8 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="print settings (secrets masked) and check connectivity")
     check.add_argument(
         "--queues", "-Q", type=_parse_queues, default=None,
-        help="check what these queues need (api: the OpenAI key)",
+        help="check what these queues need (gpu: the SDXL model, api: the OpenAI key)",
     )  # fmt: skip
+    check.add_argument("--skip-model", action="store_true", help="do not load the SDXL model")
     check.set_defaults(func=cmd_check)
     return parser
 

@@ -40,16 +40,29 @@ def dtype_kwarg() -> str:
     return "dtype" if hasattr(deprecation_utils, "_resolve_dtype") else "torch_dtype"
 
 
-def resolve_device(settings: WorkerSettings) -> tuple[torch.device, torch.dtype]:
-    """The device and weight dtype to run on: ``auto`` picks CUDA in fp16, else MPS, else CPU in fp32."""
+def resolve_device(settings: WorkerSettings, *, what: str = "SDXL") -> tuple[torch.device, torch.dtype]:
+    """The device and weight dtype to run on: ``auto`` picks CUDA in fp16, else MPS, else CPU in fp32.
+
+    The choice is logged at INFO for ``what``; ``DEVICE=auto`` ending on the CPU is logged at
+    WARNING, since on a GPU machine it means the driver or the CUDA build of torch is missing
+    and every job will take minutes.
+    """
     name = settings.device.strip().lower()
-    if name == "auto":
+    auto = name == "auto"
+    if auto:
         if torch.cuda.is_available():
             name = "cuda"
         elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
             name = "mps"
         else:
             name = "cpu"
+            log.warning(
+                "DEVICE=auto found no CUDA or MPS device (torch %s, CUDA build %s): %s runs on the "
+                "CPU, which is very slow; set DEVICE=cpu to make that explicit",
+                torch.__version__,
+                torch.version.cuda or "none",
+                what,
+            )
     try:
         device = torch.device(name)
     except RuntimeError as exc:
@@ -67,6 +80,15 @@ def resolve_device(settings: WorkerSettings) -> tuple[torch.device, torch.dtype]
             ErrorCode.ENGINE_UNAVAILABLE,
             f"Unknown dtype {settings.dtype!r} (auto, float16, bfloat16, float32).",
         )
+    log.info(
+        "%s runs on %s%s in %s (DEVICE=%s, DTYPE=%s)",
+        what,
+        device,
+        f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "",
+        str(dtype).removeprefix("torch."),
+        settings.device,
+        settings.dtype,
+    )
     return device, dtype
 
 
