@@ -18,10 +18,11 @@ from workers.describe import (
     clean_caption,
     describe_image,
     describe_openai,
+    describe_outcome,
     load_captioner,
     nearest_ratio,
 )
-from workers.schema import ErrorCode, WorkerError
+from workers.schema import TASK_DESCRIBE, ErrorCode, JobRequest, TaskOutcome, WorkerError
 from workers.settings import WorkerSettings
 from workers.tiny_extras import make_tiny_captioner
 
@@ -187,3 +188,75 @@ def test_openai_without_a_key_names_the_setting() -> None:
     with pytest.raises(WorkerError) as info:
         describe_openai(picture(), settings(openai_api_key=""))
     assert info.value.code is ErrorCode.ENGINE_UNAVAILABLE and "OPENAI_API_KEY" in info.value.message
+
+
+# --- the task ------------------------------------------------------------------------------------
+
+
+def describe_job(data: bytes, **fields: object) -> dict[str, object]:
+    """A DESCRIBE job message as the bot sends it."""
+    values: dict[str, object] = {
+        "job_id": "describe-1",
+        "kind": "describe",
+        "params": {"prompt": ""},
+        "seed": 5,
+        "input_image": base64.b64encode(data).decode("ascii"),
+    }
+    values.update(fields)
+    return JobRequest.model_validate(values).model_dump(mode="json")
+
+
+def test_task_describes_with_the_local_captioner(tmp_path_factory: pytest.TempPathFactory) -> None:
+    folder = make_tiny_captioner(tmp_path_factory.mktemp("tiny-blip-task"))
+    config = settings(describe_model=str(folder), describe_max_tokens=12)
+    outcome = TaskOutcome.model_validate(
+        describe_outcome("describe-1", describe_job(picture((96, 64))), config)
+    )
+    again = TaskOutcome.model_validate(
+        describe_outcome("describe-1", describe_job(picture((96, 64))), config)
+    )
+    assert outcome.error is None and outcome.result is None and outcome.describe is not None
+    result = outcome.describe
+    assert result.job_id == "describe-1" and result.aspect == "3:2" and result.model == str(folder)
+    assert len(result.prompts) == 4 and all(p.endswith(" --ar 3:2") for p in result.prompts)
+    assert again.describe is not None and again.describe.prompts == result.prompts  # same seed
+
+
+def test_task_describes_with_openai_when_the_job_says_so() -> None:
+    with FakeOpenAIServer(KEY) as server:
+        raw = describe_job(picture((64, 128)), params={"prompt": "", "engine": "openai"})
+        outcome = TaskOutcome.model_validate(describe_outcome("describe-1", raw, openai_settings(server)))
+    assert outcome.describe is not None
+    assert outcome.describe.model == "gpt-4o-mini" and outcome.describe.aspect == "1:2"
+    assert len(outcome.describe.prompts) == 4
+
+
+def test_task_failures_are_typed_errors() -> None:
+    config = settings(openai_api_key="")
+    no_key = describe_job(picture(), params={"prompt": "", "engine": "openai"})
+    wrong_kind = describe_job(picture(), kind="imagine")
+    no_picture = describe_job(picture(), input_image=None)
+    old = {**describe_job(picture()), "version": 1}
+    codes = {
+        name: TaskOutcome.model_validate(describe_outcome("describe-1", raw, config)).error
+        for name, raw in {
+            "no_key": no_key,
+            "wrong_kind": wrong_kind,
+            "no_picture": no_picture,
+            "old": old,
+            "garbage": {"job_id": "describe-1"},
+        }.items()
+    }
+    assert {name: error.code if error else None for name, error in codes.items()} == {
+        "no_key": ErrorCode.ENGINE_UNAVAILABLE,
+        "wrong_kind": ErrorCode.BAD_INPUT,
+        "no_picture": ErrorCode.BAD_INPUT,
+        "old": ErrorCode.ENGINE_UNAVAILABLE,
+        "garbage": ErrorCode.BAD_INPUT,
+    }
+
+
+def test_describe_task_is_registered_under_the_schema_name() -> None:
+    from workers.tasks import run_describe
+
+    assert run_describe.name == TASK_DESCRIBE == "mirage.describe.run"

@@ -12,6 +12,12 @@ Two ways to get them:
 
 Either way each suggestion is cleaned so it is safe to paste back into ``/imagine``: no
 ``--`` parameters or ``::`` weights can come from the model's text, only the ``--ar`` added here.
+
+The Celery task ``mirage.describe.run`` (``TASK_DESCRIBE``, registered in :mod:`workers.tasks`)
+takes a ``JobRequest`` of kind ``DESCRIBE`` with the picture in ``input_image`` and answers a
+``TaskOutcome`` whose ``describe`` is a :class:`~workers.schema.DescribeResult`. A request whose
+``params.engine`` is ``openai`` (the bot sends those to the ``api`` queue) is described by
+OpenAI; any other by the local captioner (``gpu`` queue), loaded once per worker process.
 """
 
 from __future__ import annotations
@@ -19,7 +25,10 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import re
+import threading
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +37,17 @@ from typing import Any
 from PIL import Image
 
 from workers.image_input import decode_image
-from workers.schema import ErrorCode, WorkerError, b64encode_bytes
+from workers.schema import (
+    DescribeResult,
+    Engine,
+    ErrorCode,
+    JobError,
+    JobKind,
+    JobRequest,
+    TaskOutcome,
+    WorkerError,
+    b64encode_bytes,
+)
 from workers.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
@@ -331,3 +350,87 @@ def describe_openai(
     if not found:
         raise WorkerError(ErrorCode.ENGINE_ERROR, f"{model} gave no usable description of this picture.")
     return Description(tuple(found), nearest_ratio(image.width, image.height))
+
+
+# --- the task ------------------------------------------------------------------------------------
+
+_captioners: dict[int, Captioner] = {}  # by pid: a model must not be shared across a fork
+_captioner_lock = threading.Lock()
+
+
+def shared_captioner(settings: WorkerSettings) -> Captioner:
+    """This process's captioner for ``DESCRIBE_MODEL``, loaded on first use and kept."""
+    pid = os.getpid()
+    with _captioner_lock:
+        captioner = _captioners.get(pid)
+        if captioner is None or captioner.source != _source(settings.describe_model):
+            captioner = load_captioner(settings)
+            _captioners.clear()
+            _captioners[pid] = captioner
+        return captioner
+
+
+def _source(model: str) -> str:
+    local = Path(model.strip()).expanduser()
+    return str(local) if local.is_dir() else model.strip()
+
+
+def describe_request(request: JobRequest, settings: WorkerSettings) -> DescribeResult:
+    """``/describe`` for a DESCRIBE job: OpenAI when ``params.engine`` is openai, else the captioner."""
+    if request.kind is not JobKind.DESCRIBE:
+        raise WorkerError(ErrorCode.BAD_INPUT, f"The describe task does not run {request.kind} jobs.")
+    if not request.input_image:
+        raise WorkerError(ErrorCode.BAD_INPUT, "/describe needs a picture.")
+    started = time.perf_counter()
+    if request.params.engine is Engine.OPENAI:
+        description = describe_openai(request.input_image, settings, label="the picture")
+        model = settings.openai_describe_model
+    else:
+        captioner = shared_captioner(settings)
+        description = describe_image(captioner, request.input_image, seed=request.seed, label="the picture")
+        model = captioner.source
+    return DescribeResult(
+        job_id=request.job_id,
+        prompts=list(description.prompts),
+        aspect=description.aspect_text,
+        model=model,
+        generation_s=round(time.perf_counter() - started, 3),
+    )
+
+
+def describe_outcome(task_id: str, raw: Any, settings: WorkerSettings) -> dict[str, Any]:
+    """The ``mirage.describe.run`` task's body: a ``TaskOutcome`` dict with ``describe`` or ``error``.
+
+    Failures come back as a ``JobError``, as the image tasks' do, so the bot always gets a reason.
+    """
+    from celery.exceptions import SoftTimeLimitExceeded
+    from pydantic import ValidationError
+
+    from workers.tasks import BAD_MESSAGE, ENGINE_ERROR_MESSAGE, TIMEOUT_MESSAGE, version_mismatch
+
+    job_id = task_id or (str(raw.get("job_id", "")) if isinstance(raw, dict) else "") or "unknown"
+
+    def failed(code: ErrorCode, message: str) -> dict[str, Any]:
+        error = JobError(job_id=job_id, code=code, message=message)
+        return TaskOutcome(error=error).model_dump(mode="json")
+
+    mismatch = version_mismatch(raw)
+    if mismatch is not None:
+        return failed(ErrorCode.ENGINE_UNAVAILABLE, mismatch)
+    try:
+        request = JobRequest.model_validate(raw)
+        job_id = request.job_id
+        result = describe_request(request, settings)
+    except ValidationError as exc:
+        fields = sorted({".".join(map(str, e["loc"])) or "message" for e in exc.errors()})
+        return failed(ErrorCode.BAD_INPUT, f"{BAD_MESSAGE} ({', '.join(fields)})")
+    except WorkerError as exc:
+        log.info("describe %s failed: %s", job_id, exc.code)
+        return failed(exc.code, exc.message)
+    except SoftTimeLimitExceeded:
+        return failed(ErrorCode.TIMEOUT, TIMEOUT_MESSAGE)
+    except Exception:
+        log.exception("describe %s: engine error", job_id)
+        return failed(ErrorCode.ENGINE_ERROR, ENGINE_ERROR_MESSAGE)
+    log.info("describe %s finished by %s in %.2fs", job_id, result.model, result.generation_s)
+    return TaskOutcome(describe=result).model_dump(mode="json")

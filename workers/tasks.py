@@ -30,6 +30,7 @@ from pydantic import ValidationError
 
 from workers.cancellation import CancelCheck
 from workers.celery_app import ENV_WORKER_POOL, ENV_WORKER_QUEUES
+from workers.describe import describe_outcome
 from workers.output import EngineOutput
 from workers.progress import ProgressSink
 from workers.redelivery import over_the_bound
@@ -37,6 +38,7 @@ from workers.results import build_result
 from workers.runtime import OPENAI, QUEUE_ENGINES, SDXL, WorkerRuntime, runtime_of
 from workers.schema import (
     SCHEMA_VERSION,
+    TASK_DESCRIBE,
     TASK_OPENAI,
     TASK_SDXL,
     ErrorCode,
@@ -173,6 +175,12 @@ def run_sdxl(self: Task, request: dict[str, Any]) -> dict[str, Any]:
 def run_openai(self: Task, request: dict[str, Any]) -> dict[str, Any]:
     """Run an OpenAI images job (``JobRequest`` dict) and return a ``TaskOutcome`` dict."""
     return run_job(self, OPENAI, request)
+
+
+@shared_task(bind=True, name=TASK_DESCRIBE)
+def run_describe(self: Task, request: dict[str, Any]) -> dict[str, Any]:
+    """/describe (``JobRequest`` of kind DESCRIBE): a ``TaskOutcome`` dict with ``describe`` set."""
+    return describe_outcome(str(self.request.id or ""), request, runtime_of(self.app).settings)
 
 
 # --------------------------------------------------------------------------- warm-up
