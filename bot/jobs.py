@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -26,12 +26,15 @@ from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from bot import quota
+from bot.banned_words import BannedWordRules, banned_words_message, check_prompt
 from bot.dispatch import Dispatcher
+from bot.job_inputs import StoredInput, add_input_rows, request_inputs
 from bot.lifecycle import ACTIVE, PENDING, Lifecycle, initial_status, values_of
 from bot.logconfig import job_context
 from bot.models import Job, JobStatus, Member, utcnow
 from bot.operations import (
     Actor,
+    JobRefused,
     NotEnoughCredits,
     Operation,
     TooManyJobs,
@@ -102,6 +105,8 @@ class JobService:
         self.lifecycle = lifecycle
         self.results = results
         self.defaults = quota.QuotaDefaults.from_settings(settings)
+        # Checked for every job at accept, so no path (a button, an edited prompt) goes around it.
+        self.banned_words = BannedWordRules.from_settings(settings)
         # Styles and profiles apply at dispatch; profile queues go to a dispatcher that routes them.
         self.prompting = Prompting.from_settings(settings)
         if isinstance(routes := getattr(dispatcher, "profile_queues", None), dict):
@@ -119,8 +124,15 @@ class JobService:
 
     # --- creation ----------------------------------------------------------------------------
 
-    async def create_imagine(self, actor: Actor, params: GenerationParams) -> Created:
-        """Accept an ``/imagine``: member, job row and charge in one transaction."""
+    async def create_imagine(
+        self,
+        actor: Actor,
+        params: GenerationParams,
+        *,
+        kind: JobKind = JobKind.IMAGINE,
+        inputs: Sequence[StoredInput] = (),
+    ) -> Created:
+        """Accept an ``/imagine``, ``/blend`` or ``/describe`` (with stored ``inputs``) in one transaction."""
 
         def plan(member: Member) -> _Plan:
             """Engine, visibility, aspect and seed from the prompt, then the member's defaults."""
@@ -132,7 +144,7 @@ class JobService:
                 seed=resolved.seed if resolved.seed is not None else random_seed(),
             )
 
-        return await self._create(actor, Operation(JobKind.IMAGINE), plan)
+        return await self._create(actor, Operation(kind), plan, inputs)
 
     async def create_followup(
         self,
@@ -172,7 +184,11 @@ class JobService:
         return await self._create(actor, operation, plan)
 
     async def _create(
-        self, actor: Actor, operation: Operation, plan_for: Callable[[Member], _Plan]
+        self,
+        actor: Actor,
+        operation: Operation,
+        plan_for: Callable[[Member], _Plan],
+        inputs: Sequence[StoredInput] = (),
     ) -> Created:
         async with self.sessions() as session, session.begin():
             member = await quota.get_or_create_member(
@@ -182,6 +198,8 @@ class JobService:
             # writers) so two simultaneous commands cannot both pass the cap check below.
             await session.execute(select(Member.id).where(Member.id == member.id).with_for_update())
             plan = plan_for(member)
+            if matched := check_prompt(plan.params.model_prompt, self.banned_words):
+                raise JobRefused(banned_words_message(matched))
             if operation.kind != JobKind.CROP:
                 await self._check_caps(session, member.id)
 
@@ -206,6 +224,7 @@ class JobService:
             )
             session.add(job)
             await session.flush()
+            await add_input_rows(session, job.id, inputs)
             try:
                 await quota.reserve(session, member.id, job.id, job.cost, self.defaults)
             except quota.InsufficientCredits as exc:
@@ -321,19 +340,21 @@ class JobService:
         if job.parent_id and operation.kind not in (JobKind.REROLL, JobKind.IMAGINE):
             data = await self.results.input_image(job.parent_id, job.parent_index)
             input_image = base64.b64encode(data).decode("ascii")
+        inputs = await request_inputs(self.sessions, self.results.store, job, operation.kind)
         mask_image = None
         if operation.mask_key:
             mask_image = base64.b64encode(await self.results.store.get(operation.mask_key)).decode("ascii")
         return JobRequest(
             job_id=job.id,
-            kind=operation.kind,
+            kind=inputs.kind,
             params=self.prompting.prepare(generation_params(job)),
             seed=job.seed,
             count=grid_count(operation.kind),
             strength=operation.strength,
             scale=operation.scale,
             direction=operation.direction,
-            input_image=input_image,
+            input_image=input_image or inputs.input_image,
+            references=inputs.references,
             mask_image=mask_image,
             openai_model=self.settings.openai_model if job.engine == Engine.OPENAI.value else None,
         )

@@ -36,6 +36,8 @@ def job_cost(settings: BotSettings, kind: JobKind, engine: Engine, speed: str | 
     """Credits a job costs: grid (per engine), upscale or crop, times the relax factor if relaxed."""
     if kind == JobKind.CROP:
         return settings.cost_crop
+    if kind == JobKind.DESCRIBE:
+        return settings.cost_describe  # a caption, no picture: not scaled by speed
     if kind == JobKind.UPSCALE:
         base = settings.cost_upscale
     else:
