@@ -21,7 +21,16 @@ from typing import Any, Protocol
 from celery import Celery
 from celery.result import AsyncResult
 
-from workers.schema import QUEUE_API, QUEUE_GPU, TASK_OPENAI, TASK_SDXL, Engine, JobRequest
+from workers.schema import (
+    QUEUE_API,
+    QUEUE_GPU,
+    TASK_DESCRIBE,
+    TASK_OPENAI,
+    TASK_SDXL,
+    Engine,
+    JobKind,
+    JobRequest,
+)
 
 log = logging.getLogger(__name__)
 
@@ -213,7 +222,8 @@ class CeleryDispatcher:
 
         def _send() -> None:
             self.app.send_task(
-                TASK_FOR_ENGINE[engine],
+                # /describe has its own task on the engine's queue (a captioner, not a generator).
+                TASK_DESCRIBE if request.kind == JobKind.DESCRIBE else TASK_FOR_ENGINE[engine],
                 args=[payload],
                 task_id=request.job_id,
                 queue=queue,
