@@ -105,8 +105,9 @@ async def test_the_editor_submit_makes_a_charged_region_job_posted_in_the_channe
     assert stored_mask.getpixel((60, 60)) == 0
 
     h.dispatcher.succeed(job.id)
+    mine = f":{job.id}"
     post = await h.fake.wait_for_request(
-        lambda r: r.route == "channel_message_create" and f"mj:" in str(r.custom_ids()) and r.status == 200
+        lambda r: r.route == "channel_message_create" and r.status == 200 and mine in str(r.custom_ids())
     )
     assert f"<@{h.fake.user.id}>" in post.message_payload["content"]
     assert "Vary (Region)" in post.message_payload["content"] and post.files
