@@ -4,17 +4,23 @@ Defer at once (Discord's 3-second deadline holds even when the database is busy)
 job with its charge, then show it waiting, release it to the broker and wake the tracker, or
 for a U# crop, finish it right away. A refusal (caps, credits, an unreachable database) is
 answered privately and nothing is charged.
+
+Several jobs from one confirmed ``/imagine`` (permutations, ``--repeat``) go through the same
+path one by one, each charged and kept fair like any other; the first one that is refused stops
+the rest. Only the first can use the interaction's message; the others are delivered to the
+channel with a mention when they finish.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import discord
 
-from bot.content_rules import channel_is_nsfw
+from bot.inputs import attach_inputs
 from bot.interactions import DATABASE_ERRORS, DATABASE_UNAVAILABLE, actor_from, refuse
 from bot.jobs import Created, JobService
 from bot.models import Job
@@ -33,10 +39,49 @@ class JobFlow:
         self.tracker = tracker
 
     async def imagine(
-        self, interaction: discord.Interaction[Any], params: GenerationParams
+        self,
+        interaction: discord.Interaction[Any],
+        params: GenerationParams,
+        inputs: Mapping[str, Sequence[str]] | None = None,
     ) -> Created | None:
-        """Accept an ``/imagine`` with its parsed parameters."""
-        return await self.accept(interaction, lambda actor: self.jobs.create_imagine(actor, params))
+        """Accept an ``/imagine`` with its parsed parameters (and stored input images)."""
+        return await self.accept(
+            interaction, lambda actor: self.jobs.create_imagine(actor, params), inputs=inputs
+        )
+
+    async def imagine_many(
+        self,
+        interaction: discord.Interaction[Any],
+        batch: Sequence[GenerationParams],
+        inputs: Mapping[str, Sequence[str]] | None = None,
+    ) -> list[Created]:
+        """Accept each job of a confirmed batch in order; stop at the first refusal.
+
+        Returns the jobs started. A refusal after the first job is told privately, naming how
+        many were started and that the rest were not (and not charged).
+        """
+        started: list[Created] = []
+        for index, params in enumerate(batch):
+            actor = actor_from(interaction)
+            if index:
+                # One interaction has one message: later jobs post to the channel when done.
+                actor = dataclasses.replace(actor, application_id=None, interaction_token=None)
+
+            def create(_actor: Actor, actor: Actor = actor, params: GenerationParams = params) -> Any:
+                return self.jobs.create_imagine(actor, params)
+
+            problem = await self.start(interaction, create, inputs=inputs, first=not index)
+            if isinstance(problem, str):
+                if index:
+                    await interaction.followup.send(
+                        f"Started {index} of {len(batch)} jobs; the other {len(batch) - index} were not "
+                        f"started and nothing was charged for them. {problem}",
+                        ephemeral=True,
+                    )
+                return started
+            if problem is not None:
+                started.append(problem)
+        return started
 
     async def press(
         self,
@@ -70,25 +115,42 @@ class JobFlow:
         self,
         interaction: discord.Interaction[Any],
         create: Callable[[Actor], Awaitable[Created]],
+        *,
+        inputs: Mapping[str, Sequence[str]] | None = None,
     ) -> Created | None:
         """Defer, create the job, then start it; returns None when it was refused."""
+        result = await self.start(interaction, create, inputs=inputs, first=True)
+        return result if isinstance(result, Created) else None
+
+    async def start(
+        self,
+        interaction: discord.Interaction[Any],
+        create: Callable[[Actor], Awaitable[Created]],
+        *,
+        inputs: Mapping[str, Sequence[str]] | None = None,
+        first: bool = True,
+    ) -> Created | str | None:
+        """Create and start one job: the job, or the refusal's text (already told if ``first``)."""
         if not interaction.response.is_done():
             await interaction.response.defer(thinking=True)
         try:
             created = await create(actor_from(interaction))
         except JobRefused as exc:
-            await refuse(interaction, str(exc))
-            return None
+            if first:
+                await refuse(interaction, str(exc))
+            return str(exc)
         except DATABASE_ERRORS:
             # The job and its charge are one transaction, so nothing was created or charged; say
             # so rather than leaving the deferred "thinking…" message hanging forever.
             log.exception("could not accept a job: database unavailable")
-            await refuse(interaction, DATABASE_UNAVAILABLE)
-            return None
+            if first:
+                await refuse(interaction, DATABASE_UNAVAILABLE)
+            return DATABASE_UNAVAILABLE
         job = created.job
-        if channel_is_nsfw(interaction.channel):
-            # Recorded before the job runs: its result is judged in the channel it came from.
-            await self.tracker.results.remember_nsfw_channel(job)
+        if inputs:
+            # Recorded before the job is released, so its worker message can carry them.
+            async with self.jobs.sessions() as session, session.begin():
+                attach_inputs(session, job.id, inputs)
         delivery = self.tracker.delivery
         delivery.remember_limit(job.id, interaction.filesize_limit)
         if job.kind == JobKind.CROP.value:

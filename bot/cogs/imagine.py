@@ -1,20 +1,52 @@
-"""``/imagine``: parse the prompt, then accept the job through the shared ``JobFlow``."""
+"""``/imagine``: the member's preferences, the parser, images and banned words, then ``JobFlow``.
+
+A prompt that makes several jobs (permutations, ``--repeat``) or costs 4+ credits in total is
+asked about first (``bot.confirm``); nothing is charged until Yes. Every refusal before that
+(a prompt mistake, a banned word, an image that cannot be used) is private and free.
+"""
 
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot.prompt import PromptError, parse_prompt
+from bot import confirm
+from bot.banned_words import BannedWordRules, banned_words_message, check_prompt
+from bot.imagefetch import FetchLimits, ImageInputError
+from bot.inputs import InputKeys, fetch_inputs, keys_payload, store_inputs
+from bot.interactions import refuse
+from bot.operations import resolve_engine
+from bot.prompt import PromptError, PromptPlan, plan_prompts
+from bot.prompt_prefs import apply_prefs, load_prefs
+from workers.schema import GenerationParams, JobKind
 
 if TYPE_CHECKING:
     from bot.client import MirageBot
 
 log = logging.getLogger(__name__)
+
+CONFIRM_KIND = "imagine"
+CONFIRM_COST = 4  # credits in total from which a single /imagine is asked about too
+
+
+def notes_text(notes: Sequence[str]) -> str:
+    """The parser's and profiles' notes as one private message."""
+    return "\n".join(f"-# {note}" for note in notes)
+
+
+def question(count: int, cost: int, notes: Sequence[str]) -> str:
+    """ "This makes N jobs and costs C credits" with the notes under it."""
+    jobs = f"{count} job{'s' if count != 1 else ''}"
+    credits = f"{cost} credit{'s' if cost != 1 else ''}"
+    lines = [f"This makes {jobs} and costs {credits}. Start {'them' if count != 1 else 'it'}?"]
+    if notes:
+        lines.append(notes_text(notes))
+    return "\n".join(lines)
 
 
 class Imagine(commands.Cog):
@@ -22,21 +54,110 @@ class Imagine(commands.Cog):
 
     def __init__(self, bot: MirageBot) -> None:
         self.bot = bot
+        self.banned = BannedWordRules.from_settings(bot.settings)
+        self.limits = FetchLimits.from_settings(bot.settings)
+        self.allow_addresses: tuple[str, ...] = ()  # tests allow their local image server
 
     @app_commands.command(name="imagine", description="Create four images from a prompt")
-    @app_commands.describe(prompt="What to imagine; parameters go at the end: --ar 3:2 --seed 7 --no text")
+    @app_commands.describe(
+        prompt="What to imagine; parameters go at the end: --ar 3:2 --seed 7 --no text",
+        image="An image to start from (optional)",
+    )
     async def imagine(
-        self, interaction: discord.Interaction, prompt: app_commands.Range[str, 1, 4000]
+        self,
+        interaction: discord.Interaction,
+        prompt: app_commands.Range[str, 1, 4000],
+        image: discord.Attachment | None = None,
     ) -> None:
-        """Parse the prompt; a mistake is answered privately and costs nothing."""
+        """Plan the prompt; a mistake is answered privately and costs nothing."""
+        bot = self.bot
+        async with bot.sessions() as session:
+            member, prefs = await load_prefs(session, interaction.guild_id or 0, interaction.user.id)
+        prompting = bot.jobs.prompting
         try:
-            params = parse_prompt(prompt)
+            plan = plan_prompts(apply_prefs(prompt, prefs), styles=prompting.presets)
         except PromptError as exc:
             await interaction.response.send_message(str(exc), ephemeral=True)
             return
-        await self.bot.flow.imagine(interaction, params)
+        banned: list[str] = []
+        for params in plan.params:
+            banned += [word for word in check_prompt(params.model_prompt, self.banned) if word not in banned]
+        if banned:
+            await interaction.response.send_message(banned_words_message(banned), ephemeral=True)
+            return
+        notes = list(plan.notes)
+        for params in plan.params:
+            notes += [note for note in prompting.notes(params) if note not in notes]
+        cost = sum(
+            bot.jobs.cost_of(JobKind.IMAGINE, resolve_engine(params, member, bot.settings), params.speed)
+            for params in plan.params
+        )
+        ask = plan.needs_confirmation or cost >= CONFIRM_COST
+        # Fetching images can take seconds: answer Discord first (privately when asking).
+        await interaction.response.defer(thinking=True, ephemeral=ask)
+        inputs = await self._inputs(interaction, plan, image)
+        if inputs is None:
+            return
+        if ask:
+            payload = {
+                "params": [p.model_dump(mode="json") for p in plan.params],
+                "inputs": keys_payload(inputs),
+            }
+            await confirm.ask(
+                interaction,
+                bot.sessions,
+                kind=CONFIRM_KIND,
+                payload=payload,
+                question=question(plan.count, cost, notes),
+                expires_in_s=bot.settings.confirm_expiry_s,
+            )
+            return
+        created = await bot.flow.imagine(interaction, plan.params[0], inputs)
+        if created is not None and notes:
+            await interaction.followup.send(notes_text(notes), ephemeral=True)
+
+    async def _inputs(
+        self, interaction: discord.Interaction, plan: PromptPlan, image: discord.Attachment | None
+    ) -> InputKeys | None:
+        """Fetch and store the prompt's pictures; None (after telling the member) if one fails.
+
+        Permutations may differ in their links; each distinct prompt's pictures are fetched
+        once and all of them are the batch's inputs.
+        """
+        keys: InputKeys = {}
+        seen: set[str] = set()
+        try:
+            for params in plan.params:
+                marker = _reference_marker(params)
+                if marker in seen:
+                    continue
+                seen.add(marker)
+                attachment = image if len(seen) == 1 else None  # the attachment belongs to the batch
+                found = await fetch_inputs(params, attachment, self.limits, self.allow_addresses)
+                for role, role_keys in (await store_inputs(self.bot.store, found)).items():
+                    keys.setdefault(role, []).extend(role_keys)
+        except ImageInputError as exc:
+            await refuse(interaction, f"{exc} Nothing was charged.")
+            return None
+        return keys
+
+
+def _reference_marker(params: GenerationParams) -> str:
+    return repr((params.image_prompts, params.style_refs, params.character_refs, params.omni_ref))
+
+
+async def _confirmed(interaction: discord.Interaction[Any], payload: dict[str, Any]) -> None:
+    """Yes: start each job through the normal accept path."""
+    bot: MirageBot = interaction.client  # type: ignore[assignment]
+    batch = [GenerationParams.model_validate(item) for item in payload.get("params") or []]
+    inputs = {role: list(keys) for role, keys in (payload.get("inputs") or {}).items()}
+    await bot.flow.imagine_many(interaction, batch, inputs)
+
+
+confirm.on_confirm(CONFIRM_KIND, _confirmed)
 
 
 async def setup(bot: MirageBot) -> None:
     """Extension entry point."""
+    confirm.setup_confirmations(bot)
     await bot.add_cog(Imagine(bot))
