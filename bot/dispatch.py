@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from typing import Any, Protocol
 
 from celery import Celery
 from celery.result import AsyncResult
+from kombu.exceptions import ContentDisallowed, DecodeError
 
 from workers.schema import (
     QUEUE_API,
@@ -28,6 +30,7 @@ from workers.schema import (
     TASK_OPENAI,
     TASK_SDXL,
     Engine,
+    JobFailed,
     JobKind,
     JobRequest,
 )
@@ -43,6 +46,8 @@ RETRY = "RETRY"
 SUCCESS = "SUCCESS"
 FAILURE = "FAILURE"
 REVOKED = "REVOKED"
+# A stored result the bot cannot decode is the worker's (bad) outcome, not a store outage.
+DECODE_ERRORS: tuple[type[Exception], ...] = (DecodeError, ContentDisallowed, UnicodeDecodeError)
 FINAL_STATES = frozenset({SUCCESS, FAILURE, REVOKED})
 RUNNING_STATES = frozenset({RECEIVED, STARTED, PROGRESS, RETRY})
 
@@ -113,8 +118,8 @@ class Dispatcher(Protocol):
         """The current state of each task."""
         ...
 
-    async def revoke(self, job_id: str) -> None:
-        """Cancel a task (queued ones are dropped, running ones terminated)."""
+    async def revoke(self, job_id: str) -> bool | None:
+        """Cancel a task (queued ones are dropped, running ones stopped); False if not delivered."""
         ...
 
     async def forget(self, job_id: str) -> None:
@@ -128,6 +133,39 @@ class Dispatcher(Protocol):
     async def close(self) -> None:
         """Release connections and threads."""
         ...
+
+
+class Backoff:
+    """A growing pause after failed reads of the result store: 0.5 s doubling up to 30 s.
+
+    Thread-safe enough for its use: one reader thread at a time updates it (the tracker reads
+    states once per tick).
+    """
+
+    def __init__(self, first_s: float = 0.5, max_s: float = 30.0) -> None:
+        self.first_s = first_s
+        self.max_s = max_s
+        self.delay = 0.0
+        self.failures = 0
+        self._until = 0.0
+
+    def ready(self, now: float | None = None) -> bool:
+        """Whether the pause after the last failure is over."""
+        return (time.monotonic() if now is None else now) >= self._until
+
+    def failed(self, now: float | None = None) -> None:
+        """Record a failed read: the next one waits twice as long as the last pause."""
+        self.failures += 1
+        self.delay = min(self.max_s, self.first_s * 2 ** (self.failures - 1))
+        self._until = (time.monotonic() if now is None else now) + self.delay
+
+    def succeeded(self) -> None:
+        """A read worked: no pause before the next."""
+        if self.failures:
+            log.info("result store reachable again after %d failed read(s)", self.failures)
+        self.failures = 0
+        self.delay = 0.0
+        self._until = 0.0
 
 
 def make_celery_client(broker_url: str, result_backend: str) -> Celery:
@@ -156,11 +194,21 @@ def make_celery_client(broker_url: str, result_backend: str) -> Celery:
     return app
 
 
-def _describe_failure(result: AsyncResult) -> str:
-    """A short, member-safe description of a FAILURE's exception (no traceback)."""
+def _describe_failure(result: AsyncResult) -> str | JobFailed:
+    """A short, member-safe description of a FAILURE's exception (no traceback).
+
+    A job that failed with a reason (the worker raised ``workers.schema.JobFailed``) comes back
+    as that plain-data exception, carrying its error code and member message.
+    """
     meta = result.backend.get_task_meta(result.id)
     raw = meta.get("result")
+    failed = JobFailed.from_exception(raw)
+    if failed is not None:
+        return failed
     if isinstance(raw, Mapping):
+        args = raw.get("exc_message")
+        if raw.get("exc_type") == JobFailed.__name__ and isinstance(args, list | tuple) and len(args) == 2:
+            return JobFailed(str(args[0]), str(args[1]))
         exc_type = str(raw.get("exc_type") or "Error")
         return exc_type
     if isinstance(raw, BaseException):
@@ -186,6 +234,7 @@ class CeleryDispatcher:
         # --v / --niji profiles served by workers with another checkpoint (MODEL_PROFILES).
         self.profile_queues: dict[str, str] = dict(profile_queues or {})
         self._executor = ThreadPoolExecutor(max_workers=max_threads, thread_name_prefix="celery-client")
+        self.backoff = Backoff()
 
     @classmethod
     def from_urls(
@@ -235,9 +284,15 @@ class CeleryDispatcher:
         log.info("sent job %s (%s) to queue %s, priority %s", request.job_id, request.kind, queue, priority)
 
     async def states(self, job_ids: Sequence[str]) -> dict[str, TaskState]:
-        """Read all states in one executor call (one round trip each, no per-job thread hop)."""
+        """Read all states in one executor call (one round trip each, no per-job thread hop).
+
+        A job whose state cannot be read right now (the result store restarting, a network
+        blip) is left out, never reported as failed: only a worker's outcome, a revoke, a cancel
+        or the job's own timeout fail a job. After such an error the store is left alone for a
+        growing pause (:class:`Backoff`), so a down store is not hammered every tick.
+        """
         ids = list(job_ids)
-        if not ids:
+        if not ids or not self.backoff.ready():
             return {}
 
         def _read() -> dict[str, TaskState]:
@@ -252,18 +307,30 @@ class CeleryDispatcher:
                         info = result.info
                     else:
                         info = None
-                except Exception:
-                    # A result that cannot be decoded is reported as a failure, not a crash of the
-                    # tracker: the job gets refunded with a message.
-                    log.exception("could not read the state of task %s", job_id)
+                except DECODE_ERRORS:
+                    # The worker stored something the bot cannot read: that is its outcome.
+                    log.exception("could not decode the result of task %s", job_id)
                     state, info = FAILURE, "unreadable result"
+                except Exception as exc:
+                    self.backoff.failed()
+                    log.warning(
+                        "result store unavailable (%s); reading again in %.1fs",
+                        type(exc).__name__,
+                        self.backoff.delay,
+                    )
+                    break  # the store is down for the rest of the batch too
                 out[job_id] = TaskState(job_id, state, info)
+            else:
+                self.backoff.succeeded()
             return out
 
         return await self._run(_read)
 
-    async def revoke(self, job_id: str) -> None:
-        """Revoke the task for ``job_id`` (a queued one is dropped, a running one stops at its next step)."""
+    async def revoke(self, job_id: str) -> bool:
+        """Revoke the task for ``job_id`` (a queued one is dropped, a running one stops at its next step).
+
+        Returns False when the broker could not be told (the caller retries before refunding).
+        """
 
         def _revoke() -> None:
             # Plain revoke: the workers relay it to the running child, which stops at the next
@@ -274,6 +341,8 @@ class CeleryDispatcher:
             await self._run(_revoke)
         except Exception:
             log.warning("could not revoke task %s", job_id, exc_info=True)
+            return False
+        return True
 
     async def forget(self, job_id: str) -> None:
         """Delete the stored result (images are large; the bot keeps its own copy)."""

@@ -3,7 +3,9 @@
 Life of a job (``bot.models.JobStatus``)::
 
     waiting ──release──▶ queued ──worker starts──▶ running ──▶ done | failed | cancelled
-    (generations start here)                       (U# crops start here: no worker involved)
+    (generations start here)   ▲                   (U# crops start here: no worker involved)
+         ▲                                            │
+         └──── requeue: its worker stopped sending heartbeats (bot.supervisor) ────┘
 
 :data:`TRANSITIONS` declares which moves exist; every move is one conditional UPDATE whose
 ``WHERE status IN (...)`` lists exactly the states the move may leave, so two processes (or two
@@ -43,7 +45,9 @@ DONE, FAILED, CANCELLED = JobStatus.DONE, JobStatus.FAILED, JobStatus.CANCELLED
 TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
     WAITING: frozenset({QUEUED, FAILED, CANCELLED}),
     QUEUED: frozenset({RUNNING, DONE, FAILED, CANCELLED}),
-    RUNNING: frozenset({DONE, FAILED, CANCELLED}),
+    # Back in line when the supervisor finds its worker dead; a generation is deterministic
+    # (same seed), so running it again on another worker gives the same pixels.
+    RUNNING: frozenset({WAITING, DONE, FAILED, CANCELLED}),
     DONE: frozenset(),
     FAILED: frozenset(),
     CANCELLED: frozenset(),
@@ -144,6 +148,24 @@ class Lifecycle:
         async with self.sessions() as session, session.begin():
             for job_id in job_ids:
                 await move(session, job_id, RUNNING, only_from=(QUEUED,), values={"started_at": now})
+
+    async def requeue(self, job_id: str, resends: int) -> bool:
+        """running → waiting for a job whose worker died, counting one more re-send.
+
+        Conditional on the re-send count the caller saw, so when two bot processes find the
+        same dead worker only one puts the job back in line (and only one sends it again).
+        Crops never reach a worker and are never requeued.
+        """
+        async with self.sessions() as session, session.begin():
+            moved = await move(
+                session,
+                job_id,
+                WAITING,
+                only_from=(RUNNING,),
+                values={"resends": resends + 1, "started_at": None, "queued_at": None},
+                where=(Job.resends == resends, Job.kind != JobKind.CROP.value),
+            )
+        return moved is not None
 
     async def finish(
         self, session: AsyncSession, job_id: str, *, generation_s: float | None, crop: bool = False

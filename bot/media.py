@@ -17,7 +17,14 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from bot.models import Image, Job
-from bot.storage import THUMBNAIL_MAX_SIDE, MediaNotFound, MediaStore, job_image_key, thumbnail_key
+from bot.storage import (
+    THUMBNAIL_MAX_SIDE,
+    MediaNotFound,
+    MediaStore,
+    MediaStoreError,
+    job_image_key,
+    thumbnail_key,
+)
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +172,13 @@ async def put_image(
         raise ValueError(f"invalid image index {index!r}")
     content_type = CONTENT_TYPES[ext]
     key = job_image_key(job_id, index, ext)
-    await store.put(key, data, content_type)
+    try:
+        await store.put(key, data, content_type)
+    except MediaStoreError:
+        raise
+    except Exception as exc:
+        # One exception type for every backend, so callers tell a store failure from a database one.
+        raise MediaStoreError(f"could not store {key}: {type(exc).__name__}: {exc}") from exc
     width, height = size
     row = (await session.scalars(select(Image).where(Image.job_id == job_id, Image.index == index))).first()
     if row is None:

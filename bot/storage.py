@@ -42,6 +42,18 @@ class MediaNotFound(LookupError):
     """No object is stored under the requested key."""
 
 
+class MediaStoreError(OSError):
+    """The media store could not take an object (disk full, read-only, S3 unreachable).
+
+    Transient or not, the bot retries a few times with growing pauses (``STORE_RETRY_DELAYS_S``)
+    and then fails the job with a refund; it never loops on a store that stays broken.
+    """
+
+
+# Pauses between attempts to store one result; after the last, the job fails and is refunded.
+STORE_RETRY_DELAYS_S: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0)
+
+
 def validate_key(key: str) -> str:
     """Return ``key`` if it is a safe relative object key, else raise ``ValueError``.
 

@@ -7,8 +7,20 @@ in the dispatcher's thread pool because Celery's result API blocks). For each jo
 - on SUCCESS checks the result and applies the safety policy to its verdicts (a blocked result
   fails and is refunded), stores it (``bot.results``), marks the job done *and* claims its
   delivery in one transaction, then sends the result;
-- on an error outcome, a Celery FAILURE/REVOKED, or a job older than ``job_timeout_s``, fails it
-  and refunds it in one transaction (``bot.lifecycle``), then tells the member why.
+- on an error outcome, a Celery FAILURE/REVOKED, or a timeout, revokes (for a timeout), then fails
+  it and refunds it in one transaction (``bot.lifecycle``), then tells the member why;
+- asks the supervisor (``bot.supervisor``) about each running job's heartbeat, and puts a job
+  whose worker died back in line.
+
+Two clocks, never mixed: a job *waiting* at the broker for a free worker is refunded only after
+``max_queue_wait_s`` (hours); a job *running* on a worker only after ``job_timeout_s``, counted
+from when it started and longer than the workers' own hard time limit. A state the result store
+cannot deliver right now (a restart, a network blip) is no state at all: the job is left as it
+is and read again after a pause (``bot.dispatch.Backoff``); a store outage never fails a job.
+
+A result the media store cannot take (disk full, read-only, S3 down) is retried after growing
+pauses (``STORE_RETRY_DELAYS_S``), then the job fails with a message and a refund, and the
+member's running slot is released: no hot loop on a broken store.
 
 U# crops never reach the broker: :meth:`Tracker.run_crop` finishes them at once from the stored
 grid, and the loop finishes any a crashed process left running.
@@ -23,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Coroutine
 from datetime import timedelta
 from typing import Any
@@ -46,7 +59,8 @@ from bot.models import Job, JobStatus, utcnow
 from bot.operations import NOTES_KEY
 from bot.results import ResultRejected, Results, blocked_detail, check_result, read_outcome, screen
 from bot.settings import BotSettings
-from bot.storage import MediaNotFound
+from bot.storage import STORE_RETRY_DELAYS_S, MediaNotFound, MediaStoreError
+from bot.supervisor import GAVE_UP, Supervisor, Verdict
 from bot.telemetry import record_metric
 from workers.schema import ErrorCode, JobKind, JobResult, SafetyVerdict
 
@@ -54,6 +68,7 @@ log = logging.getLogger(__name__)
 
 CROP_RECOVERY_AGE = timedelta(seconds=30)  # a crop "running" longer than this was orphaned
 GRID_GONE = "The grid this image comes from is no longer available."
+STORE_FAILED = "The finished image could not be stored (the media store is unavailable)."
 
 
 class Tracker:
@@ -84,6 +99,9 @@ class Tracker:
         self._inflight: dict[str, asyncio.Task[Any]] = {}
         self._release_task: asyncio.Task[Any] | None = None
         self.ticks = 0
+        self.supervisor = Supervisor(settings, lifecycle, dispatcher)
+        # job id → (failed store attempts, monotonic time of the next attempt)
+        self._store_retry: dict[str, tuple[int, float]] = {}
         self.safety_policy = SafetyPolicy.from_settings(settings)
 
     # --- the loop ----------------------------------------------------------------------------------
@@ -196,23 +214,22 @@ class Tracker:
         states = await self.dispatcher.states([job.id for job in polled]) if polled else {}
         started: list[Job] = []
         progressing: list[tuple[Job, dict[str, Any]]] = []
-        timeout = timedelta(seconds=self.settings.job_timeout_s)
         for job in polled:
             state = states.get(job.id)
             if state is None:
-                continue
+                continue  # unreadable now (store down or backing off): never a failure
             if state.is_final:
-                self._spawn(job.id, self._finish(job, state))
+                if self._store_retry_due(job.id):
+                    self._spawn(job.id, self._finish(job, state))
                 continue
-            since = job.queued_at or job.created_at
-            if since is not None and now - since > timeout:
-                self._spawn(job.id, self._time_out(job))
+            if self._act_on_timing(job, state, now):
                 continue
             if state.state in RUNNING_STATES:
                 if job.status == JobStatus.QUEUED.value:
                     started.append(job)
                 if isinstance(state.info, dict) and "percent" in state.info:
                     progressing.append((job, state.info))
+        self.supervisor.prune(job.id for job in polled if job.status == JobStatus.RUNNING.value)
         if started:
             await self.lifecycle.running([job.id for job in started], now)
         # After the status is recorded, so a member who sees progress never finds the job "queued".
@@ -226,6 +243,58 @@ class Tracker:
         if has_waiting:
             self._spawn_release()
 
+    def _act_on_timing(self, job: Job, state: TaskState, now: Any) -> bool:
+        """Time out or recover a job that is not final; True when a handler took it over.
+
+        Waiting and running are timed apart: a job queued behind a busy fleet waits up to
+        ``max_queue_wait_s``, a running one gets ``job_timeout_s`` from its start, and a running
+        one whose worker stopped sending heartbeats is put back in line by the supervisor.
+        """
+        if job.status == JobStatus.RUNNING.value:
+            started_at = job.started_at or job.queued_at or job.created_at
+            if started_at is not None and now - started_at > timedelta(seconds=self.settings.job_timeout_s):
+                self._spawn(job.id, self._time_out(job, waited=False))
+                return True
+            if self.supervisor.observe(job, state) is Verdict.STALE:
+                self._spawn(job.id, self._recover(job))
+                return True
+            return False
+        if state.state in RUNNING_STATES:
+            return False  # it just started; recorded as running below
+        since = job.queued_at or job.created_at
+        if since is not None and now - since > timedelta(seconds=self.settings.max_queue_wait_s):
+            self._spawn(job.id, self._time_out(job, waited=True))
+            return True
+        return False
+
+    async def _recover(self, job: Job) -> None:
+        """A running job's worker is presumed dead: send it again, or give up after max_resends."""
+        if self.supervisor.exhausted(job):
+            if await self.dispatcher.revoke(job.id) is False:
+                return  # revoke first, refund after: try again at a later tick
+            await self._fail(job.id, ErrorCode.ENGINE_ERROR, GAVE_UP)
+        elif not await self.supervisor.recover(job):
+            return
+        await self.jobs.release(job.member_id)
+        self.wake()
+
+    def _store_retry_due(self, job_id: str) -> bool:
+        retry = self._store_retry.get(job_id)
+        return retry is None or time.monotonic() >= retry[1]
+
+    async def _store_failed(self, job: Job, exc: Exception) -> bool:
+        """Count a failed attempt to store a result; True once the job has been failed for it."""
+        attempts = self._store_retry.get(job.id, (0, 0.0))[0] + 1
+        if attempts <= len(STORE_RETRY_DELAYS_S):
+            delay = STORE_RETRY_DELAYS_S[attempts - 1]
+            self._store_retry[job.id] = (attempts, time.monotonic() + delay)
+            log.warning("job %s: media store failed (%s); retrying in %.1fs", job.id, exc, delay)
+            return False
+        self._store_retry.pop(job.id, None)
+        log.error("job %s: media store failed %d times (%s); failing the job", job.id, attempts, exc)
+        await self._fail(job.id, ErrorCode.ENGINE_ERROR, STORE_FAILED)
+        return True
+
     # --- outcomes ------------------------------------------------------------------------------------
 
     async def _fail(self, job_id: str, code: ErrorCode, message: str) -> None:
@@ -234,17 +303,8 @@ class Tracker:
 
     async def _finish(self, job: Job, state: TaskState) -> None:
         if state.state == SUCCESS:
-            try:
-                outcome = read_outcome(state.info)
-            except ResultRejected as exc:
-                await self._fail(job.id, exc.code, str(exc))
-            else:
-                if outcome.error is not None:
-                    await self._fail(job.id, outcome.error.code, outcome.error.message)
-                elif outcome.result is not None:
-                    await self._succeed(job, outcome.result)
-                else:
-                    await self._fail(job.id, ErrorCode.ENGINE_ERROR, "The worker returned no images.")
+            if not await self._finish_success(job, state):
+                return  # the media store failed; retried after a pause, the result is kept
         elif state.state == FAILURE:
             text = str(state.info or "")
             code = ErrorCode.TIMEOUT if "TimeLimit" in text else ErrorCode.ENGINE_ERROR
@@ -256,14 +316,42 @@ class Tracker:
         await self.jobs.release(job.member_id)
         self.wake()
 
-    async def _time_out(self, job: Job) -> None:
-        log.warning("job %s exceeded %ss; revoking", job.id, self.settings.job_timeout_s)
-        await self.dispatcher.revoke(job.id)
-        minutes = max(1, round(self.settings.job_timeout_s / 60))
-        await self._fail(job.id, ErrorCode.TIMEOUT, f"The job took longer than {minutes} minutes.")
+    async def _finish_success(self, job: Job, state: TaskState) -> bool:
+        """Act on a SUCCESS state; False when storing the image failed and will be retried."""
+        try:
+            outcome = read_outcome(state.info)
+        except ResultRejected as exc:
+            await self._fail(job.id, exc.code, str(exc))
+            return True
+        if outcome.error is not None:
+            await self._fail(job.id, outcome.error.code, outcome.error.message)
+        elif outcome.result is not None:
+            try:
+                await self._succeed(job, outcome.result)
+            except MediaStoreError as exc:
+                return await self._store_failed(job, exc)
+            self._store_retry.pop(job.id, None)
+        else:
+            await self._fail(job.id, ErrorCode.ENGINE_ERROR, "The worker returned no images.")
+        return True
+
+    async def _time_out(self, job: Job, *, waited: bool) -> None:
+        """Revoke a job past its wait or run limit, then (only once revoked) fail and refund it."""
+        limit = self.settings.max_queue_wait_s if waited else self.settings.job_timeout_s
+        log.warning("job %s %s over %ss; revoking", job.id, "waited" if waited else "ran", limit)
+        if await self.dispatcher.revoke(job.id) is False:
+            return  # the broker did not hear it: a refund now could pay for a job still running
+        if waited:
+            hours = round(limit / 3600, 1)
+            shown = f"{hours:g} hours" if limit >= 3600 else f"{max(1, round(limit / 60))} minutes"
+            message = f"No worker was free to start this job within {shown}."
+        else:
+            message = f"The job took longer than {max(1, round(limit / 60))} minutes."
+        await self._fail(job.id, ErrorCode.TIMEOUT, message)
         await self.jobs.release(job.member_id)
 
     async def _succeed(self, job: Job, result: JobResult) -> None:
+        """Store a checked result and deliver it; raises ``MediaStoreError`` when it cannot be stored."""
         try:
             image = await asyncio.to_thread(check_result, result, JobKind(job.kind))
         except ResultRejected as exc:
@@ -278,6 +366,7 @@ class Tracker:
                 return
             claimed = await self.lifecycle.finish(session, job.id, generation_s=result.timings.generation_s)
             if claimed:
+                # A store failure raises here and rolls the claim back with the transaction.
                 await self.results.save(session, job.id, image)
                 if result.notes:
                     row.params = {**(row.params or {}), NOTES_KEY: list(result.notes)}

@@ -69,8 +69,9 @@ def test_final_states_have_no_way_out_and_every_state_is_declared() -> None:
 
 
 def test_illegal_transitions_raise() -> None:
-    with pytest.raises(IllegalTransition, match="no job can go to waiting"):
-        sources_of(JobStatus.WAITING)
+    with pytest.raises(IllegalTransition, match="from queued to waiting"):
+        sources_of(JobStatus.WAITING, only_from=(JobStatus.QUEUED,))
+    assert sources_of(JobStatus.WAITING) == (JobStatus.RUNNING,)  # only a requeue goes back
     with pytest.raises(IllegalTransition, match="from done to failed"):
         sources_of(JobStatus.FAILED, only_from=(JobStatus.DONE,))
     with pytest.raises(IllegalTransition, match="from waiting to running"):

@@ -109,27 +109,6 @@ async def test_worker_crash_is_refunded(h: Harness) -> None:
     assert await credits_used(h, h.fake.user.id) == 0
 
 
-async def test_job_past_the_timeout_is_revoked_refunded_and_reported(h: Harness) -> None:
-    from datetime import timedelta
-
-    from sqlalchemy import update
-
-    from bot.models import utcnow
-
-    inter = await h.imagine("forever")
-    job = await h.job_for(inter)
-    await h.wait_job(job.id, lambda j: j.status == JobStatus.QUEUED)
-    async with h.sessions() as session, session.begin():
-        await session.execute(
-            update(Job).where(Job.id == job.id).values(queued_at=utcnow() - timedelta(hours=1))
-        )
-    message = await inter.wait_original(lambda m: "❌" in (m.get("content") or ""))
-    assert "took too long" in message["content"]
-    assert job.id in h.dispatcher.revoked
-    assert (await h.job(job.id)).error_code == ErrorCode.TIMEOUT
-    assert await credits_used(h, h.fake.user.id) == 0
-
-
 async def test_restart_resumes_jobs_and_delivers(h: Harness) -> None:
     queued = await h.imagine("queued before restart")
     queued_job = await h.job_for(queued)
