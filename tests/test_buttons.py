@@ -13,7 +13,7 @@ from sqlalchemy import delete
 
 from bot.buttons import ACTIONS, TEMPLATE, JobButton, parse_custom_id
 from bot.models import Job, JobStatus
-from bot.views import result_view
+from bot.views import DYNAMIC_ITEMS, result_view
 from tests.botutil import (
     EPHEMERAL,
     GRID_IDS,
@@ -86,6 +86,17 @@ def test_sent_custom_ids_start_the_same_jobs(
 def test_malformed_ids_are_not_ours(custom_id: str) -> None:
     assert parse_custom_id(custom_id) is None
     assert re.fullmatch(TEMPLATE, custom_id) is None
+
+
+# Every id format under results and pending jobs, each handled by one registered class.
+OTHER_IDS = [f"mj:cz:{JOB}", f"mj:region:{JOB}", f"mj:web:{JOB}", f"mj:fav:{JOB}", f"mj:x:{JOB}"]
+
+
+def test_the_other_buttons_ids_are_not_job_buttons_and_each_has_one_class() -> None:
+    for custom_id in OTHER_IDS:
+        assert parse_custom_id(custom_id) is None
+        owners = [cls for cls in DYNAMIC_ITEMS if cls.__discord_ui_compiled_template__.fullmatch(custom_id)]  # type: ignore[attr-defined]
+        assert len(owners) == 1, custom_id
 
 
 SAMPLE_ARGS = {
@@ -287,3 +298,46 @@ async def test_buttons_work_after_a_restart(h: Harness) -> None:
     assert callback.callback_type == 5
     new = await h.job_for(press)
     assert new.kind == JobKind.VARIATION and new.parent_id == job.id and new.parent_index == 4
+
+
+def styles(message: dict[str, Any]) -> dict[str, int]:
+    """custom_id → button style of a message (link buttons have no custom_id)."""
+    return {
+        c["custom_id"]: c["style"]
+        for row in message.get("components") or []
+        for c in row.get("components") or []
+        if "custom_id" in c
+    }
+
+
+async def test_a_pressed_button_turns_blue_and_stays_usable(h: Harness) -> None:
+    job, message = await finish_grid(h, "blue buttons")
+    before = styles(message)
+    assert set(before.values()) == {2}
+    press, _ = await press_and_wait(h, f"mj:v:{job.id}:3", message)
+    await h.job_for(press)
+    marked = await h.fake.wait_for_message(
+        lambda m: m["id"] == message["id"] and styles(m).get(f"mj:v:{job.id}:3") == 1
+    )
+    # Only that button changed; the picture, text, link and layout stayed.
+    assert styles(marked) == {**before, f"mj:v:{job.id}:3": 1}
+    assert marked["content"] == message["content"] and marked["attachments"] == message["attachments"]
+    assert row_sizes(marked) == row_sizes(message) and labels(marked) == labels(message)
+
+    # Pressed again, it still starts a job; the message is not edited a second time.
+    edits = len(h.fake.find_requests(route="channel_message_edit"))
+    again, callback = await press_and_wait(h, f"mj:v:{job.id}:3", marked)
+    assert callback.callback_type == 5
+    second = await h.job_for(again)
+    assert second.kind == JobKind.VARIATION and second.parent_index == 3
+    await h.settle()
+    assert len(h.fake.find_requests(route="channel_message_edit")) == edits
+
+
+async def test_a_refused_press_does_not_turn_blue(h: Harness) -> None:
+    job, message = await finish_grid(h, "secret blue --stealth")
+    mallory = h.fake.add_member(h.fake.guild, "mallory").user
+    await press_and_wait(h, f"mj:r:{job.id}", message, user=mallory)
+    await h.settle()
+    assert set(styles(h.fake.get_message(message["id"]) or {}).values()) == {2}
+    assert h.fake.find_requests(route="channel_message_edit") == []
