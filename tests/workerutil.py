@@ -21,7 +21,7 @@ from celery import Celery
 from celery.result import AsyncResult
 from PIL import Image
 
-from workers.schema import GenerationParams, JobKind, JobRequest, TaskOutcome
+from workers.schema import GenerationParams, JobError, JobFailed, JobKind, JobRequest, TaskOutcome
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -62,8 +62,20 @@ def decoded(data_b64: str) -> Image.Image:
 
 
 def wait_outcome(result: AsyncResult, timeout: float) -> TaskOutcome:
-    """The task's ``TaskOutcome`` once it succeeded (the tasks never fail on purpose)."""
-    value = result.get(timeout=timeout, interval=0.1)
+    """The task's ``TaskOutcome`` once it finished.
+
+    A job that failed ends its task in FAILURE with ``JobFailed`` (code, member message): that is
+    read back into the ``TaskOutcome`` error the bot would build from it. Any other exception is
+    raised (the tasks never crash on purpose).
+    """
+    value = result.get(timeout=timeout, interval=0.1, propagate=False)
+    failed = JobFailed.from_exception(value)
+    if failed is not None:
+        return TaskOutcome(
+            error=JobError(job_id=str(result.id), code=failed.error_code, message=failed.message)
+        )
+    if isinstance(value, BaseException):
+        raise value
     return TaskOutcome.model_validate(value)
 
 

@@ -17,10 +17,12 @@ import os
 import threading
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from PIL import Image
 
+from workers import metrics
 from workers.output import EngineOutput
 from workers.redelivery import DeliveryCounter, make_delivery_counter
 from workers.results import EncodeOptions
@@ -155,11 +157,14 @@ class WorkerRuntime:
             try:
                 engine = self.loaders[kind](self.settings)
             except WorkerError:
+                metrics.model_loaded(kind, False)
                 raise
             except Exception as exc:
+                metrics.model_loaded(kind, False)
                 log.exception("could not load the %s engine", kind)
                 raise WorkerError(ErrorCode.ENGINE_UNAVAILABLE, UNAVAILABLE_MESSAGES[kind]) from exc
             self._engines[kind] = (pid, engine)
+            metrics.model_loaded(kind, True)
             log.info("%s engine ready in process %d", kind, pid)
             return engine, time.perf_counter() - started
 
@@ -189,17 +194,84 @@ class WorkerRuntime:
                 self._counter = (pid, make_delivery_counter(self.settings))
             return self._counter[1]
 
-    def warm_up(self, kinds: list[str]) -> None:
+    def warm_up(
+        self, kinds: list[str], *, retry: bool = False, sleep: Callable[[float], Any] | None = None
+    ) -> None:
         """Load these engines (and the safety classifier their results need) now.
 
-        A failure is logged and retried by the first job.
+        Each success is marked ready for the worker's model gate (``workers.celery_app``), which
+        only then starts taking that engine's jobs. A failure is logged at ERROR with its reason;
+        with ``retry`` a gated engine is tried again every ``MODEL_RETRY_S`` until it loads (or
+        the worker shuts down), since its queue stays closed meanwhile. Without ``retry`` the
+        first job retries the load.
         """
+        wait = sleep or time.sleep
         for kind in kinds:
-            try:
-                engine, _ = self.engine(kind)
-                self.safety_checker(kind, str(getattr(engine, "device", "cpu")))
-            except Exception:
-                log.warning("warm-up of the %s engine failed; jobs will retry the load", kind)
+            while True:
+                try:
+                    engine, _ = self.engine(kind)
+                    self.safety_checker(kind, str(getattr(engine, "device", "cpu")))
+                except Exception as exc:
+                    reason = exc.message if isinstance(exc, WorkerError) else f"{type(exc).__name__}: {exc}"
+                    again = retry and kind in GATED_ENGINES and not self.shutting_down
+                    log.error(
+                        "warm-up of the %s engine failed: %s; %s",
+                        kind,
+                        reason.splitlines()[0].rstrip(".") if reason else "unknown error",
+                        f"this worker takes no {kind} jobs until it loads; retrying in "
+                        f"{self.settings.model_retry_s:g}s"
+                        if again
+                        else "jobs will retry the load",
+                    )
+                    if not again:
+                        break
+                    wait(self.settings.model_retry_s)
+                    continue
+                mark_ready(kind)
+                break
+
+
+# --------------------------------------------------------------------------- readiness
+
+# Engines whose queue a worker opens only once the model is loaded and warmed up (WARMUP on):
+# SDXL takes minutes to load, the OpenAI engine none.
+GATED_ENGINES = frozenset({SDXL})
+ENV_READY_DIR = "MIRAGE_READY_DIR"  # set by the worker's main process, inherited by its children
+
+
+def _ready_dir() -> Path | None:
+    folder = os.environ.get(ENV_READY_DIR)
+    return Path(folder) if folder else None
+
+
+def mark_ready(kind: str) -> None:
+    """Tell the worker's main process that this process has engine ``kind`` loaded and warm."""
+    folder = _ready_dir()
+    if folder is None:
+        return
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{kind}-{os.getpid()}").touch()
+    except OSError:
+        log.warning("could not mark the %s engine ready in %s", kind, folder, exc_info=True)
+
+
+def ready_pids(kind: str, folder: Path | None = None) -> list[int]:
+    """The live processes that marked engine ``kind`` ready in ``folder`` (this worker's by default)."""
+    folder = folder or _ready_dir()
+    if folder is None or not folder.is_dir():
+        return []
+    pids: list[int] = []
+    for marker in folder.glob(f"{kind}-*"):
+        try:
+            pid = int(marker.name.rsplit("-", 1)[1])
+            os.kill(pid, 0)
+        except (ValueError, ProcessLookupError):
+            continue
+        except PermissionError:  # exists, another user's
+            pass
+        pids.append(pid)
+    return pids
 
 
 _ATTACH_LOCK = threading.Lock()  # guards attaching a runtime to a foreign app, not shared data

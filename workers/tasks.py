@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import threading
 import time
 from typing import Any
@@ -28,9 +29,11 @@ from celery.exceptions import SoftTimeLimitExceeded
 from celery.signals import worker_process_init, worker_ready, worker_shutting_down
 from pydantic import ValidationError
 
+from workers import metrics
 from workers.cancellation import CancelCheck
 from workers.celery_app import ENV_WORKER_POOL, ENV_WORKER_QUEUES
 from workers.describe import describe_outcome
+from workers.heartbeat import Heartbeat
 from workers.output import EngineOutput
 from workers.progress import ProgressSink
 from workers.redelivery import over_the_bound
@@ -43,6 +46,7 @@ from workers.schema import (
     TASK_SDXL,
     ErrorCode,
     JobError,
+    JobFailed,
     JobRequest,
     TaskOutcome,
     WorkerError,
@@ -92,6 +96,7 @@ def run_job(task: Task, kind: str, raw: Any) -> dict[str, Any]:
     task_id = str(task.request.id or "")
     job_id = task_id or (str(raw.get("job_id", "")) if isinstance(raw, dict) else "") or "unknown"
     cancel: CancelCheck | None = None
+    heartbeat: Heartbeat | None = None
     try:
         mismatch = version_mismatch(raw)
         if mismatch is not None:
@@ -109,6 +114,10 @@ def run_job(task: Task, kind: str, raw: Any) -> dict[str, Any]:
             log.warning("task %s carries job %s; reporting under the job id", task_id, job_id)
 
         settings = runtime.settings
+        sink = ProgressSink(
+            task, job_id, min_interval_s=settings.progress_report_interval_s * 0.5, worker=node_name(task)
+        )
+        heartbeat = Heartbeat(sink, settings.heartbeat_interval_s).start()
         starts = _count_start(runtime, job_id)
         if over_the_bound(starts, settings.max_redeliveries):
             log.error("job %s: start %d exceeds 1 + MAX_REDELIVERIES; not running it", job_id, starts)
@@ -120,7 +129,6 @@ def run_job(task: Task, kind: str, raw: Any) -> dict[str, Any]:
         if cancel():
             return _outcome_error(job_id, ErrorCode.CANCELLED, CANCELLED_MESSAGE)
         engine, load_s = runtime.engine(kind)
-        sink = ProgressSink(task, job_id, min_interval_s=settings.progress_report_interval_s * 0.5)
         engine_started = time.perf_counter()
         output = engine.run(request, sink, cancel)
         engine_s = time.perf_counter() - engine_started
@@ -161,20 +169,41 @@ def run_job(task: Task, kind: str, raw: Any) -> dict[str, Any]:
         log.exception("job %s: engine error", job_id)
         return _outcome_error(job_id, ErrorCode.ENGINE_ERROR, ENGINE_ERROR_MESSAGE)
     finally:
+        if heartbeat is not None:  # before Celery stores the final state: no beat may follow it
+            heartbeat.stop()
         if cancel is not None:
             cancel.cleanup()
 
 
-@shared_task(bind=True, name=TASK_SDXL)
+def node_name(task: Task) -> str:
+    """The worker node running ``task`` (``mirage-gpu@host``), or this machine's name."""
+    return str(getattr(task.request, "hostname", None) or socket.gethostname())
+
+
+def finish_task(kind: str, outcome: dict[str, Any]) -> dict[str, Any]:
+    """Count a task's outcome in the metrics; raise ``JobFailed`` when it carries an error.
+
+    A failed job thus ends its Celery task in FAILURE (as Flower and the result backend show it)
+    with a JSON-serialisable exception the bot decodes back into the code and member message.
+    """
+    metrics.record_outcome(kind, outcome)
+    error = outcome.get("error")
+    if error:
+        raise JobFailed(str(error["code"]), str(error["message"]))
+    return outcome
+
+
+# ``throws``: a JobFailed is an expected outcome, logged by Celery at INFO without a traceback.
+@shared_task(bind=True, name=TASK_SDXL, throws=(JobFailed,))
 def run_sdxl(self: Task, request: dict[str, Any]) -> dict[str, Any]:
-    """Run an SDXL job (``JobRequest`` dict) and return a ``TaskOutcome`` dict."""
-    return run_job(self, SDXL, request)
+    """Run an SDXL job (``JobRequest`` dict): a ``TaskOutcome`` dict, or ``JobFailed`` raised."""
+    return finish_task(SDXL, run_job(self, SDXL, request))
 
 
-@shared_task(bind=True, name=TASK_OPENAI)
+@shared_task(bind=True, name=TASK_OPENAI, throws=(JobFailed,))
 def run_openai(self: Task, request: dict[str, Any]) -> dict[str, Any]:
-    """Run an OpenAI images job (``JobRequest`` dict) and return a ``TaskOutcome`` dict."""
-    return run_job(self, OPENAI, request)
+    """Run an OpenAI images job (``JobRequest`` dict): a ``TaskOutcome`` dict, or ``JobFailed`` raised."""
+    return finish_task(OPENAI, run_job(self, OPENAI, request))
 
 
 @shared_task(bind=True, name=TASK_DESCRIBE)
@@ -196,7 +225,11 @@ def served_engines(runtime: WorkerRuntime) -> list[str]:
 
 def _warm_in_background(runtime: WorkerRuntime) -> None:
     threading.Thread(
-        target=runtime.warm_up, args=(served_engines(runtime),), name="mirage-warmup", daemon=True
+        target=runtime.warm_up,
+        args=(served_engines(runtime),),
+        kwargs={"retry": True},  # a gated queue stays closed until its model loads
+        name="mirage-warmup",
+        daemon=True,
     ).start()
 
 
