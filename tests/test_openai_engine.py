@@ -324,7 +324,7 @@ def test_zoom_out_sends_a_transparent_border_mask(
 
 def test_zoom_keeps_aspect_on_gpt_image(fake: FakeOpenAIServer) -> None:
     make_engine(fake).run(
-        job(JobKind.ZOOM, model="gpt-image-1", input_image=png_b64((1536, 1024)), scale=2.0)
+        job(JobKind.ZOOM, model="gpt-image-1", aspect=(3, 2), input_image=png_b64((1536, 1024)), scale=2.0)
     )
     (request,) = fake.image_requests()
     assert request.fields["size"] == "1536x1024"

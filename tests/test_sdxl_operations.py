@@ -18,6 +18,7 @@ pytest.importorskip("diffusers")
 
 import torch
 
+from workers.image_input import paste_outside, region_mask
 from workers.imaging import encode_png
 from workers.output import EngineOutput
 from workers.schema import (
@@ -30,7 +31,6 @@ from workers.schema import (
     b64encode_bytes,
 )
 from workers.sdxl.engine import SDXLEngine
-from workers.sdxl.operations import paste_outside, region_mask
 from workers.sdxl.outpaint import custom_zoom_canvas
 from workers.settings import WorkerSettings
 from workers.tiny_extras import TINY_IP_SUBFOLDER, TINY_IP_WEIGHT_NAME, make_tiny_ip_adapter

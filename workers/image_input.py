@@ -3,6 +3,8 @@
 The bot has already fetched, checked and re-encoded every image (``bot/imagefetch.py``), but a
 worker trusts nothing that comes over the broker: the bytes are decoded again here with the same
 pixel cap, and any problem becomes a ``WorkerError(BAD_INPUT)`` naming the image.
+
+Also here, torch-free for both engines: the Vary (Region) mask and the paste-back outside it.
 """
 
 from __future__ import annotations
@@ -11,7 +13,8 @@ import binascii
 import io
 import warnings
 
-from PIL import Image, ImageOps
+import numpy as np
+from PIL import Image, ImageFilter, ImageOps
 
 from workers.schema import ErrorCode, WorkerError, b64decode_text
 
@@ -52,3 +55,33 @@ def decode_image(data: bytes | str, label: str, *, max_pixels: int = MAX_INPUT_P
 
 def _cap(label: str) -> str:
     return label[:1].upper() + label[1:]
+
+
+def region_mask(mask: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """A Vary (Region) mask at ``size``: 255 where to repaint (white in the upload), else 0.
+
+    Raises ``BAD_INPUT`` when nothing is selected, since the grid would repeat the input.
+    """
+    grey = mask.convert("L")
+    if grey.size != size:
+        grey = grey.resize(size, Image.Resampling.BILINEAR)
+    binary = Image.fromarray(np.where(np.asarray(grey) >= 128, 255, 0).astype(np.uint8))
+    if not binary.getbbox():
+        raise WorkerError(ErrorCode.BAD_INPUT, "The region mask selects nothing to repaint.")
+    return binary
+
+
+def paste_outside(painted: Image.Image, source: Image.Image, mask: Image.Image, feather: int) -> Image.Image:
+    """``source`` everywhere outside ``mask``; ``painted`` inside it, fading over ``feather`` px.
+
+    The fade lies outside the mask's edge, so pixels more than ``2 * feather`` from the region
+    are exactly the source's and the whole region is exactly the new painting.
+    """
+    if painted.size != source.size:
+        painted = painted.resize(source.size, Image.Resampling.LANCZOS)
+    grown = mask.filter(ImageFilter.MaxFilter(2 * feather + 1))
+    soft = np.asarray(grown.filter(ImageFilter.BoxBlur(feather)), dtype=np.float32) / 255
+    alpha = np.maximum(soft, np.asarray(mask, dtype=np.float32) / 255)[..., None]
+    new = np.asarray(painted.convert("RGB"), dtype=np.float32)
+    old = np.asarray(source.convert("RGB"), dtype=np.float32)
+    return Image.fromarray(np.clip(np.rint(old + (new - old) * alpha), 0, 255).astype(np.uint8))

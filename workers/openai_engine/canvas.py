@@ -8,6 +8,7 @@ size, and mark everything outside the original as transparent in both the image 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from PIL import Image
@@ -18,6 +19,8 @@ from workers.schema import Direction, ErrorCode, WorkerError
 # Pan extends one side by half the image, the upper end of the 30-50 % Midjourney uses: the
 # fixed output sizes shrink the original anyway, so a smaller band would mostly be wasted.
 PAN_FRACTION = 0.5
+# An --ar within 1 % of the picture's own ratio is the same shape.
+ASPECT_TOLERANCE = 0.01
 
 
 @dataclass(frozen=True)
@@ -30,12 +33,25 @@ class Layout:
     top: float
 
 
-def zoom_layout(size: Size, scale: float) -> Layout:
-    """Zoom out by ``scale``: the original centred on a canvas ``scale`` times larger each way."""
-    if not 1.0 < scale <= 4.0:
-        raise WorkerError(ErrorCode.BAD_INPUT, f"Zoom out needs a factor between 1 and 4, got {scale}.")
+def zoom_layout(size: Size, scale: float, aspect: tuple[int, int] | None = None) -> Layout:
+    """Zoom out by ``scale`` (1 to 4): the original centred on a canvas ``scale`` times larger.
+
+    With ``aspect`` of another shape than the original's (Custom Zoom with a new ``--ar``), the
+    canvas is widened or heightened to that ratio as well; a zoom of 1 then only extends it.
+    """
+    if not 1.0 <= scale <= 4.0:
+        raise WorkerError(ErrorCode.BAD_INPUT, f"Zoom out needs a factor from 1 to 4, got {scale}.")
     w, h = size
-    return Layout(w * scale, h * scale, (w * scale - w) / 2, (h * scale - h) / 2)
+    width, height = w * scale, h * scale
+    if aspect is not None and abs(math.log(aspect[0] / aspect[1]) - math.log(w / h)) > ASPECT_TOLERANCE:
+        ratio = aspect[0] / aspect[1]
+        if width / height < ratio:
+            width = height * ratio
+        else:
+            height = width / ratio
+    elif scale == 1.0:
+        raise WorkerError(ErrorCode.BAD_INPUT, "A zoom of 1 changes nothing without a new --ar shape.")
+    return Layout(width, height, (width - w) / 2, (height - h) / 2)
 
 
 def pan_layout(size: Size, direction: Direction) -> Layout:

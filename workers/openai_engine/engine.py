@@ -22,7 +22,7 @@ import time
 import urllib.request
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import openai
@@ -42,12 +42,20 @@ from workers.openai_engine.errors import (
 from workers.openai_engine.models import (
     EDIT_FALLBACK_MODEL,
     ModelSpec,
-    Size,
     model_spec,
     nearest_size,
-    quality_option,
     size_text,
-    style_option,
+)
+from workers.openai_engine.plans import (
+    DALLE2_MAX_UPLOAD,
+    Call,
+    Plan,
+    batches,
+    edit_options,
+    input_image,
+    plan_blend,
+    plan_generate,
+    plan_region,
 )
 from workers.openai_engine.ratelimit import Limiter, RateLimiter, rate_limiter_for
 from workers.output import EngineOutput
@@ -55,12 +63,10 @@ from workers.schema import (
     Engine,
     EngineReport,
     ErrorCode,
-    GenerationParams,
     JobKind,
     JobRequest,
     Progress,
     WorkerError,
-    b64decode_text,
 )
 from workers.settings import WorkerSettings
 
@@ -69,8 +75,6 @@ log = logging.getLogger("workers.openai_engine")
 SEED_NOTE = "The OpenAI image API has no seeds: the seed is recorded for reference only, not reproducible."
 UPSCALE_NOTE = "Upscaled 2x by Lanczos resampling: the OpenAI engine has no AI upscaler."
 LANCZOS = "lanczos"
-# dall-e-2 rejects uploads of 4 MB or more (image and mask each).
-DALLE2_MAX_UPLOAD = 4 * 1024 * 1024
 MAX_DOWNLOAD = 64 * 1024 * 1024
 # Subtle vary is img2img 0.5 on SDXL, strong 0.85; the API has no strength, so the split is by wording.
 SUBTLE_BELOW = 0.7
@@ -80,24 +84,6 @@ Stop = Callable[[], bool]
 
 class _Stopped(Exception):
     """A request abandoned because its job was cancelled or another of its requests failed."""
-
-
-@dataclass
-class _Call:
-    """One API request of a job: ``send`` performs it with the given client."""
-
-    send: Callable[[openai.OpenAI], Any]
-    n: int
-
-
-@dataclass
-class _Plan:
-    """The requests a job needs, the model and size they use, and notes for the member."""
-
-    calls: list[_Call]
-    model: str
-    size: Size
-    notes: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -198,6 +184,8 @@ class OpenAIEngine:
         api_done = time.perf_counter()
 
         images = [image for outcome in outcomes for image in outcome.images]
+        if plan.finish is not None:
+            images = [plan.finish(image) for image in images]
         if not images:
             raise WorkerError(ErrorCode.ENGINE_ERROR, "OpenAI returned no images. Please try again.")
         revised = [p for o in outcomes for p in o.revised_prompts]
@@ -226,16 +214,25 @@ class OpenAIEngine:
 
     # ------------------------------------------------------------------ planning
 
-    def _plan(self, request: JobRequest, spec: ModelSpec) -> _Plan:
+    def _plan(self, request: JobRequest, spec: ModelSpec) -> Plan:
         kind = request.kind
         if kind in (JobKind.IMAGINE, JobKind.REROLL):
-            return self._plan_generate(request, spec)
-        image = _input_image(request)
+            return plan_generate(request, spec)
+        if kind is JobKind.BLEND:
+            return plan_blend(request, spec)
+        if kind is JobKind.REGION:
+            return plan_region(request, spec)
+        image = input_image(request)
         if kind is JobKind.VARIATION:
             return self._plan_variation(request, spec, image)
         if kind is JobKind.ZOOM:
             scale = request.scale if request.scale is not None else 2.0
-            return self._plan_outpaint(request, spec, image, canvas.zoom_layout(image.size, scale), "zoom")
+            # A new --ar counts only where the model has a size of that other shape.
+            sizes = (spec if spec.edits else model_spec(EDIT_FALLBACK_MODEL)).edit_sizes
+            aspect = request.params.aspect
+            reshaped = nearest_size(sizes, *aspect) != nearest_size(sizes, image.width, image.height)
+            layout = canvas.zoom_layout(image.size, scale, aspect if reshaped else None)
+            return self._plan_outpaint(request, spec, image, layout, "zoom")
         if kind is JobKind.PAN:
             if request.direction is None:
                 raise WorkerError(ErrorCode.BAD_INPUT, "Pan needs a direction.")
@@ -247,30 +244,7 @@ class OpenAIEngine:
             return self._plan_outpaint(request, spec, image, canvas.square_layout(image.size), "square")
         raise WorkerError(ErrorCode.BAD_INPUT, f"The api engine cannot run {kind.value} jobs.")
 
-    def _plan_generate(self, request: JobRequest, spec: ModelSpec) -> _Plan:
-        params = request.params
-        size = nearest_size(spec.sizes, params.width, params.height)
-        options: dict[str, Any] = {
-            "model": spec.name,
-            "prompt": _prompt(params, spec),
-            "size": size_text(size),
-        }
-        if spec.response_format:
-            options["response_format"] = "b64_json"
-        if quality := quality_option(spec, params.quality):
-            options["quality"] = quality
-        if style := style_option(spec, params.stylize):
-            options["style"] = style
-        calls = [
-            _Call(lambda client, n=n: client.images.generate(n=n, **options), n)
-            for n in _batches(request.count, spec.max_n)
-        ]
-        notes = []
-        if spec.max_n == 1 and len(calls) > 1:
-            notes.append(f"{spec.name} makes one image per request: {len(calls)} requests were sent.")
-        return _Plan(calls, spec.name, size, notes + _ignored_params(params))
-
-    def _plan_variation(self, request: JobRequest, spec: ModelSpec, image: Image.Image) -> _Plan:
+    def _plan_variation(self, request: JobRequest, spec: ModelSpec, image: Image.Image) -> Plan:
         notes: list[str] = []
         if spec.variations:
             # dall-e-2's own endpoint: square input, no prompt, which is what it is good at.
@@ -280,15 +254,15 @@ class OpenAIEngine:
             png = imaging.encode_png(canvas.centre_square(image, size[0]))
             upload = ("image.png", png, "image/png")
             calls = [
-                _Call(
+                Call(
                     lambda client, n=n: client.images.create_variation(
                         image=upload, model=spec.name, n=n, size=size_text(size), response_format="b64_json"
                     ),
                     n,
                 )
-                for n in _batches(request.count, spec.max_n)
+                for n in batches(request.count, spec.max_n)
             ]
-            return _Plan(calls, spec.name, size, notes)
+            return Plan(calls, spec.name, size, notes)
 
         # dall-e-3 has neither variations nor edits. A gpt-image-1 edit keeps the image's aspect
         # ratio and follows the prompt; dall-e-2's variation endpoint would force a square and a
@@ -305,20 +279,20 @@ class OpenAIEngine:
             "reimagined composition, pose and details."
         )
         size = nearest_size(edit_spec.edit_sizes, image.width, image.height)
-        options = self._edit_options(edit_spec, request.params, size, instruction)
+        options = edit_options(edit_spec, request.params, size, instruction)
         if edit_spec.name == "gpt-image-1":
             # The nearest thing the API has to a denoise strength.
             options["input_fidelity"] = "high" if subtle else "low"
         upload = ("image.png", imaging.encode_png(image.convert("RGB")), "image/png")
         calls = [
-            _Call(lambda client, n=n: client.images.edit(image=upload, n=n, **options), n)
-            for n in _batches(request.count, edit_spec.max_n)
+            Call(lambda client, n=n: client.images.edit(image=upload, n=n, **options), n)
+            for n in batches(request.count, edit_spec.max_n)
         ]
-        return _Plan(calls, edit_spec.name, size, notes)
+        return Plan(calls, edit_spec.name, size, notes)
 
     def _plan_outpaint(
         self, request: JobRequest, spec: ModelSpec, image: Image.Image, layout: canvas.Layout, what: str
-    ) -> _Plan:
+    ) -> Plan:
         notes: list[str] = []
         edit_spec = spec if spec.edits else model_spec(EDIT_FALLBACK_MODEL)
         if edit_spec is not spec:
@@ -335,33 +309,18 @@ class OpenAIEngine:
                 break
         else:
             raise WorkerError(ErrorCode.BAD_INPUT, "The image is too large to send to OpenAI.")
-        options = self._edit_options(edit_spec, request.params, size, None)
+        options = edit_options(edit_spec, request.params, size, None)
         upload = ("image.png", image_png, "image/png")
         mask_upload = ("mask.png", mask_png, "image/png")
         calls = [
-            _Call(lambda client, n=n: client.images.edit(image=upload, mask=mask_upload, n=n, **options), n)
-            for n in _batches(request.count, edit_spec.max_n)
+            Call(lambda client, n=n: client.images.edit(image=upload, mask=mask_upload, n=n, **options), n)
+            for n in batches(request.count, edit_spec.max_n)
         ]
-        return _Plan(calls, edit_spec.name, size, notes)
-
-    @staticmethod
-    def _edit_options(
-        spec: ModelSpec, params: GenerationParams, size: Size, instruction: str | None
-    ) -> dict[str, Any]:
-        options: dict[str, Any] = {
-            "model": spec.name,
-            "prompt": _prompt(params, spec, instruction),
-            "size": size_text(size),
-        }
-        if spec.response_format:
-            options["response_format"] = "b64_json"
-        if quality := quality_option(spec, params.quality):
-            options["quality"] = quality
-        return options
+        return Plan(calls, edit_spec.name, size, notes)
 
     # ------------------------------------------------------------------ execution
 
-    def _execute(self, plan: _Plan, job_id: str, report: _Reporter, is_cancelled: Stop) -> list[_Outcome]:
+    def _execute(self, plan: Plan, job_id: str, report: _Reporter, is_cancelled: Stop) -> list[_Outcome]:
         """Run the plan's requests concurrently; the first failure (or a cancel) stops the rest."""
         abort = threading.Event()
         total = len(plan.calls)
@@ -390,7 +349,7 @@ class OpenAIEngine:
             executor.shutdown(wait=False, cancel_futures=True)
         return [o for o in outcomes if o is not None]
 
-    def _call_with_retries(self, call: _Call, model: str, abort: threading.Event) -> _Outcome:
+    def _call_with_retries(self, call: Call, model: str, abort: threading.Event) -> _Outcome:
         """Send one request, retrying 429/5xx/connection errors with backoff; runs on a pool thread."""
         attempts = self._max_retries + 1
         secret = self._secret.get_secret_value()
@@ -486,7 +445,7 @@ class OpenAIEngine:
     def _upscale(self, request: JobRequest, report: _Reporter) -> EngineOutput:
         """Lanczos resampling, locally: the Images API has no upscaler."""
         started = time.perf_counter()
-        image = _input_image(request)
+        image = input_image(request)
         factor = request.scale if request.scale is not None else 2.0
         bigger = canvas.upscale_lanczos(image, factor)
         note = UPSCALE_NOTE if factor == 2.0 else UPSCALE_NOTE.replace("2x", f"{factor:g}x")
@@ -557,56 +516,6 @@ def check_credentials(settings: WorkerSettings, *, models: tuple[str, ...] = ())
 
 
 # ---------------------------------------------------------------------- helpers
-
-
-def _prompt(params: GenerationParams, spec: ModelSpec, instruction: str | None = None) -> str:
-    """The prompt sent to the API, with the negative prompt as an ``Avoid:`` sentence.
-
-    The Images API has no negative-prompt parameter. Listing the unwanted things bare would ask
-    for them (these models read the prompt as a description), so they go last as an explicit
-    instruction, which DALL-E 3 and GPT image models follow reasonably well.
-    """
-    parts = [params.prompt.strip()]
-    if instruction:
-        parts.append(instruction)
-    if params.negative_prompt.strip():
-        parts.append(f"Avoid: {params.negative_prompt.strip()}.")
-    prompt = "\n\n".join(parts)
-    if len(prompt) > spec.prompt_limit:
-        raise WorkerError(
-            ErrorCode.BAD_INPUT,
-            f"The prompt is too long for {spec.name}: {len(prompt)} characters, the limit is "
-            f"{spec.prompt_limit} (the --no text counts too).",
-        )
-    return prompt
-
-
-def _ignored_params(params: GenerationParams) -> list[str]:
-    """Member-facing notes for parameters the API cannot honour."""
-    notes = []
-    if params.tile:
-        notes.append("--tile is not supported by the OpenAI engine and was ignored.")
-    if params.steps is not None or params.sampler.value != "dpm":
-        notes.append("--steps and --sampler only apply to SDXL and were ignored.")
-    return notes
-
-
-def _batches(count: int, max_n: int) -> list[int]:
-    """Split ``count`` images into requests of at most ``max_n`` (dall-e-3: 4 requests of 1)."""
-    count = max(1, count)
-    full, rest = divmod(count, max_n)
-    return [max_n] * full + ([rest] if rest else [])
-
-
-def _input_image(request: JobRequest) -> Image.Image:
-    """The job's input image, or ``BAD_INPUT`` when missing or corrupt."""
-    if not request.input_image:
-        raise WorkerError(ErrorCode.BAD_INPUT, f"A {request.kind.value} job needs an input image.")
-    try:
-        data = b64decode_text(request.input_image)
-    except (binascii.Error, ValueError):
-        raise WorkerError(ErrorCode.BAD_INPUT, "The input image could not be read (bad encoding).") from None
-    return imaging.decode_image(data)
 
 
 def _decode_output(raw: bytes) -> Image.Image:

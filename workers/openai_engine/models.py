@@ -124,8 +124,14 @@ def quality_option(spec: ModelSpec, quality: float) -> str | None:
     return None
 
 
-def style_option(spec: ModelSpec, stylize: int) -> str | None:
-    """``--stylize`` below the default asks for a more literal image: dall-e-3's ``natural`` style."""
-    if spec.family == "dall-e-3" and stylize < 100:
+def style_option(spec: ModelSpec, stylize: int, raw: bool = False) -> str | None:
+    """dall-e-3's style: ``natural`` for ``--style raw`` or ``--stylize`` below 100, ``vivid`` above.
+
+    At the default 100 nothing is sent, which is the API's own default (vivid). Other models
+    have no style parameter (None).
+    """
+    if spec.family != "dall-e-3":
+        return None
+    if raw or stylize < 100:
         return "natural"
-    return None
+    return "vivid" if stylize > 100 else None

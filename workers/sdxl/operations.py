@@ -24,7 +24,7 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image, ImageFilter
 
-from workers.image_input import decode_image
+from workers.image_input import decode_image, paste_outside, region_mask
 from workers.image_prompts import (
     ImageInputs,
     blend_adapter_kwargs,
@@ -233,33 +233,3 @@ class Operations(EngineCore):
             "latents": latents.to(self.device, self.dtype),
             "prompt_embeds": prompt_embeds + (sigma * torch.stack(jitter)).to(prompt_embeds.dtype),
         }
-
-
-def region_mask(mask: Image.Image, size: tuple[int, int]) -> Image.Image:
-    """A Vary (Region) mask at ``size``: 255 where to repaint (white in the upload), else 0.
-
-    Raises ``BAD_INPUT`` when nothing is selected, since the grid would repeat the input.
-    """
-    grey = mask.convert("L")
-    if grey.size != size:
-        grey = grey.resize(size, Image.Resampling.BILINEAR)
-    binary = Image.fromarray(np.where(np.asarray(grey) >= 128, 255, 0).astype(np.uint8))
-    if not binary.getbbox():
-        raise WorkerError(ErrorCode.BAD_INPUT, "The region mask selects nothing to repaint.")
-    return binary
-
-
-def paste_outside(painted: Image.Image, source: Image.Image, mask: Image.Image, feather: int) -> Image.Image:
-    """``source`` everywhere outside ``mask``; ``painted`` inside it, fading over ``feather`` px.
-
-    The fade lies outside the mask's edge, so pixels more than ``2 * feather`` from the region
-    are exactly the source's and the whole region is exactly the new painting.
-    """
-    if painted.size != source.size:
-        painted = painted.resize(source.size, Image.Resampling.LANCZOS)
-    grown = mask.filter(ImageFilter.MaxFilter(2 * feather + 1))
-    soft = np.asarray(grown.filter(ImageFilter.BoxBlur(feather)), dtype=np.float32) / 255
-    alpha = np.maximum(soft, np.asarray(mask, dtype=np.float32) / 255)[..., None]
-    new = np.asarray(painted.convert("RGB"), dtype=np.float32)
-    old = np.asarray(source.convert("RGB"), dtype=np.float32)
-    return Image.fromarray(np.clip(np.rint(old + (new - old) * alpha), 0, 255).astype(np.uint8))
