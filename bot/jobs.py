@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -28,7 +28,8 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from bot import quota
 from bot.banned_words import BannedWordRules, banned_words_message, check_prompt
 from bot.dispatch import Dispatcher
-from bot.job_inputs import StoredInput, add_input_rows, request_inputs
+from bot.inputs import attach_inputs
+from bot.job_inputs import request_inputs
 from bot.lifecycle import ACTIVE, PENDING, Lifecycle, initial_status, values_of
 from bot.logconfig import job_context
 from bot.models import Job, JobStatus, Member, utcnow
@@ -130,9 +131,13 @@ class JobService:
         params: GenerationParams,
         *,
         kind: JobKind = JobKind.IMAGINE,
-        inputs: Sequence[StoredInput] = (),
+        inputs: Mapping[str, Sequence[str]] | None = None,
     ) -> Created:
-        """Accept an ``/imagine``, ``/blend`` or ``/describe`` (with stored ``inputs``) in one transaction."""
+        """Accept an ``/imagine``, ``/blend`` or ``/describe`` in one transaction.
+
+        ``inputs`` are pictures already in the media store (``bot.inputs.store_inputs``), listed
+        with the job in the same transaction, so no release can send the job without them.
+        """
 
         def plan(member: Member) -> _Plan:
             """Engine, visibility, aspect and seed from the prompt, then the member's defaults."""
@@ -188,7 +193,7 @@ class JobService:
         actor: Actor,
         operation: Operation,
         plan_for: Callable[[Member], _Plan],
-        inputs: Sequence[StoredInput] = (),
+        inputs: Mapping[str, Sequence[str]] | None = None,
     ) -> Created:
         async with self.sessions() as session, session.begin():
             member = await quota.get_or_create_member(
@@ -224,7 +229,8 @@ class JobService:
             )
             session.add(job)
             await session.flush()
-            await add_input_rows(session, job.id, inputs)
+            if inputs:
+                attach_inputs(session, job.id, inputs)
             try:
                 await quota.reserve(session, member.id, job.id, job.cost, self.defaults)
             except quota.InsufficientCredits as exc:

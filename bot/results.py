@@ -44,6 +44,7 @@ from bot.operations import grid_count
 from bot.storage import MediaNotFound, MediaStore
 from workers.schema import (
     SCHEMA_VERSION,
+    DescribeResult,
     ErrorCode,
     JobKind,
     JobResult,
@@ -58,6 +59,7 @@ log = logging.getLogger(__name__)
 WRONG_VERSION = "The worker runs a different version of Mirage than the bot, so its result could not be used."
 UNREADABLE = "The worker returned an unreadable result."
 UNUSABLE = "The engine returned unusable images."
+DESCRIBE_KEY = "describe"  # job params: /describe's prompts and the picture's --ar
 BLOCKED_DETAIL = "The image safety filter flagged the result ({labels}); nothing was posted."
 PNG_COMPRESS_LEVEL = 6  # a tile is encoded once; level 6 is Pillow's balance of size and time
 
@@ -195,6 +197,16 @@ class Results:
         row = await session.get(Job, job_id)
         if row is not None:
             row.params = {**(row.params or {}), SAFETY_KEY: verdict_payload(verdicts)}
+
+    async def save_description(self, session: AsyncSession, job_id: str, described: DescribeResult) -> None:
+        """In the caller's transaction: keep ``/describe``'s suggestions on its job (no image)."""
+        row = await session.get(Job, job_id)
+        if row is not None:
+            prompts = [text for text in described.prompts if text.strip()]
+            row.params = {
+                **(row.params or {}),
+                DESCRIBE_KEY: {"prompts": prompts, "aspect": described.aspect},
+            }
 
     async def image(self, job_id: str, index: int = 0) -> Image:
         """The row of a job's image ``index``; raises ``MediaNotFound`` when there is none."""
