@@ -62,7 +62,7 @@ from bot.settings import BotSettings
 from bot.storage import STORE_RETRY_DELAYS_S, MediaNotFound, MediaStoreError
 from bot.supervisor import GAVE_UP, Supervisor, Verdict
 from bot.telemetry import record_metric
-from workers.schema import ErrorCode, JobKind, JobResult, SafetyVerdict
+from workers.schema import DescribeResult, ErrorCode, JobKind, JobResult, SafetyVerdict
 
 log = logging.getLogger(__name__)
 
@@ -331,6 +331,8 @@ class Tracker:
             except MediaStoreError as exc:
                 return await self._store_failed(job, exc)
             self._store_retry.pop(job.id, None)
+        elif outcome.describe is not None:
+            await self._described(job, outcome.describe)
         else:
             await self._fail(job.id, ErrorCode.ENGINE_ERROR, "The worker returned no images.")
         return True
@@ -384,6 +386,16 @@ class Tracker:
                 timings.encode_s,
                 timings.total_s,
             )
+            await self._completed(job.id)
+            await self.delivery.deliver(job.id)
+
+    async def _described(self, job: Job, described: DescribeResult) -> None:
+        """Keep /describe's prompt suggestions on the job, mark it done and send them."""
+        async with self.sessions() as session, session.begin():
+            claimed = await self.lifecycle.finish(session, job.id, generation_s=described.generation_s)
+            if claimed:
+                await self.results.save_description(session, job.id, described)
+        if claimed:
             await self._completed(job.id)
             await self.delivery.deliver(job.id)
 
