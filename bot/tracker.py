@@ -62,7 +62,7 @@ from bot.settings import BotSettings
 from bot.storage import STORE_RETRY_DELAYS_S, MediaNotFound, MediaStoreError
 from bot.supervisor import GAVE_UP, Supervisor, Verdict
 from bot.telemetry import record_metric
-from workers.schema import DescribeResult, ErrorCode, JobKind, JobResult, SafetyVerdict
+from workers.schema import DescribeResult, ErrorCode, JobFailed, JobKind, JobResult, SafetyVerdict
 
 log = logging.getLogger(__name__)
 
@@ -306,10 +306,15 @@ class Tracker:
             if not await self._finish_success(job, state):
                 return  # the media store failed; retried after a pause, the result is kept
         elif state.state == FAILURE:
-            text = str(state.info or "")
-            code = ErrorCode.TIMEOUT if "TimeLimit" in text else ErrorCode.ENGINE_ERROR
-            log.warning("job %s failed at the worker: %s", job.id, text)
-            await self._fail(job.id, code, "The worker stopped with an error.")
+            failed = JobFailed.from_exception(state.info)
+            if failed is not None:  # a job that failed with a reason: its code and member message
+                log.info("job %s failed at the worker: %s", job.id, failed.code)
+                await self._fail(job.id, failed.error_code, failed.message)
+            else:  # the task itself crashed (time limit, lost worker)
+                text = str(state.info or "")
+                code = ErrorCode.TIMEOUT if "TimeLimit" in text else ErrorCode.ENGINE_ERROR
+                log.warning("job %s failed at the worker: %s", job.id, text)
+                await self._fail(job.id, code, "The worker stopped with an error.")
         elif state.state == REVOKED:
             await self._fail(job.id, ErrorCode.CANCELLED, "The job was cancelled.")
         await self.dispatcher.forget(job.id)
