@@ -20,6 +20,7 @@ from typing import Any
 
 import discord
 
+from bot.content_rules import channel_is_nsfw
 from bot.inputs import attach_inputs
 from bot.interactions import DATABASE_ERRORS, DATABASE_UNAVAILABLE, actor_from, refuse
 from bot.jobs import Created, JobService
@@ -147,6 +148,9 @@ class JobFlow:
                 await refuse(interaction, DATABASE_UNAVAILABLE)
             return DATABASE_UNAVAILABLE
         job = created.job
+        if channel_is_nsfw(interaction.channel):
+            # Recorded before the job runs: its result is judged in the channel it came from.
+            await self.tracker.results.remember_nsfw_channel(job)
         if inputs:
             # Recorded before the job is released, so its worker message can carry them.
             async with self.jobs.sessions() as session, session.begin():
