@@ -45,6 +45,7 @@ import discord
 from discord import ui
 from sqlalchemy import select
 
+from bot import remix
 from bot.interactions import refuse
 from bot.models import Job, JobStatus
 from bot.operations import Operation
@@ -197,6 +198,19 @@ class JobButton(ui.DynamicItem[ui.Button[Any]], template=TEMPLATE):
         assert self.source_job is not None
         operation, index = self.action.start(self.arg)
         bot: MirageBot = interaction.client  # type: ignore[assignment]
+        # Remix mode: the prompt editor opens first and starts the job itself on submit.
+        pressed = str((interaction.data or {}).get("custom_id") or "")
+        label = self.item.label or self.action.code
+        if await remix.maybe_open(
+            interaction,
+            self.source_job,
+            self.action.code,
+            operation,
+            index,
+            label=label,
+            after=lambda answered: mark_pressed(answered, custom_id=pressed),
+        ):
+            return
         if await bot.flow.press(interaction, self.source_job, operation, index) is not None:
             await mark_pressed(interaction)
 

@@ -1,0 +1,108 @@
+"""Remix mode through the fake Discord: buttons open the prompt editor; a bad edit is free."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bot.models import JobStatus
+from tests.botutil import (
+    EPHEMERAL,
+    FakeDispatcher,
+    Harness,
+    bot_harness,
+    credits_used,
+    finish_grid,
+    has_result,
+    press_and_wait,
+)
+from workers.schema import JobKind
+
+pytestmark = pytest.mark.timeout(90)
+MODAL = 9  # the interaction callback type that opens a modal
+
+
+@pytest.fixture
+async def h(tmp_path: Path, sqlite_url: str) -> Any:
+    """A bot over SQLite with a fake dispatcher."""
+    async with bot_harness(tmp_path, sqlite_url, FakeDispatcher()) as harness:
+        yield harness
+
+
+async def remix_on(h: Harness) -> None:
+    """``/prefer remix`` once: Remix mode on."""
+    inter = await h.fake.slash("prefer", {}, subcommand="remix")
+    callback = await inter.callback()
+    assert "Remix mode is **on**" in callback.message_payload["content"]
+
+
+def field_value(modal: dict[str, Any]) -> str:
+    """The prefilled text of the modal's one field."""
+    [row] = modal["components"]
+    [field] = row["components"]
+    assert field["custom_id"] == "prompt"
+    return str(field["value"])
+
+
+async def test_remix_on_v1_opens_the_editor_and_submitting_uses_the_edited_prompt(h: Harness) -> None:
+    grid, message = await finish_grid(h, "a red fox --ar 3:2 --stylize 250")
+    await remix_on(h)
+    sent = len(h.dispatcher.sent)
+    _press, callback = await press_and_wait(h, f"mj:v:{grid.id}:1", message)
+    assert callback.callback_type == MODAL
+    modal = callback.json["data"]
+    assert field_value(modal) == "a red fox --ar 3:2 --stylize 250"
+    assert await h.job_count() == 1  # nothing started yet
+    submit = await h.fake.submit_modal(
+        modal["custom_id"], {"prompt": "a blue fox --ar 3:2 --chaos 20"}, message=message
+    )
+    job = await h.job_for(submit)
+    assert job.kind == JobKind.VARIATION and job.parent_id == grid.id and job.parent_index == 1
+    assert job.prompt == "a blue fox" and job.params["chaos"] == 20 and job.params["strength"] == 0.85
+    [request] = (await h.dispatcher.wait_sent(sent + 1))[sent:]
+    assert request.params.prompt == "a blue fox" and request.input_image  # still the parent's image
+    assert await credits_used(h, h.fake.user.id) == 2
+
+
+async def test_remix_on_vary_opens_the_editor_too(h: Harness) -> None:
+    grid, message = await finish_grid(h, "a lighthouse")
+    press, _callback = await press_and_wait(h, f"mj:u:{grid.id}:2", message)
+    crop = await press.wait_original(has_result)
+    await remix_on(h)
+    _press, callback = await press_and_wait(h, f"mj:vary:{(await h.job_for(press)).id}:subtle", crop)
+    assert callback.callback_type == MODAL
+    assert field_value(callback.json["data"]) == "a lighthouse"
+    submit = await h.fake.submit_modal(
+        callback.json["data"]["custom_id"], {"prompt": "a lighthouse at night"}
+    )
+    job = await h.job_for(submit)
+    assert job.kind == JobKind.VARIATION and job.prompt == "a lighthouse at night"
+    assert job.params["strength"] == 0.5
+
+
+async def test_a_bad_edit_is_refused_privately_and_nothing_is_charged(h: Harness) -> None:
+    grid, message = await finish_grid(h, "a red fox")
+    await remix_on(h)
+    _press, callback = await press_and_wait(h, f"mj:r:{grid.id}", message)
+    assert callback.callback_type == MODAL
+    submit = await h.fake.submit_modal(
+        callback.json["data"]["custom_id"], {"prompt": "a red fox --chaos 500"}
+    )
+    answer = await submit.callback()
+    assert answer.callback_type == 4 and answer.message_payload["flags"] & EPHEMERAL
+    assert (
+        "chaos" in answer.message_payload["content"]
+        and "Nothing was charged" in answer.message_payload["content"]
+    )
+    assert await h.job_count() == 1 and await credits_used(h, h.fake.user.id) == 1
+
+
+async def test_without_remix_the_button_starts_at_once(h: Harness) -> None:
+    grid, message = await finish_grid(h, "a red fox")
+    press, callback = await press_and_wait(h, f"mj:v:{grid.id}:2", message)
+    assert callback.callback_type == 5
+    job = await h.job_for(press)
+    assert job.kind == JobKind.VARIATION and job.prompt == "a red fox"
+    await h.wait_job(job.id, lambda j: j.status == JobStatus.QUEUED)
