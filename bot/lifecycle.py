@@ -22,12 +22,12 @@ Nothing outside this module writes ``Job.status`` or ``Job.delivered``.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, update
+from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from bot import quota
@@ -128,6 +128,45 @@ async def move(
         .returning(Job.kind, Job.engine, Job.cost)
     )
     return result.one_or_none()
+
+
+@dataclass(frozen=True, slots=True)
+class OpenWork:
+    """What the tracker must look at on one pass."""
+
+    active: Sequence[Job]  # at the broker (queued or running), crops excluded
+    crops: Sequence[Job]  # U# crops left running longer than the recovery age (orphans)
+    undelivered: Sequence[str]  # final jobs whose message has not gone out yet
+    waiting: bool  # whether any job is held back for fairness
+
+
+async def open_work(
+    sessions: async_sessionmaker[AsyncSession], now: datetime, crop_recovery_age: timedelta
+) -> OpenWork:
+    """Read everything unfinished in one session: active jobs, orphaned crops, undelivered results."""
+    not_crop = Job.kind != JobKind.CROP.value
+    async with sessions() as session:
+        active = (await session.scalars(select(Job).where(Job.status.in_(values_of(ACTIVE)), not_crop))).all()
+        crops = (
+            await session.scalars(
+                select(Job).where(
+                    Job.status == RUNNING.value,
+                    Job.kind == JobKind.CROP.value,
+                    Job.created_at < now - crop_recovery_age,
+                )
+            )
+        ).all()
+        undelivered = (
+            await session.scalars(
+                select(Job.id).where(
+                    Job.status.in_(values_of(FINAL)),
+                    Job.delivered.is_(False),
+                    Job.finished_at > now - UNDELIVERED_LOOKBACK,
+                )
+            )
+        ).all()
+        waiting = await session.scalar(select(Job.id).where(Job.status == WAITING.value).limit(1))
+    return OpenWork(active, crops, undelivered, waiting is not None)
 
 
 class Lifecycle:

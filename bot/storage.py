@@ -12,7 +12,9 @@ import logging
 import os
 import re
 import tempfile
+import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -52,6 +54,36 @@ class MediaStoreError(OSError):
 
 # Pauses between attempts to store one result; after the last, the job fails and is refunded.
 STORE_RETRY_DELAYS_S: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0)
+
+
+class RetrySchedule:
+    """Failed attempts per key and when the next one is due, over a fixed list of pauses."""
+
+    def __init__(
+        self, delays: tuple[float, ...] = STORE_RETRY_DELAYS_S, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.delays = delays
+        self.clock = clock
+        self._state: dict[str, tuple[int, float]] = {}  # key → (failures, when the next try is due)
+
+    def due(self, key: str) -> bool:
+        """Whether ``key`` may be tried now (never failed, or its pause is over)."""
+        state = self._state.get(key)
+        return state is None or self.clock() >= state[1]
+
+    def failed(self, key: str) -> float | None:
+        """Record a failure: the pause before the next try, or None when the tries are used up."""
+        failures = self._state.get(key, (0, 0.0))[0] + 1
+        if failures > len(self.delays):
+            self._state.pop(key, None)
+            return None
+        delay = self.delays[failures - 1]
+        self._state[key] = (failures, self.clock() + delay)
+        return delay
+
+    def succeeded(self, key: str) -> None:
+        """Forget ``key``'s failures."""
+        self._state.pop(key, None)
 
 
 def validate_key(key: str) -> str:

@@ -29,6 +29,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
@@ -36,7 +37,6 @@ from bot.dispatch import PENDING, RUNNING_STATES, Dispatcher, TaskState
 from bot.lifecycle import Lifecycle
 from bot.models import Job, JobStatus
 from bot.settings import BotSettings
-from workers.schema import ErrorCode
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,24 @@ HEARTBEAT_KEY = "heartbeat_at"
 WORKER_KEY = "worker"
 LOST = "lost"  # the token for a running job whose state the store no longer knows
 GAVE_UP = "The workers running this job kept stopping, so it was cancelled."
+
+
+class Action(StrEnum):
+    """What the tracker must do about a job that is not final yet."""
+
+    RUN_TIMEOUT = "run_timeout"  # running longer than job_timeout_s: revoke, then refund
+    WAIT_TIMEOUT = "wait_timeout"  # waited for a worker longer than max_queue_wait_s: same
+    RECOVER = "recover"  # its worker is presumed dead: put it back in line
+
+
+def timeout_message(settings: BotSettings, *, waited: bool) -> str:
+    """The member-facing reason for a job refunded after waiting or running too long."""
+    if waited:
+        limit = settings.max_queue_wait_s
+        minutes = f"{max(1, round(limit / 60))} minutes"
+        shown = f"{round(limit / 3600, 1):g} hours" if limit >= 3600 else minutes
+        return f"No worker was free to start this job within {shown}."
+    return f"The job took longer than {max(1, round(settings.job_timeout_s / 60))} minutes."
 
 
 class Verdict(StrEnum):
@@ -103,6 +121,24 @@ class Supervisor:
             return Verdict.ALIVE
         return Verdict.STALE if now - seen.since > self.settings.heartbeat_stale_s else Verdict.ALIVE
 
+    def judge(self, job: Job, state: TaskState, now: datetime) -> Action | None:
+        """What to do about a non-final job, timing waiting and running apart.
+
+        A queued job waits up to ``max_queue_wait_s`` for a worker; a running one gets
+        ``job_timeout_s`` from its start; a running one whose heartbeat went stale is recovered.
+        """
+        if job.status == JobStatus.RUNNING.value:
+            started_at = job.started_at or job.queued_at or job.created_at
+            if started_at is not None and now - started_at > timedelta(seconds=self.settings.job_timeout_s):
+                return Action.RUN_TIMEOUT
+            return Action.RECOVER if self.observe(job, state) is Verdict.STALE else None
+        if state.state in RUNNING_STATES:
+            return None  # it just started; the tracker records it as running
+        since = job.queued_at or job.created_at
+        if since is not None and now - since > timedelta(seconds=self.settings.max_queue_wait_s):
+            return Action.WAIT_TIMEOUT
+        return None
+
     def prune(self, running_ids: Iterable[str]) -> None:
         """Forget jobs that are no longer running (finished, requeued, or taken by another process)."""
         keep = set(running_ids)
@@ -138,6 +174,3 @@ class Supervisor:
     def exhausted(self, job: Job) -> bool:
         """Whether a stale job has used up its re-sends and must fail instead."""
         return job.resends >= self.settings.max_resends
-
-
-GAVE_UP_CODE = ErrorCode.ENGINE_ERROR

@@ -9,18 +9,9 @@ in the dispatcher's thread pool because Celery's result API blocks). For each jo
   delivery in one transaction, then sends the result;
 - on an error outcome, a Celery FAILURE/REVOKED, or a timeout, revokes (for a timeout), then fails
   it and refunds it in one transaction (``bot.lifecycle``), then tells the member why;
-- asks the supervisor (``bot.supervisor``) about each running job's heartbeat, and puts a job
-  whose worker died back in line.
-
-Two clocks, never mixed: a job *waiting* at the broker for a free worker is refunded only after
-``max_queue_wait_s`` (hours); a job *running* on a worker only after ``job_timeout_s``, counted
-from when it started and longer than the workers' own hard time limit. A state the result store
-cannot deliver right now (a restart, a network blip) is no state at all: the job is left as it
-is and read again after a pause (``bot.dispatch.Backoff``); a store outage never fails a job.
-
-A result the media store cannot take (disk full, read-only, S3 down) is retried after growing
-pauses (``STORE_RETRY_DELAYS_S``), then the job fails with a message and a refund, and the
-member's running slot is released: no hot loop on a broken store.
+- leaves a job whose state cannot be read now (store restarting) alone; that is never a failure;
+- times waiting and running apart, and recovers jobs of dead workers (``bot.supervisor``);
+- retries a result the media store cannot take, then fails it (``bot.storage.RetrySchedule``).
 
 U# crops never reach the broker: :meth:`Tracker.run_crop` finishes them at once from the stored
 grid, and the loop finishes any a crashed process left running.
@@ -35,12 +26,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Coroutine
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from bot.content_rules import (
@@ -54,13 +43,13 @@ from bot.content_rules import (
 from bot.delivery import Delivery, guarded
 from bot.dispatch import FAILURE, REVOKED, RUNNING_STATES, SUCCESS, Dispatcher, TaskState
 from bot.jobs import JobService
-from bot.lifecycle import ACTIVE, FINAL, UNDELIVERED_LOOKBACK, Lifecycle, values_of
+from bot.lifecycle import Lifecycle, open_work
 from bot.models import Job, JobStatus, utcnow
 from bot.operations import NOTES_KEY
 from bot.results import ResultRejected, Results, blocked_detail, check_result, read_outcome, screen
 from bot.settings import BotSettings
-from bot.storage import STORE_RETRY_DELAYS_S, MediaNotFound, MediaStoreError
-from bot.supervisor import GAVE_UP, Supervisor, Verdict
+from bot.storage import MediaNotFound, MediaStoreError, RetrySchedule
+from bot.supervisor import GAVE_UP, Action, Supervisor, timeout_message
 from bot.telemetry import record_metric
 from workers.schema import DescribeResult, ErrorCode, JobFailed, JobKind, JobResult, SafetyVerdict
 
@@ -100,8 +89,7 @@ class Tracker:
         self._release_task: asyncio.Task[Any] | None = None
         self.ticks = 0
         self.supervisor = Supervisor(settings, lifecycle, dispatcher)
-        # job id → (failed store attempts, monotonic time of the next attempt)
-        self._store_retry: dict[str, tuple[int, float]] = {}
+        self.store_retries = RetrySchedule()  # results the media store could not take yet
         self.safety_policy = SafetyPolicy.from_settings(settings)
 
     # --- the loop ----------------------------------------------------------------------------------
@@ -182,35 +170,8 @@ class Tracker:
         """One pass: poll states of active jobs, act on them, retry undelivered messages."""
         self.ticks += 1
         now = utcnow()
-        async with self.sessions() as session:
-            active = (
-                await session.scalars(
-                    select(Job).where(Job.status.in_(values_of(ACTIVE)), Job.kind != JobKind.CROP.value)
-                )
-            ).all()
-            orphan_crops = (
-                await session.scalars(
-                    select(Job).where(
-                        Job.status == JobStatus.RUNNING.value,
-                        Job.kind == JobKind.CROP.value,
-                        Job.created_at < now - CROP_RECOVERY_AGE,
-                    )
-                )
-            ).all()
-            undelivered = (
-                await session.scalars(
-                    select(Job.id).where(
-                        Job.status.in_(values_of(FINAL)),
-                        Job.delivered.is_(False),
-                        Job.finished_at > now - UNDELIVERED_LOOKBACK,
-                    )
-                )
-            ).all()
-            has_waiting = (
-                await session.scalar(select(Job.id).where(Job.status == JobStatus.WAITING.value).limit(1))
-            ) is not None
-
-        polled = [job for job in active if job.id not in self._inflight]
+        work = await open_work(self.sessions, now, CROP_RECOVERY_AGE)
+        polled = [job for job in work.active if job.id not in self._inflight]
         states = await self.dispatcher.states([job.id for job in polled]) if polled else {}
         started: list[Job] = []
         progressing: list[tuple[Job, dict[str, Any]]] = []
@@ -219,7 +180,7 @@ class Tracker:
             if state is None:
                 continue  # unreadable now (store down or backing off): never a failure
             if state.is_final:
-                if self._store_retry_due(job.id):
+                if self.store_retries.due(job.id):
                     self._spawn(job.id, self._finish(job, state))
                 continue
             if self._act_on_timing(job, state, now):
@@ -235,37 +196,22 @@ class Tracker:
         # After the status is recorded, so a member who sees progress never finds the job "queued".
         for job, info in progressing:
             self.delivery.progress(job, info)
-        for job in orphan_crops:
+        for job in work.crops:
             self._spawn(job.id, self.finish_crop(job.id))
-        for job_id in undelivered:
+        for job_id in work.undelivered:
             if self.delivery.retry_due(job_id):
                 self._spawn(job_id, self.delivery.notify_final(job_id))
-        if has_waiting:
+        if work.waiting:
             self._spawn_release()
 
     def _act_on_timing(self, job: Job, state: TaskState, now: Any) -> bool:
-        """Time out or recover a job that is not final; True when a handler took it over.
-
-        Waiting and running are timed apart: a job queued behind a busy fleet waits up to
-        ``max_queue_wait_s``, a running one gets ``job_timeout_s`` from its start, and a running
-        one whose worker stopped sending heartbeats is put back in line by the supervisor.
-        """
-        if job.status == JobStatus.RUNNING.value:
-            started_at = job.started_at or job.queued_at or job.created_at
-            if started_at is not None and now - started_at > timedelta(seconds=self.settings.job_timeout_s):
-                self._spawn(job.id, self._time_out(job, waited=False))
-                return True
-            if self.supervisor.observe(job, state) is Verdict.STALE:
-                self._spawn(job.id, self._recover(job))
-                return True
-            return False
-        if state.state in RUNNING_STATES:
-            return False  # it just started; recorded as running below
-        since = job.queued_at or job.created_at
-        if since is not None and now - since > timedelta(seconds=self.settings.max_queue_wait_s):
-            self._spawn(job.id, self._time_out(job, waited=True))
-            return True
-        return False
+        """Time out or recover a job that is not final; True when a handler took it over."""
+        action = self.supervisor.judge(job, state, now)
+        if action is Action.RECOVER:
+            self._spawn(job.id, self._recover(job))
+        elif action is not None:
+            self._spawn(job.id, self._time_out(job, waited=action is Action.WAIT_TIMEOUT))
+        return action is not None
 
     async def _recover(self, job: Job) -> None:
         """A running job's worker is presumed dead: send it again, or give up after max_resends."""
@@ -278,20 +224,13 @@ class Tracker:
         await self.jobs.release(job.member_id)
         self.wake()
 
-    def _store_retry_due(self, job_id: str) -> bool:
-        retry = self._store_retry.get(job_id)
-        return retry is None or time.monotonic() >= retry[1]
-
     async def _store_failed(self, job: Job, exc: Exception) -> bool:
         """Count a failed attempt to store a result; True once the job has been failed for it."""
-        attempts = self._store_retry.get(job.id, (0, 0.0))[0] + 1
-        if attempts <= len(STORE_RETRY_DELAYS_S):
-            delay = STORE_RETRY_DELAYS_S[attempts - 1]
-            self._store_retry[job.id] = (attempts, time.monotonic() + delay)
+        delay = self.store_retries.failed(job.id)
+        if delay is not None:
             log.warning("job %s: media store failed (%s); retrying in %.1fs", job.id, exc, delay)
             return False
-        self._store_retry.pop(job.id, None)
-        log.error("job %s: media store failed %d times (%s); failing the job", job.id, attempts, exc)
+        log.error("job %s: media store kept failing (%s); failing the job", job.id, exc)
         await self._fail(job.id, ErrorCode.ENGINE_ERROR, STORE_FAILED)
         return True
 
@@ -335,7 +274,7 @@ class Tracker:
                 await self._succeed(job, outcome.result)
             except MediaStoreError as exc:
                 return await self._store_failed(job, exc)
-            self._store_retry.pop(job.id, None)
+            self.store_retries.succeeded(job.id)
         elif outcome.describe is not None:
             await self._described(job, outcome.describe)
         else:
@@ -344,17 +283,10 @@ class Tracker:
 
     async def _time_out(self, job: Job, *, waited: bool) -> None:
         """Revoke a job past its wait or run limit, then (only once revoked) fail and refund it."""
-        limit = self.settings.max_queue_wait_s if waited else self.settings.job_timeout_s
-        log.warning("job %s %s over %ss; revoking", job.id, "waited" if waited else "ran", limit)
+        log.warning("job %s %s too long; revoking", job.id, "waited" if waited else "ran")
         if await self.dispatcher.revoke(job.id) is False:
             return  # the broker did not hear it: a refund now could pay for a job still running
-        if waited:
-            hours = round(limit / 3600, 1)
-            shown = f"{hours:g} hours" if limit >= 3600 else f"{max(1, round(limit / 60))} minutes"
-            message = f"No worker was free to start this job within {shown}."
-        else:
-            message = f"The job took longer than {max(1, round(limit / 60))} minutes."
-        await self._fail(job.id, ErrorCode.TIMEOUT, message)
+        await self._fail(job.id, ErrorCode.TIMEOUT, timeout_message(self.settings, waited=waited))
         await self.jobs.release(job.member_id)
 
     async def _succeed(self, job: Job, result: JobResult) -> None:

@@ -210,7 +210,7 @@ async def test_a_broken_media_store_is_retried_a_few_times_then_the_job_is_refun
     import bot.tracker
 
     assert h.bot is not None
-    monkeypatch.setattr(bot.tracker, "STORE_RETRY_DELAYS_S", (0.05, 0.1, 0.2))
+    h.bot.tracker.store_retries.delays = (0.05, 0.1, 0.2)
     store = h.bot.tracker.results.store
     attempts: list[str] = []
 
@@ -234,10 +234,9 @@ async def test_a_broken_media_store_is_retried_a_few_times_then_the_job_is_refun
 async def test_a_media_store_that_comes_back_delivers_the_result(
     h: Harness, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import bot.tracker
 
     assert h.bot is not None
-    monkeypatch.setattr(bot.tracker, "STORE_RETRY_DELAYS_S", (0.05, 0.1, 0.2))
+    h.bot.tracker.store_retries.delays = (0.05, 0.1, 0.2)
     store = h.bot.tracker.results.store
     real_put = store.put
     failures = [OSError(30, "Read-only file system")]
