@@ -47,7 +47,9 @@ def public_job_url(public_url: str, job_id: str) -> str:
 
 def web_item(job: Job, public_url: str, row: int) -> ui.Item[Any]:
     """``Web``: a link for a public job, a private-link button for a stealth one."""
-    if job.visibility == Visibility.PUBLIC.value:
+    # Discord refuses a whole message over a link it cannot open; a misconfigured PUBLIC_URL
+    # must not cost the member their result, so such a job gets the answering button instead.
+    if job.visibility == Visibility.PUBLIC.value and public_url.startswith(("http://", "https://")):
         return ui.Button(label=WEB_LABEL, url=public_job_url(public_url, job.id), row=row)
     return WebButton(job.id, row=row)
 

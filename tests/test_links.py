@@ -43,6 +43,11 @@ def test_web_is_a_link_for_public_jobs_and_a_button_for_stealth_ones() -> None:
     assert stealth.item.url is None
 
 
+def test_a_public_url_discord_could_not_open_gives_the_answering_button() -> None:
+    item = web_item(Job(id=JOB, visibility="public"), "gallery.example", row=4)
+    assert isinstance(item, WebButton)
+
+
 @pytest.fixture
 async def h(tmp_path: Path, sqlite_url: str) -> Any:
     """A bot over SQLite with a fake dispatcher and a known link secret."""
