@@ -240,3 +240,44 @@ def test_a_worker_without_its_model_refuses_jobs_until_it_loads_and_its_heartbea
     finally:
         worker.kill()
         app.close()
+
+
+async def test_the_bot_refunds_a_job_that_failed_at_a_real_worker_with_its_message(
+    redis_url: str, tmp_path: Path, sqlite_url: str
+) -> None:
+    """Worker → FAILURE(JobFailed) → bot: the member is refunded and told the worker's reason.
+
+    The worker has no model (a folder that does not exist) and serves a private queue, so it
+    takes the job and fails it with ENGINE_UNAVAILABLE, ending the task in FAILURE.
+    """
+    from sqlalchemy import select
+
+    from bot.dispatch import CeleryDispatcher
+    from bot.models import JobStatus, Member
+    from tests.botutil import bot_harness, run_worker
+    from workers.schema import Engine
+
+    with run_worker(tmp_path / "no-model", redis_url, tmp_path) as worker:
+        dispatcher = CeleryDispatcher.from_urls(redis_url, redis_url, queues={Engine.SDXL: worker.queue})
+        try:
+            async with bot_harness(
+                tmp_path, sqlite_url, dispatcher, broker_url=redis_url, result_backend=redis_url
+            ) as h:
+                inter = await h.imagine("a fox in the snow")
+                message = await inter.wait_original(lambda m: "❌" in (m.get("content") or ""), timeout=120)
+                job = await h.wait_job((await h.job_for(inter)).id, lambda j: j.delivered, timeout=30)
+                assert job.status == JobStatus.FAILED
+                assert job.error_code == ErrorCode.ENGINE_UNAVAILABLE
+                assert job.error is not None and "does not exist" in job.error
+                assert "refunded" in message["content"]
+                async with h.sessions() as session:
+                    member = (
+                        await session.scalars(select(Member).where(Member.user_id == h.fake.user.id))
+                    ).one()
+                assert member.credits_used == 0
+        finally:
+            await dispatcher.close()
+        # The task ended in FAILURE with the schema's exception, not in SUCCESS with an error.
+        assert (
+            f"Task mirage.sdxl.run[{job.id}] raised expected: JobFailed('engine_unavailable'" in worker.log()
+        )
