@@ -54,8 +54,11 @@ def web_item(job: Job, public_url: str, row: int) -> ui.Item[Any]:
     return WebButton(job.id, row=row)
 
 
-def link_view(label: str, url: str) -> ui.View:
-    """A one-button view opening ``url`` (stopped: links need no routing)."""
+def link_view(label: str, url: str) -> ui.View | None:
+    """A one-button view opening ``url`` (stopped: links need no routing); None for a URL
+    Discord would refuse as a link (the answer's text still carries it)."""
+    if not url.startswith(("http://", "https://")):
+        return None
     view = ui.View(timeout=None)
     view.add_item(ui.Button(label=label, url=url))
     view.stop()
