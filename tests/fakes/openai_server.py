@@ -115,7 +115,8 @@ class RecordedRequest:
     path: str
     headers: dict[str, str]
     fields: dict[str, Any]  # JSON body or multipart text fields (n stays as sent)
-    image: Image.Image | None = None  # decoded upload (edits, variations)
+    image: Image.Image | None = None  # decoded upload (edits, variations); the last of several
+    images: list[Image.Image] = field(default_factory=list)  # every image upload, in order
     mask: Image.Image | None = None
     image_bytes: int = 0
     status: int = 0
@@ -606,6 +607,7 @@ class FakeOpenAIServer:
                 image = self._open(data, name)
                 if name in ("image", "image[]"):
                     record.image, record.image_bytes = image, len(data)
+                    record.images.append(image)
                 elif name == "mask":
                     if image.format != "PNG":
                         raise ApiError(400, "Invalid mask image: must be a PNG.", param="mask")
