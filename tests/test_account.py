@@ -53,7 +53,7 @@ async def test_stealth_public_and_settings(h: Harness) -> None:
     assert "Your Mirage settings" in payload["content"]
     panel = await inter.wait_original(lambda m: bool(m.get("components")))
     selects = custom_ids(panel)
-    assert len(selects) == 3
+    assert len(selects) == 4  # engine, visibility, aspect, the Remix switch
     press = await h.fake.press(selects[2], panel, values=["16:9"])
     await press.callback()
     async with h.sessions() as session:

@@ -52,6 +52,8 @@ def settings_summary(bot: MirageBot, member: Member) -> str:
         f"Visibility: **{visibility.value}**"
         + (" (your images stay out of the public gallery)" if visibility == Visibility.STEALTH else "")
         + f"\nDefault aspect ratio: **{member.default_aspect or '1:1'}**"
+        + f"\nRemix mode: **{'on' if member.remix else 'off'}**"
+        + (" (buttons open the prompt editor first)" if member.remix else "")
     )
 
 
@@ -85,6 +87,10 @@ class SettingsView(ui.View):
         self.aspect_select.options = [
             discord.SelectOption(label=aspect, value=aspect, default=aspect == current) for aspect in ASPECTS
         ]
+        # The switch shows its state: green when Remix is on.
+        self.remix_button.label = f"Remix: {'on' if member.remix else 'off'}"
+        on = discord.ButtonStyle.success
+        self.remix_button.style = on if member.remix else discord.ButtonStyle.secondary
 
     async def interaction_check(self, interaction: discord.Interaction[Any], /) -> bool:
         """Settings belong to whoever opened them."""
@@ -116,6 +122,11 @@ class SettingsView(ui.View):
         if value not in ASPECTS:
             value = "1:1"
         await self._save(interaction, default_aspect=None if value == "1:1" else value)
+
+    @ui.button(label="Remix", row=3)
+    async def remix_button(self, interaction: discord.Interaction[Any], button: ui.Button[Any]) -> None:
+        """Switch Remix mode (as ``/prefer remix`` does)."""
+        await self._save(interaction, remix=not self.member.remix)
 
 
 class Account(commands.Cog):
