@@ -5,16 +5,20 @@ in the channel mentioning the member; refusals come back as ``RegionRefused``.""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
+import socket
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 
+import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from PIL import Image as PILImage
 
+from bot.__main__ import run
 from bot.buttons import NOT_YOURS
 from bot.models import Job, JobStatus
 from bot.region import ACCEPTED, IMAGE_GONE, region_job_callback
@@ -22,14 +26,17 @@ from bot.signing import PURPOSE_REGION, Signer, region_editor_url
 from bot.web.app import RegionRefused, create_app
 from tests.botutil import (
     EPHEMERAL,
+    FAKE_TOKEN,
     FakeDispatcher,
     Harness,
     bot_harness,
     credits_used,
     finish_grid,
     has_result,
+    make_settings,
     press_and_wait,
 )
+from tests.fakes import FakeDiscord
 from workers.schema import JobKind
 
 pytestmark = pytest.mark.timeout(60)
@@ -133,3 +140,33 @@ async def test_refusals_come_back_as_region_refused(h: Harness) -> None:
     with pytest.raises(RegionRefused, match="credit"):
         await create(h.fake.user.id, image.id, 0, "a window", mask_key)
     assert await h.job_count() == count + 1 and await credits_used(h, h.fake.user.id) == 2
+
+
+@pytest.mark.redis
+async def test_python_m_bot_registers_the_region_callback_with_the_gallery(
+    tmp_path: Path, redis_url: str
+) -> None:
+    """The gallery ``run()`` serves answers an editor submit (without the callback: 503)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    settings = make_settings(
+        tmp_path / "data",
+        f"sqlite+aiosqlite:///{tmp_path / 'data' / 'mirage.db'}",
+        broker_url=redis_url,
+        result_backend=redis_url,
+        web_port=port,
+        web_secret=SECRET,
+    )
+    stop = asyncio.Event()
+    async with FakeDiscord(token=FAKE_TOKEN) as fake:
+        task = asyncio.create_task(run(settings, stop=stop))
+        try:
+            await fake.wait_until_connected(timeout=20)
+            url = region_editor_url(SIGNER, f"http://127.0.0.1:{port}", 1, "AAAAAAAAAAAAAAAAAAAAAA", 0)
+            async with aiohttp.ClientSession() as http, http.post(url, data="not json") as response:
+                # Past the token and the callback checks: only the body's type is refused.
+                assert response.status == 415
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 20)
