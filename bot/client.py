@@ -37,7 +37,14 @@ from workers.schema import Engine
 
 log = logging.getLogger(__name__)
 
-EXTENSIONS = ("bot.cogs.imagine", "bot.cogs.prefer", "bot.cogs.account", "bot.cogs.admin")
+EXTENSIONS = (
+    "bot.cogs.imagine",
+    "bot.cogs.describe",
+    "bot.cogs.blend",
+    "bot.cogs.prefer",
+    "bot.cogs.account",
+    "bot.cogs.admin",
+)
 COMMAND_HASH_FILE = "command_hash.json"
 
 

@@ -22,6 +22,7 @@ from pydantic import ValidationError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from bot.content_rules import SafetyAction, SafetyPolicy, job_safety_action
+from bot.describe_buttons import describe_content, describe_view
 from bot.lifecycle import Lifecycle
 from bot.logconfig import job_context, log_job_end
 from bot.models import Job, JobStatus
@@ -30,7 +31,7 @@ from bot.results import Results
 from bot.sending import DEFAULT_FILESIZE_LIMIT, Sender, preview_jpeg, token_alive
 from bot.settings import BotSettings
 from bot.views import pending_view, result_view
-from workers.schema import Engine, Progress
+from workers.schema import Engine, JobKind, Progress
 
 log = logging.getLogger(__name__)
 
@@ -202,6 +203,11 @@ class Delivery:
             if job.status != JobStatus.DONE.value:
                 return await self.sender.send_final(
                     job, content=self._failure_content(job), image=None, view=None, limit=limit
+                )
+            if job.kind == JobKind.DESCRIBE.value:
+                # Suggestions, not a picture: the numbered prompts and their buttons.
+                return await self.sender.send_final(
+                    job, content=describe_content(job), image=None, view=describe_view(job), limit=limit
                 )
             main = await self.results.image(job.id, 0)  # MediaNotFound: retried later, then logged
             data = await self.results.store.get(main.key)

@@ -15,7 +15,6 @@ U# crops never reach the broker: they are a crop of a stored grid and are finish
 from __future__ import annotations
 
 import asyncio
-import base64
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -29,7 +28,6 @@ from bot import quota
 from bot.banned_words import BannedWordRules, banned_words_message, check_prompt
 from bot.dispatch import Dispatcher
 from bot.inputs import attach_inputs
-from bot.job_inputs import request_inputs
 from bot.lifecycle import ACTIVE, PENDING, Lifecycle, initial_status, values_of
 from bot.logconfig import job_context
 from bot.models import Job, JobStatus, Member, utcnow
@@ -42,7 +40,6 @@ from bot.operations import (
     apply_member_aspect,
     credits_message,
     generation_params,
-    grid_count,
     random_seed,
     resolve_engine,
     resolve_visibility,
@@ -53,6 +50,7 @@ from bot.settings import BotSettings
 from bot.speed import job_cost, release_order
 from bot.storage import MediaNotFound
 from bot.telemetry import record_metric
+from bot.worker_request import build_request
 from workers.schema import (
     Engine,
     ErrorCode,
@@ -133,11 +131,7 @@ class JobService:
         kind: JobKind = JobKind.IMAGINE,
         inputs: Mapping[str, Sequence[str]] | None = None,
     ) -> Created:
-        """Accept an ``/imagine``, ``/blend`` or ``/describe`` in one transaction.
-
-        ``inputs`` are pictures already in the media store (``bot.inputs.store_inputs``), listed
-        with the job in the same transaction, so no release can send the job without them.
-        """
+        """Accept an ``/imagine``, ``/blend`` or ``/describe`` (``inputs``: stored pictures)."""
 
         def plan(member: Member) -> _Plan:
             """Engine, visibility, aspect and seed from the prompt, then the member's defaults."""
@@ -229,7 +223,7 @@ class JobService:
             )
             session.add(job)
             await session.flush()
-            if inputs:
+            if inputs:  # in the job's own transaction: no release can send it without them
                 attach_inputs(session, job.id, inputs)
             try:
                 await quota.reserve(session, member.id, job.id, job.cost, self.defaults)
@@ -336,33 +330,9 @@ class JobService:
             return total
 
     async def build_request(self, job: Job) -> JobRequest:
-        """The worker message for a job, with its input image read from the media store.
-
-        Raises ``MediaNotFound`` when the parent's image is gone and ``ValueError`` when it is
-        not a readable image.
-        """
-        operation = Operation.from_job(job)
-        input_image = None
-        if job.parent_id and operation.kind not in (JobKind.REROLL, JobKind.IMAGINE):
-            data = await self.results.input_image(job.parent_id, job.parent_index)
-            input_image = base64.b64encode(data).decode("ascii")
-        inputs = await request_inputs(self.sessions, self.results.store, job, operation.kind)
-        mask_image = None
-        if operation.mask_key:
-            mask_image = base64.b64encode(await self.results.store.get(operation.mask_key)).decode("ascii")
-        return JobRequest(
-            job_id=job.id,
-            kind=inputs.kind,
-            params=self.prompting.prepare(generation_params(job)),
-            seed=job.seed,
-            count=grid_count(operation.kind),
-            strength=operation.strength,
-            scale=operation.scale,
-            direction=operation.direction,
-            input_image=input_image or inputs.input_image,
-            references=inputs.references,
-            mask_image=mask_image,
-            openai_model=self.settings.openai_model if job.engine == Engine.OPENAI.value else None,
+        """The worker message for a job (``bot.worker_request.build_request``)."""
+        return await build_request(
+            job, self.sessions, self.results, self.prompting, self.settings.openai_model
         )
 
     async def _dispatch(self, job: Job) -> bool:

@@ -66,10 +66,16 @@ def operation_label(job: Job) -> str:
     return "Make Square"
 
 
+COMMAND_TITLES = {JobKind.DESCRIBE: "Describe", JobKind.BLEND: "Blend"}
+
+
 def job_head(job: Job) -> str:
     """``**prompt --params --seed N** - <what> by <@user>`` like Midjourney's messages."""
     kind = JobKind(job.kind)
     mention = f"<@{job.user_id}>"
+    if kind in COMMAND_TITLES:
+        # /describe and /blend start from pictures, not from a prompt to type back.
+        return f"**{COMMAND_TITLES[kind]}** - {mention}"
     prompt = prompt_line(job)
     if kind in (JobKind.IMAGINE, JobKind.REROLL):
         return f"{prompt} - {mention}"

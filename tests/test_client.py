@@ -27,7 +27,19 @@ async def test_commands_sync_only_when_changed(h: Harness) -> None:
     puts = [r for r in h.fake.requests if r.method == "PUT" and r.path.endswith("/commands")]
     assert len(puts) == 1
     names = sorted(c["name"] for c in h.fake.commands())
-    assert names == ["gallery", "imagine", "info", "public", "quota", "settings", "status", "stealth"]
+    assert names == [
+        "blend",
+        "describe",
+        "gallery",
+        "imagine",
+        "info",
+        "prefer",
+        "public",
+        "quota",
+        "settings",
+        "status",
+        "stealth",
+    ]
     await h.restart_bot()
     puts = [r for r in h.fake.requests if r.method == "PUT" and r.path.endswith("/commands")]
     assert len(puts) == 1  # same commands: no second sync
