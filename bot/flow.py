@@ -21,7 +21,6 @@ from typing import Any
 import discord
 
 from bot.content_rules import channel_is_nsfw
-from bot.inputs import attach_inputs
 from bot.interactions import DATABASE_ERRORS, DATABASE_UNAVAILABLE, actor_from, refuse
 from bot.jobs import Created, JobService
 from bot.models import Job
@@ -47,7 +46,7 @@ class JobFlow:
     ) -> Created | None:
         """Accept an ``/imagine`` with its parsed parameters (and stored input images)."""
         return await self.accept(
-            interaction, lambda actor: self.jobs.create_imagine(actor, params), inputs=inputs
+            interaction, lambda actor: self.jobs.create_imagine(actor, params, inputs=inputs)
         )
 
     async def imagine_many(
@@ -69,9 +68,9 @@ class JobFlow:
                 actor = dataclasses.replace(actor, application_id=None, interaction_token=None)
 
             def create(_actor: Actor, actor: Actor = actor, params: GenerationParams = params) -> Any:
-                return self.jobs.create_imagine(actor, params)
+                return self.jobs.create_imagine(actor, params, inputs=inputs)
 
-            problem = await self.start(interaction, create, inputs=inputs, first=not index)
+            problem = await self.start(interaction, create, first=not index)
             if isinstance(problem, str):
                 if index:
                     await interaction.followup.send(
@@ -116,11 +115,9 @@ class JobFlow:
         self,
         interaction: discord.Interaction[Any],
         create: Callable[[Actor], Awaitable[Created]],
-        *,
-        inputs: Mapping[str, Sequence[str]] | None = None,
     ) -> Created | None:
         """Defer, create the job, then start it; returns None when it was refused."""
-        result = await self.start(interaction, create, inputs=inputs, first=True)
+        result = await self.start(interaction, create, first=True)
         return result if isinstance(result, Created) else None
 
     async def start(
@@ -128,7 +125,6 @@ class JobFlow:
         interaction: discord.Interaction[Any],
         create: Callable[[Actor], Awaitable[Created]],
         *,
-        inputs: Mapping[str, Sequence[str]] | None = None,
         first: bool = True,
     ) -> Created | str | None:
         """Create and start one job: the job, or the refusal's text (already told if ``first``)."""
@@ -151,10 +147,6 @@ class JobFlow:
         if channel_is_nsfw(interaction.channel):
             # Recorded before the job runs: its result is judged in the channel it came from.
             await self.tracker.results.remember_nsfw_channel(job)
-        if inputs:
-            # Recorded before the job is released, so its worker message can carry them.
-            async with self.jobs.sessions() as session, session.begin():
-                attach_inputs(session, job.id, inputs)
         delivery = self.tracker.delivery
         delivery.remember_limit(job.id, interaction.filesize_limit)
         if job.kind == JobKind.CROP.value:

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import base64
+import io
 from pathlib import Path
 from typing import Any
 
 import pytest
+from PIL import Image as PILImage
+from sqlalchemy import select
 
-from bot.models import JobStatus
+from bot.models import JobInput, JobStatus
 from tests.botutil import (
     EPHEMERAL,
     FakeDispatcher,
@@ -15,6 +19,7 @@ from tests.botutil import (
     bot_harness,
     credits_used,
     custom_ids,
+    png_bytes,
 )
 from workers.schema import JobKind
 
@@ -105,3 +110,81 @@ async def test_member_default_engine_applies(h: Harness) -> None:
     assert job.engine == "openai"
     job = await h.job_for(await h.imagine("but not here --model sdxl"))
     assert job.engine == "sdxl"
+
+
+# --- plans, notes, images, banned words and speed classes --------------------------------------
+
+
+async def private_followup(h: Harness, inter: Any) -> dict[str, Any]:
+    """The first private message sent after the command was deferred."""
+    request = await h.fake.wait_for_request(
+        lambda r: (
+            r.interaction_token == inter.token
+            and r.route == "webhook_execute"
+            and bool((r.message_payload.get("flags") or 0) & EPHEMERAL)
+        )
+    )
+    return request.message_payload
+
+
+async def test_the_parser_notes_are_shown_privately(h: Harness) -> None:
+    inter = await h.imagine("a red fox --exp 20")
+    await h.dispatcher.wait_sent(1)
+    note = await private_followup(h, inter)
+    assert "`--exp`" in note["content"] and note["content"].startswith("-# ")
+
+
+async def test_an_unmapped_model_profile_runs_on_the_default_model_with_a_note(h: Harness) -> None:
+    inter = await h.imagine("a red fox --v 6.1")
+    [request] = await h.dispatcher.wait_sent(1)
+    assert request.params.model_profile == "6.1" and h.dispatcher.routed[request.job_id] == "gpu"
+    note = await private_followup(h, inter)
+    assert "`--v 6.1` is not set up on this server; the default model is used." in note["content"]
+
+
+async def test_an_attachment_becomes_the_jobs_stored_input_and_reference(h: Harness) -> None:
+    picture = h.fake.upload_attachment("cat.png", png_bytes(32, 24))
+    inter = await h.fake.slash("imagine", {"prompt": "a cat in a hat", "image": picture})
+    [request] = await h.dispatcher.wait_sent(1)
+    job = await h.job_for(inter)
+    async with h.sessions() as session:
+        rows = (await session.scalars(select(JobInput).where(JobInput.job_id == job.id))).all()
+    assert [(row.role, row.index) for row in rows] == [("image", 0)]
+    assert PILImage.open(io.BytesIO(await h.store.get(rows[0].key))).size == (32, 24)
+    [reference] = request.references["prompt"]
+    assert PILImage.open(io.BytesIO(base64.b64decode(reference))).size == (32, 24)
+
+
+async def test_an_attachment_that_is_not_an_image_is_refused_by_name_and_free(h: Harness) -> None:
+    notes = h.fake.upload_attachment("notes.txt", b"just text", "text/plain")
+    inter = await h.fake.slash("imagine", {"prompt": "a cat", "image": notes})
+    refusal = await private_followup(h, inter)
+    assert "notes.txt" in refusal["content"] and "Nothing was charged" in refusal["content"]
+    assert await h.job_count() == 0 and await credits_used(h, h.fake.user.id) == 0
+
+
+async def test_banned_words_are_refused_by_name_before_anything_is_charged(
+    tmp_path: Path, sqlite_url: str
+) -> None:
+    async with bot_harness(tmp_path, sqlite_url, FakeDispatcher(), banned_words="gore, bare skin") as h:
+        inter = await h.imagine("a {calm, gore} scene")
+        callback = await inter.callback()
+        assert callback.callback_type == 4 and callback.message_payload["flags"] & EPHEMERAL
+        assert "`gore`" in callback.message_payload["content"]
+        assert await h.job_count() == 0 and await credits_used(h, h.fake.user.id) == 0
+
+
+async def test_relax_costs_less_and_turbo_is_released_first(tmp_path: Path, sqlite_url: str) -> None:
+    async with bot_harness(
+        tmp_path, sqlite_url, FakeDispatcher(), max_running_per_member=1, relax_cost_factor=0
+    ) as h:
+        first = await h.job_for(await h.imagine("first --fast"))
+        relaxed = await h.job_for(await h.imagine("later --relax"))
+        turbo = await h.job_for(await h.imagine("urgent --turbo"))
+        assert (first.cost, relaxed.cost, turbo.cost) == (1, 0, 1)
+        await h.dispatcher.wait_sent(1)
+        h.dispatcher.succeed(first.id)
+        h.bot.tracker.wake()
+        await h.wait_job(turbo.id, lambda j: j.status != JobStatus.WAITING)
+        assert (await h.job(relaxed.id)).status == JobStatus.WAITING
+        assert [r.job_id for r in h.dispatcher.sent] == [first.id, turbo.id]
