@@ -77,7 +77,8 @@ async def create(
     payload: dict[str, Any],
     expires_in_s: float,
 ) -> str:
-    """Store a pending question; returns its id."""
+    """Store a pending question; returns its id. Questions nobody answered in time go first."""
+    await purge_expired(sessions)
     async with sessions() as session, session.begin():
         row = PendingConfirmation(
             user_id=user_id,

@@ -91,3 +91,31 @@ async def test_yes_after_a_restart_starts_every_job_once(h: Harness) -> None:
     again = await h.fake.press(answer_id(message, "yes"), message)
     assert (await again.callback()).message_payload["content"] == EXPIRED
     assert await h.job_count() == 3
+
+
+async def test_a_job_refused_for_credits_stops_the_rest_with_a_clear_message(
+    tmp_path: Path, sqlite_url: str
+) -> None:
+    async with bot_harness(tmp_path, sqlite_url, FakeDispatcher(), credit_limit=2) as h:
+        message = await ask(h, "a {red, blue, green} fox")
+        press = await h.fake.press(answer_id(message, "yes"), message)
+        request = await h.fake.wait_for_request(
+            lambda r: (
+                r.interaction_token == press.token
+                and r.route == "webhook_execute"
+                and "Started 2 of 3 jobs" in (r.message_payload.get("content") or "")
+            )
+        )
+        said = request.message_payload
+        assert said["flags"] & EPHEMERAL
+        assert "the other 1 were not started and nothing was charged for them" in said["content"]
+        assert "You have 0 credits left" in said["content"]
+        assert await h.job_count() == 2 and await credits_used(h, h.fake.user.id) == 2
+
+
+async def test_expired_questions_are_purged_when_the_next_is_asked(h: Harness) -> None:
+    await ask(h, "a {red, blue} fox")
+    async with h.sessions() as session, session.begin():
+        await session.execute(update(PendingConfirmation).values(expires_at=utcnow() - timedelta(seconds=1)))
+    await ask(h, "a {big, small} fox")
+    assert await pending_count(h) == 1
