@@ -24,6 +24,7 @@ from PIL import Image
 
 from workers import imaging
 from workers.image_input import decode_image, paste_outside, region_mask
+from workers.openai_engine import canvas
 from workers.openai_engine.models import (
     EDIT_FALLBACK_MODEL,
     ModelSpec,
@@ -44,7 +45,9 @@ from workers.schema import (
     b64decode_text,
 )
 
-DALLE2_MAX_UPLOAD = 4 * 1024 * 1024  # dall-e-2 rejects uploads of 4 MB or more (image and mask each)
+DALLE2_MAX_UPLOAD = 4 * 1024 * 1024
+# Subtle vary is img2img 0.5 on SDXL, strong 0.85; the API has no strength, so the split is by wording.
+SUBTLE_BELOW = 0.7  # dall-e-2 rejects uploads of 4 MB or more (image and mask each)
 
 # What each kind of reference asks of the model, in the order the pictures are attached.
 ROLE_INSTRUCTIONS: dict[str, str] = {
@@ -292,3 +295,81 @@ def plan_region(request: JobRequest, spec: ModelSpec) -> Plan:
         notes,
         finish=lambda result: paste_outside(result, picture, region, feather),
     )
+
+
+def plan_variation(request: JobRequest, spec: ModelSpec, image: Image.Image) -> Plan:
+    """VARIATION: dall-e-2's variation endpoint, else a GPT image edit worded subtle or strong."""
+    notes: list[str] = []
+    if spec.variations:
+        # dall-e-2's own endpoint: square input, no prompt, which is what it is good at.
+        size = (1024, 1024)
+        if image.width != image.height:
+            notes.append("dall-e-2 variations are square: the centre of the image was used.")
+        png = imaging.encode_png(canvas.centre_square(image, size[0]))
+        upload = ("image.png", png, "image/png")
+        calls = [
+            Call(
+                lambda client, n=n: client.images.create_variation(
+                    image=upload, model=spec.name, n=n, size=size_text(size), response_format="b64_json"
+                ),
+                n,
+            )
+            for n in batches(request.count, spec.max_n)
+        ]
+        return Plan(calls, spec.name, size, notes)
+
+    # dall-e-3 has neither variations nor edits. A gpt-image-1 edit keeps the image's aspect
+    # ratio and follows the prompt; dall-e-2's variation endpoint would force a square and a
+    # different, older look, so gpt-image-1 is the closer fallback.
+    edit_spec = spec if spec.edits else model_spec(EDIT_FALLBACK_MODEL)
+    if edit_spec is not spec:
+        notes.append(f"{spec.name} has no variations: made with {edit_spec.name} image edits.")
+    subtle = request.strength is not None and request.strength < SUBTLE_BELOW
+    instruction = (
+        "A subtle variation of the input image: keep its composition, subject, palette and "
+        "style; change only small details."
+        if subtle
+        else "A strong variation of the input image: same subject and style, with a freely "
+        "reimagined composition, pose and details."
+    )
+    size = nearest_size(edit_spec.edit_sizes, image.width, image.height)
+    options = edit_options(edit_spec, request.params, size, instruction)
+    if edit_spec.name == "gpt-image-1":
+        # The nearest thing the API has to a denoise strength.
+        options["input_fidelity"] = "high" if subtle else "low"
+    upload = ("image.png", imaging.encode_png(image.convert("RGB")), "image/png")
+    calls = [
+        Call(lambda client, n=n: client.images.edit(image=upload, n=n, **options), n)
+        for n in batches(request.count, edit_spec.max_n)
+    ]
+    return Plan(calls, edit_spec.name, size, notes)
+
+
+def plan_outpaint(
+    request: JobRequest, spec: ModelSpec, image: Image.Image, layout: canvas.Layout, what: str
+) -> Plan:
+    """ZOOM / PAN / SQUARE: the layout's canvas and mask as one edit (``what`` names it in notes)."""
+    notes: list[str] = []
+    edit_spec = spec if spec.edits else model_spec(EDIT_FALLBACK_MODEL)
+    if edit_spec is not spec:
+        notes.append(f"{spec.name} cannot edit images: this {what} was made with {edit_spec.name}.")
+    sizes = edit_spec.edit_sizes
+    if edit_spec.square_edits and abs(layout.width - layout.height) > 1:
+        notes.append(f"{edit_spec.name} edits are square: the result is square.")
+    for index in range(len(sizes)):
+        # dall-e-2 refuses uploads of 4 MB or more; a busy 1024² RGBA PNG can reach that.
+        candidates = sizes[index:] if edit_spec.square_edits else sizes
+        padded, mask, size = canvas.outpaint_canvas(image, layout, candidates)
+        image_png, mask_png = imaging.encode_png(padded), imaging.encode_png(mask)
+        if not edit_spec.square_edits or max(len(image_png), len(mask_png)) < DALLE2_MAX_UPLOAD:
+            break
+    else:
+        raise WorkerError(ErrorCode.BAD_INPUT, "The image is too large to send to OpenAI.")
+    options = edit_options(edit_spec, request.params, size, None)
+    upload = ("image.png", image_png, "image/png")
+    mask_upload = ("mask.png", mask_png, "image/png")
+    calls = [
+        Call(lambda client, n=n: client.images.edit(image=upload, mask=mask_upload, n=n, **options), n)
+        for n in batches(request.count, edit_spec.max_n)
+    ]
+    return Plan(calls, edit_spec.name, size, notes)
