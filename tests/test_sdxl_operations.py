@@ -300,3 +300,11 @@ def test_custom_zoom_canvas_geometry() -> None:
     rows, cols = np.flatnonzero(keep.any(axis=1)), np.flatnonzero(keep.any(axis=0))
     assert (rows[0], rows[-1], cols[0], cols[-1]) == (16, 47, 48, 79)  # 32 px, centred
     assert np.asarray(canvas)[16:48, 48:80].max() == 9
+
+
+def test_upscale_ignores_weird_so_every_tile_shares_one_prompt(plain: SDXLEngine) -> None:
+    source = _b64(_picture((180, 120, 60)))
+    plain_up = plain.run(_request(JobKind.UPSCALE, input_image=source, count=1))
+    weird_up = plain.run(_request(JobKind.UPSCALE, input_image=source, count=1, params={"weird": 2000}))
+    assert _same(plain_up, weird_up)
+    assert not any("--weird" in note for note in weird_up.notes)

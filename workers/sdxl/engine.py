@@ -369,6 +369,8 @@ class SDXLEngine(Operations, Outpainting, Upscaling):
         encoded, loras = text_params(params)
         self._apply_loras(loras)
         upscale = request.kind is JobKind.UPSCALE
+        if upscale:  # per-tile --weird offsets would give each tile of one picture another prompt
+            encoded = encoded.model_copy(update={"weird": 0})
         draft = params.draft and not upscale
         steps = draft_steps(params.step_count) if draft else params.step_count
         job = Job(
