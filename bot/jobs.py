@@ -25,6 +25,7 @@ from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from bot import quota
+from bot.access import check_actor, check_fits
 from bot.banned_words import BannedWordRules, banned_words_message, check_prompt
 from bot.dispatch import Dispatcher
 from bot.inputs import attach_inputs
@@ -44,6 +45,7 @@ from bot.operations import (
     resolve_engine,
     resolve_visibility,
 )
+from bot.pricing import job_price
 from bot.profiles import Prompting, profile_queues
 from bot.results import Results
 from bot.settings import BotSettings
@@ -117,9 +119,19 @@ class JobService:
 
     # --- costs -------------------------------------------------------------------------------
 
-    def cost_of(self, kind: JobKind, engine: Engine, speed: str | None = None) -> int:
-        """Credits a job costs (by default grid 1 / 2, upscale 1, crop 0; ``--relax`` less)."""
-        return job_cost(self.settings, kind, engine, speed)
+    def cost_of(
+        self,
+        kind: JobKind,
+        engine: Engine,
+        speed: str | None = None,
+        *,
+        params: GenerationParams | None = None,
+        scale: float | None = None,
+    ) -> int:
+        """Credits a job costs: the configured base, priced by its work when ``params`` are known."""
+        if params is None:
+            return job_cost(self.settings, kind, engine, speed)
+        return job_price(self.settings, kind, engine, params, scale=scale)
 
     # --- creation ----------------------------------------------------------------------------
 
@@ -160,16 +172,16 @@ class JobService:
         of a seeded grid is reproducible too. ``params`` replaces the parent's parameters where
         the member edited them (Custom Zoom's prompt and ``--ar``, Vary (Region)'s prompt).
         """
+        check_fits(parent, operation, parent_index, actor)
         parent_params = params if params is not None else generation_params(parent)
 
         def plan(member: Member) -> _Plan:
-            """The parent's prompt and engine; the presser's visibility unless they own it."""
-            # The owner keeps the parent's visibility (a stealth grid stays stealth); anyone else
-            # pressing a public job's button gets their own mode.
-            if parent.user_id == actor.user_id:
-                visibility = Visibility(parent.visibility)
-            else:
-                visibility = resolve_visibility(None, member, self.settings)
+            """The parent's prompt and engine; the presser's current visibility mode."""
+            # The member's mode now applies to everything they start, also from their older public
+            # grids; their own stealth grid stays stealth even after they switched back to public.
+            visibility = resolve_visibility(None, member, self.settings)
+            if parent.user_id == actor.user_id and parent.visibility == Visibility.STEALTH.value:
+                visibility = Visibility.STEALTH
             seed = random_seed() if operation.kind == JobKind.REROLL else parent.seed
             return _Plan(
                 params=parent_params,
@@ -190,6 +202,7 @@ class JobService:
         inputs: Mapping[str, Sequence[str]] | None = None,
     ) -> Created:
         async with self.sessions() as session, session.begin():
+            await check_actor(session, self.settings, actor)
             member = await quota.get_or_create_member(
                 session, actor.guild_id, actor.user_id, actor.display_name
             )
@@ -216,7 +229,7 @@ class JobService:
                 engine=plan.engine.value,
                 visibility=plan.visibility.value,
                 status=initial_status(operation.kind).value,
-                cost=self.cost_of(operation.kind, plan.engine, plan.params.speed),
+                cost=self.cost_of(operation.kind, plan.engine, params=plan.params, scale=operation.scale),
                 application_id=actor.application_id,
                 interaction_token=actor.interaction_token,
                 created_at=utcnow(),

@@ -7,6 +7,7 @@ asked about first (``bot.confirm``); nothing is charged until Yes. Every refusal
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -19,7 +20,7 @@ from bot import confirm
 from bot.banned_words import BannedWordRules, banned_words_message, check_prompt
 from bot.imagefetch import FetchLimits, ImageInputError
 from bot.inputs import InputKeys, fetch_inputs, keys_payload, store_inputs
-from bot.interactions import refuse
+from bot.interactions import DATABASE_ERRORS, DATABASE_UNAVAILABLE, refuse
 from bot.operations import resolve_engine
 from bot.prompt import PromptError, PromptPlan, plan_prompts
 from bot.prompt_prefs import apply_prefs, load_prefs
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CONFIRM_KIND = "imagine"
+PREFS_BUDGET_S = 1.5  # of Discord's 3 s to answer the command
 CONFIRM_COST = 4  # credits in total from which a single /imagine is asked about too
 
 
@@ -71,8 +73,14 @@ class Imagine(commands.Cog):
     ) -> None:
         """Plan the prompt; a mistake is answered privately and costs nothing."""
         bot = self.bot
-        async with bot.sessions() as session:
-            member, prefs = await load_prefs(session, interaction.guild_id or 0, interaction.user.id)
+        try:
+            # Within Discord's 3 s: a database too slow or down is said so, and nothing is charged.
+            async with asyncio.timeout(PREFS_BUDGET_S), bot.sessions() as session:
+                member, prefs = await load_prefs(session, interaction.guild_id or 0, interaction.user.id)
+        except DATABASE_ERRORS:
+            log.warning("could not read the preferences of %s", interaction.user.id, exc_info=True)
+            await interaction.response.send_message(DATABASE_UNAVAILABLE, ephemeral=True)
+            return
         prompting = bot.jobs.prompting
         try:
             plan = plan_prompts(apply_prefs(prompt, prefs), styles=prompting.presets)
@@ -89,7 +97,7 @@ class Imagine(commands.Cog):
         for params in plan.params:
             notes += [note for note in prompting.notes(params) if note not in notes]
         cost = sum(
-            bot.jobs.cost_of(JobKind.IMAGINE, resolve_engine(params, member, bot.settings), params.speed)
+            bot.jobs.cost_of(JobKind.IMAGINE, resolve_engine(params, member, bot.settings), params=params)
             for params in plan.params
         )
         ask = plan.needs_confirmation or cost >= CONFIRM_COST
