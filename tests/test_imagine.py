@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import base64
 import io
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 from PIL import Image as PILImage
 from sqlalchemy import select
+from sqlalchemy.exc import OperationalError
 
+from bot.interactions import DATABASE_UNAVAILABLE
 from bot.models import JobInput, JobStatus
 from tests.botutil import (
     EPHEMERAL,
@@ -188,3 +191,17 @@ async def test_relax_costs_less_and_turbo_is_released_first(tmp_path: Path, sqli
         await h.wait_job(turbo.id, lambda j: j.status != JobStatus.WAITING)
         assert (await h.job(relaxed.id)).status == JobStatus.WAITING
         assert [r.job_id for r in h.dispatcher.sent] == [first.id, turbo.id]
+
+
+async def test_preferences_that_cannot_be_read_are_said_so_and_nothing_is_charged(
+    h: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def database_down(*_args: Any, **_kwargs: Any) -> Any:
+        raise OperationalError("SELECT", {}, ConnectionRefusedError("database down"))
+
+    # discord.py loaded the cog as an extension: patch the module it runs.
+    monkeypatch.setattr(sys.modules["bot.cogs.imagine"], "load_prefs", database_down)
+    inter = await h.imagine("a red fox")
+    callback = await inter.callback()
+    assert callback.callback_type == 4 and callback.message_payload["content"] == DATABASE_UNAVAILABLE
+    assert await h.job_count() == 0 and h.dispatcher.sent == []
