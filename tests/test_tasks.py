@@ -34,6 +34,7 @@ from workers.schema import (
     ErrorCode,
     GenerationParams,
     ImageFormat,
+    JobFailed,
     JobKind,
     JobRequest,
     Layout,
@@ -507,3 +508,39 @@ def test_warm_up_loads_the_served_engines_and_survives_failures(
     assert loaded == [OPENAI]
     monkeypatch.setenv(tasks.ENV_WORKER_QUEUES, "api")
     assert tasks.served_engines(runtime) == [OPENAI]
+
+
+def test_a_gated_engine_retries_its_load_until_it_succeeds_and_is_marked_ready(
+    runtime: WorkerRuntime, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from workers.runtime import ENV_READY_DIR, ready_pids
+
+    monkeypatch.setenv(ENV_READY_DIR, str(tmp_path / "ready"))
+    attempts: list[int] = []
+
+    def flaky(settings: WorkerSettings) -> FakeEngine:
+        attempts.append(1)
+        if len(attempts) < 3:
+            raise WorkerError(ErrorCode.ENGINE_UNAVAILABLE, "SDXL model folder '/m' does not exist.")
+        return FakeEngine()
+
+    runtime.loaders[SDXL] = flaky
+    slept: list[float] = []
+    with caplog.at_level("ERROR", logger="workers.runtime"):
+        runtime.warm_up([SDXL], retry=True, sleep=slept.append)
+    assert len(attempts) == 3 and slept == [runtime.settings.model_retry_s] * 2
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 2
+    assert "warm-up of the sdxl engine failed: SDXL model folder '/m' does not exist" in errors[0]
+    assert "takes no sdxl jobs until it loads" in errors[0]
+    assert ready_pids(SDXL) == [os.getpid()]
+
+
+def test_a_failed_outcome_raises_job_failed_and_a_result_is_returned() -> None:
+    ok = {"result": None, "error": None}
+    assert tasks.finish_task(SDXL, ok) is ok
+    failed = {"result": None, "error": {"job_id": "j", "code": "bad_input", "message": "Unreadable image."}}
+    with pytest.raises(JobFailed) as info:
+        tasks.finish_task(SDXL, failed)
+    assert info.value.args == ("bad_input", "Unreadable image.")
+    assert info.value.error_code is ErrorCode.BAD_INPUT
