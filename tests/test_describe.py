@@ -231,6 +231,14 @@ def test_task_describes_with_openai_when_the_job_says_so() -> None:
     assert len(outcome.describe.prompts) == 4
 
 
+def test_task_describes_with_openai_for_a_job_with_an_openai_model() -> None:
+    with FakeOpenAIServer(KEY) as server:
+        raw = describe_job(picture((64, 128)), openai_model="gpt-image-1")
+        outcome = TaskOutcome.model_validate(describe_outcome("describe-1", raw, openai_settings(server)))
+        assert [r.path for r in server.requests] == ["/v1/chat/completions"]
+    assert outcome.describe is not None and outcome.describe.model == "gpt-4o-mini"
+
+
 def test_task_failures_are_typed_errors() -> None:
     config = settings(openai_api_key="")
     no_key = describe_job(picture(), params={"prompt": "", "engine": "openai"})

@@ -15,9 +15,10 @@ Either way each suggestion is cleaned so it is safe to paste back into ``/imagin
 
 The Celery task ``mirage.describe.run`` (``TASK_DESCRIBE``, registered in :mod:`workers.tasks`)
 takes a ``JobRequest`` of kind ``DESCRIBE`` with the picture in ``input_image`` and answers a
-``TaskOutcome`` whose ``describe`` is a :class:`~workers.schema.DescribeResult`. A request whose
-``params.engine`` is ``openai`` (the bot sends those to the ``api`` queue) is described by
-OpenAI; any other by the local captioner (``gpu`` queue), loaded once per worker process.
+``TaskOutcome`` whose ``describe`` is a :class:`~workers.schema.DescribeResult`. A request for
+the OpenAI engine (``params.engine`` openai, or an ``openai_model`` set, as the bot does for jobs
+it sends to the ``api`` queue) is described by OpenAI; any other by the local captioner (``gpu``
+queue), loaded once per worker process.
 """
 
 from __future__ import annotations
@@ -376,13 +377,13 @@ def _source(model: str) -> str:
 
 
 def describe_request(request: JobRequest, settings: WorkerSettings) -> DescribeResult:
-    """``/describe`` for a DESCRIBE job: OpenAI when ``params.engine`` is openai, else the captioner."""
+    """``/describe`` for a DESCRIBE job: OpenAI for an OpenAI job, else the local captioner."""
     if request.kind is not JobKind.DESCRIBE:
         raise WorkerError(ErrorCode.BAD_INPUT, f"The describe task does not run {request.kind} jobs.")
     if not request.input_image:
         raise WorkerError(ErrorCode.BAD_INPUT, "/describe needs a picture.")
     started = time.perf_counter()
-    if request.params.engine is Engine.OPENAI:
+    if request.params.engine is Engine.OPENAI or request.openai_model is not None:
         description = describe_openai(request.input_image, settings, label="the picture")
         model = settings.openai_describe_model
     else:
