@@ -205,3 +205,29 @@ async def test_preferences_that_cannot_be_read_are_said_so_and_nothing_is_charge
     callback = await inter.callback()
     assert callback.callback_type == 4 and callback.message_payload["content"] == DATABASE_UNAVAILABLE
     assert await h.job_count() == 0 and h.dispatcher.sent == []
+
+
+async def test_image_urls_and_references_are_fetched_stored_and_sent_by_role(h: Harness) -> None:
+    imagine_cog: Any = h.bot.get_cog("Imagine")
+    imagine_cog.allow_addresses = (f"127.0.0.1:{h.fake.port}",)
+    first = h.fake.upload_attachment("first.png", png_bytes(20, 10))["url"]
+    style = h.fake.upload_attachment("style.png", png_bytes(12, 12))["url"]
+    inter = await h.imagine(f"{first} a lighthouse --sref {style} --seed 3")
+    [request] = await h.dispatcher.wait_sent(1)
+    sizes = {
+        role: [PILImage.open(io.BytesIO(base64.b64decode(data))).size for data in pictures]
+        for role, pictures in request.references.items()
+    }
+    assert sizes == {"prompt": [(20, 10)], "style": [(12, 12)]}
+    assert (await h.job_for(inter)).prompt == "a lighthouse"
+
+
+async def test_an_image_url_that_cannot_be_fetched_is_named_and_nothing_is_charged(h: Harness) -> None:
+    imagine_cog: Any = h.bot.get_cog("Imagine")
+    imagine_cog.allow_addresses = (f"127.0.0.1:{h.fake.port}",)
+    missing = f"{h.fake.base_url}/attachments/1/2/gone.png"
+    inter = await h.imagine(f"a lighthouse --cref {missing}")
+    refusal = await private_followup(h, inter)
+    assert "--cref image 1" in refusal["content"] and "gone.png" in refusal["content"]
+    assert "Nothing was charged" in refusal["content"]
+    assert await h.job_count() == 0 and await credits_used(h, h.fake.user.id) == 0
