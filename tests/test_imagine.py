@@ -231,3 +231,23 @@ async def test_an_image_url_that_cannot_be_fetched_is_named_and_nothing_is_charg
     assert "--cref image 1" in refusal["content"] and "gone.png" in refusal["content"]
     assert "Nothing was charged" in refusal["content"]
     assert await h.job_count() == 0 and await credits_used(h, h.fake.user.id) == 0
+
+
+async def test_a_mapped_profile_and_the_house_style_reach_the_worker_message_only(
+    tmp_path: Path, sqlite_url: str
+) -> None:
+    profiles = '{"7": {"queue": "gpu-v7", "loras": {"detail": 0.5}, "style": "cinematic"}}'
+    dispatcher = FakeDispatcher()
+    dispatcher.profile_queues = {}  # type: ignore[attr-defined]
+    async with bot_harness(
+        tmp_path, sqlite_url, dispatcher, model_profiles=profiles, house_style="anime"
+    ) as h:
+        assert dispatcher.profile_queues == {"7": "gpu-v7"}  # type: ignore[attr-defined]
+        v7 = await h.job_for(await h.imagine("a fox --v 7"))
+        housed = await h.job_for(await h.imagine("a cat"))
+        raw = await h.job_for(await h.imagine("a dog --style raw"))
+        requests = {r.job_id: r.params for r in await h.dispatcher.wait_sent(3)}
+        assert v7.prompt == "a fox" and requests[v7.id].prompt == "a fox <lora:detail:0.5>"
+        assert requests[v7.id].style == "cinematic" and requests[housed.id].style == "anime"
+        assert requests[raw.id].style is None and requests[raw.id].parts == ()
+        assert "anime" not in str(housed.params.get("style"))  # the stored job keeps what was typed
