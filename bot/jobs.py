@@ -24,12 +24,12 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from bot import quota
+from bot import job_stats, quota
 from bot.access import check_actor, check_fits
 from bot.banned_words import BannedWordRules, banned_words_message, check_prompt
 from bot.dispatch import Dispatcher
 from bot.inputs import attach_inputs
-from bot.lifecycle import ACTIVE, PENDING, Lifecycle, initial_status, values_of
+from bot.lifecycle import ACTIVE, PENDING, Lifecycle, initial_status, release_lock, values_of
 from bot.logconfig import job_context
 from bot.models import Job, JobStatus, Member, utcnow
 from bot.operations import (
@@ -304,7 +304,9 @@ class JobService:
         Returns how many were sent. A send that fails leaves the job waiting for the next
         release (the tracker calls ``release_all`` periodically).
         """
-        async with self._lock(member_id):
+        # The in-process lock spares this process's tasks a database round trip; the advisory
+        # lock makes the decision safe against other bot processes on the same PostgreSQL.
+        async with self._lock(member_id), release_lock(self.sessions, member_id):
             async with self.sessions() as session:
                 active = await session.scalar(
                     select(func.count())
@@ -377,34 +379,12 @@ class JobService:
         )
         return failed is not None
 
-    # --- queries for /info and /status ---------------------------------------------------------
+    # --- queries for /info and /status (bot.job_stats) -----------------------------------------
 
     async def member_counts(self, member_id: int) -> dict[str, int]:
         """The member's jobs per pending status."""
-        async with self.sessions() as session:
-            rows = await session.execute(
-                select(Job.status, func.count())
-                .where(Job.member_id == member_id, Job.status.in_(PENDING_STATUSES))
-                .group_by(Job.status)
-            )
-            return {status: n for status, n in rows.all()}
+        return await job_stats.member_counts(self.sessions, member_id)
 
     async def status_counts(self, since: datetime) -> dict[str, Any]:
         """Counts for ``/status``: pending jobs per status and engine, and the last hour's results."""
-        async with self.sessions() as session:
-            pending = (
-                await session.execute(
-                    select(Job.engine, Job.status, func.count())
-                    .where(Job.status.in_(PENDING_STATUSES), Job.kind != JobKind.CROP.value)
-                    .group_by(Job.engine, Job.status)
-                )
-            ).all()
-            recent = (
-                await session.execute(
-                    select(Job.status, func.count()).where(Job.created_at >= since).group_by(Job.status)
-                )
-            ).all()
-        return {
-            "pending": {(engine, status): n for engine, status, n in pending},
-            "recent": {status: n for status, n in recent},
-        }
+        return await job_stats.status_counts(self.sessions, since)

@@ -22,7 +22,8 @@ Nothing outside this module writes ``Job.status`` or ``Job.delivered``.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -167,6 +168,23 @@ async def open_work(
         ).all()
         waiting = await session.scalar(select(Job.id).where(Job.status == WAITING.value).limit(1))
     return OpenWork(active, crops, undelivered, waiting is not None)
+
+
+RELEASE_LOCK_SPACE = 0x4D52  # "MR": the advisory-lock namespace of per-member release decisions
+
+
+@asynccontextmanager
+async def release_lock(sessions: async_sessionmaker[AsyncSession], member_id: int) -> AsyncIterator[None]:
+    """Hold a member's release decision against other bot processes until the block ends.
+
+    On PostgreSQL a transaction-scoped advisory lock on its own connection, so two processes
+    that finish jobs of the same member at once cannot both see a free slot and send two jobs.
+    SQLite serves one machine and one bot process per database file: nothing to take there.
+    """
+    async with sessions() as session:
+        if session.bind is not None and session.bind.dialect.name == "postgresql":
+            await session.execute(select(func.pg_advisory_xact_lock(RELEASE_LOCK_SPACE, member_id)))
+        yield
 
 
 class Lifecycle:
