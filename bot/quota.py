@@ -259,21 +259,22 @@ async def refund(session: AsyncSession, job_id: str, now: datetime | None = None
 
     Returns True when this call refunded, False when the job was never reserved or was already
     refunded (also when another transaction refunds it concurrently: the UNIQUE(job_id, kind)
-    insert decides). Allowance credits go back to the current usage, never below 0 (after a
-    period reset or an admin reset there may be nothing left to give back); bonus credits go back
-    to the bonus balance. Does not commit.
+    insert decides). Allowance credits go back to the period they were charged in: to the current
+    usage (never below 0: an admin reset may have cleared it) while that period lasts, nowhere once
+    a new period has started, so a refund after midnight never adds to the new day's allowance.
+    Bonus credits go back to the bonus balance. Does not commit.
     """
     now = _utc(now)
     reserved = (
         await session.execute(
-            select(LEDGER.c.member_id, LEDGER.c.amount, LEDGER.c.note).where(
+            select(LEDGER.c.member_id, LEDGER.c.amount, LEDGER.c.note, LEDGER.c.created_at).where(
                 LEDGER.c.job_id == job_id, LEDGER.c.kind == LedgerKind.RESERVE.value
             )
         )
     ).one_or_none()
     if reserved is None:
         return False
-    member_id, amount, note = reserved
+    member_id, amount, note, charged_at = reserved
     split = _SPLIT_RE.search(note or "")
     from_allowance, from_bonus = (int(split[1]), int(split[2])) if split else (amount, 0)
 
@@ -296,12 +297,18 @@ async def refund(session: AsyncSession, job_id: str, now: datetime | None = None
         return False
 
     used = MEMBERS.c.credits_used
+    # The usage row counts the period that started at period_start; a charge made before that
+    # belonged to a period that is over, and giving it back would enlarge the new one.
+    charged_in_old_period = MEMBERS.c.period_start > literal(_utc(charged_at), UTCDateTime())
     after = (
         await session.execute(
             update(MEMBERS)
             .where(MEMBERS.c.id == member_id)
             .values(
-                credits_used=greatest(used - int_param(from_allowance), int_param(0)),
+                credits_used=case(
+                    (charged_in_old_period, used),
+                    else_=greatest(used - int_param(from_allowance), int_param(0)),
+                ),
                 bonus_credits=MEMBERS.c.bonus_credits + int_param(from_bonus),
             )
             .returning(MEMBERS.c.credits_used, MEMBERS.c.bonus_credits)

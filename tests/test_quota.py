@@ -152,7 +152,7 @@ async def test_concurrent_refunds_credit_once(sessions: Sessions) -> None:
     assert len(await ledger(sessions, LedgerKind.REFUND)) == 1
 
 
-async def test_refund_after_period_reset_never_goes_below_zero(sessions: Sessions) -> None:
+async def test_a_refund_after_midnight_returns_to_the_day_it_was_charged_in(sessions: Sessions) -> None:
     member_id = await new_member(sessions)
     assert await try_reserve(sessions, member_id, "old", 3)
     tomorrow = NOW + timedelta(days=1)
@@ -160,7 +160,21 @@ async def test_refund_after_period_reset_never_goes_below_zero(sessions: Session
     async with sessions() as session, session.begin():
         assert await refund(session, "old", now=tomorrow)
     rep = await get_report(sessions, member_id, now=tomorrow)
-    assert (rep.used, rep.remaining) == (0, 5)
+    assert (rep.used, rep.remaining) == (1, 4)  # the new day's allowance is not enlarged
+    async with sessions() as session, session.begin():
+        assert await refund(session, "new", now=tomorrow)
+    rep = await get_report(sessions, member_id, now=tomorrow)
+    assert (rep.used, rep.remaining) == (0, 5)  # a charge of the same day comes back in full
+
+
+async def test_a_refund_before_any_new_charge_still_returns_to_its_own_period(sessions: Sessions) -> None:
+    member_id = await new_member(sessions)
+    assert await try_reserve(sessions, member_id, "late", 2, now=NOW.replace(hour=23, minute=59))
+    tomorrow = NOW + timedelta(days=1)
+    async with sessions() as session, session.begin():
+        assert await refund(session, "late", now=tomorrow)
+    assert (await get_report(sessions, member_id, now=tomorrow)).remaining == 5
+    assert (await get_report(sessions, member_id, now=NOW)).used == 0  # yesterday got it back
 
 
 # --- periods ------------------------------------------------------------------------------------
