@@ -1,6 +1,9 @@
 """Who may use a command, decided in code on every use, and the one answer to a refusal.
 
-Admins hold the Manage Server permission in that server, or are listed in ``ADMIN_USER_IDS``.
+Admins hold the Manage Server permission in a server the bot's owners approved (listed in
+``ALLOWED_GUILD_IDS`` or approved with ``/mirage guild approve``), or are listed in
+``ADMIN_USER_IDS`` or ``OWNER_USER_IDS``: inviting the bot to one's own server gives no power over
+credits.
 Discord's own default-permission setting is only a hint that server owners can override, so it
 is not relied on. :class:`MirageTree` answers a failed check privately instead of logging it as
 an error: a member trying a command they may not use is not a fault.
@@ -15,11 +18,14 @@ from typing import Any, TypeVar
 import discord
 from discord import app_commands
 
+from bot.access import guild_approved, is_owner
 from bot.settings import BotSettings
 
 log = logging.getLogger(__name__)
 
-NOT_ADMIN = "Only server admins (Manage Server permission) can use this command."
+NOT_ADMIN = (
+    "Only server admins (Manage Server permission) of a server the bot's owner approved can use this command."
+)
 T = TypeVar("T")
 
 
@@ -28,10 +34,21 @@ class Refused(app_commands.CheckFailure):
 
 
 def is_admin(interaction: discord.Interaction[Any], settings: BotSettings) -> bool:
-    """Manage Server in this server, or listed in the configured admin ids."""
-    if interaction.user.id in settings.admin_user_ids:
+    """Listed as an admin or owner, or Manage Server here (approval is checked by :func:`may_admin`)."""
+    if interaction.user.id in settings.admin_user_ids or is_owner(settings, interaction.user.id):
         return True
     return interaction.guild_id is not None and interaction.permissions.manage_guild
+
+
+async def may_admin(interaction: discord.Interaction[Any], settings: BotSettings) -> bool:
+    """Whether the user may run admin commands here: listed, or Manage Server in an approved guild."""
+    if interaction.user.id in settings.admin_user_ids or is_owner(settings, interaction.user.id):
+        return True
+    if not is_admin(interaction, settings) or interaction.guild_id is None:
+        return False
+    sessions = interaction.client.sessions  # type: ignore[attr-defined]
+    async with sessions() as session:
+        return await guild_approved(session, settings, interaction.guild_id)
 
 
 def admin_only() -> Callable[[T], T]:
@@ -39,7 +56,7 @@ def admin_only() -> Callable[[T], T]:
 
     async def predicate(interaction: discord.Interaction[Any]) -> bool:
         settings: BotSettings = interaction.client.settings  # type: ignore[attr-defined]
-        if is_admin(interaction, settings):
+        if await may_admin(interaction, settings):
             return True
         log.info("user %s was refused an admin command", interaction.user.id)
         raise Refused(NOT_ADMIN)

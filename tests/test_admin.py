@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
-from bot.models import JobStatus, Member
+from bot.models import Guild, JobStatus, Member
 from tests.botutil import (
     EPHEMERAL,
     FakeDispatcher,
@@ -22,9 +22,32 @@ pytestmark = pytest.mark.timeout(60)
 
 @pytest.fixture
 async def h(tmp_path: Path, sqlite_url: str) -> Any:
-    """A bot over SQLite with a fake dispatcher."""
+    """A bot over SQLite with a fake dispatcher, serving the fake guild (listed by its owner)."""
+    async with bot_harness(tmp_path, sqlite_url, FakeDispatcher(), start=False) as harness:
+        harness.settings.allowed_guild_ids = [harness.fake.guild.id]
+        await harness.start_bot()
+        yield harness
+
+
+@pytest.fixture
+async def open_bot(tmp_path: Path, sqlite_url: str) -> Any:
+    """A bot that serves any guild (ALLOWED_GUILD_IDS empty), as after a fresh invite."""
     async with bot_harness(tmp_path, sqlite_url, FakeDispatcher()) as harness:
         yield harness
+
+
+async def test_manage_server_in_a_guild_nobody_approved_gives_no_credits_power(open_bot: Harness) -> None:
+    h = open_bot
+    admin_role = h.fake.add_role(h.fake.guild, "mods", permissions=1 << 5)  # MANAGE_GUILD
+    admin = h.fake.add_member(h.fake.guild, "inviter", roles=[admin_role])
+    inter = await h.fake.slash("quota", {"user": admin.user, "amount": 1000}, subcommand="grant", user=admin)
+    callback = await inter.callback()
+    assert callback.message_payload["flags"] & EPHEMERAL
+    assert "approved" in callback.message_payload["content"]
+    async with h.sessions() as session, session.begin():
+        session.add(Guild(id=h.fake.guild.id, name="", approved=True))  # what /mirage guild approve does
+    inter = await h.fake.slash("quota", {"user": admin.user, "amount": 2}, subcommand="grant", user=admin)
+    assert "Granted 2" in (await reply_of(h, inter))["content"]
 
 
 async def test_non_admin_is_refused_quota_and_status(h: Harness) -> None:
