@@ -159,6 +159,8 @@ def create_app(
     app.router.add_get("/p/{token}", views.private_job)
     app.router.add_get("/p/{token}/i/{name}", files.private_image)
     app.router.add_get("/p/{token}/t/{name}", files.private_thumb)
+    app.router.add_get("/in/{job_id}/{name}", files.input_picture)
+    app.router.add_get("/p/{token}/in/{name}", files.private_input)
     app.router.add_get("/edit/{token}", editor.editor)
     app.router.add_post("/edit/{token}", editor.editor_submit)
     app.router.add_get(r"/edit/{token}/image.{ext:png|jpg|webp}", editor.editor_image)

@@ -44,6 +44,7 @@ IMG_ORIGINS_KEY = web.AppKey("img_origins", tuple)
 _ID_RE = re.compile(r"[A-Za-z0-9_-]{1,32}")
 IMAGE_NAME_RE = re.compile(r"(\d{1,2})\.(png|jpg|jpeg|webp)")
 THUMB_NAME_RE = re.compile(r"(\d{1,2})\.webp")
+INPUT_NAME_RE = re.compile(r"(\d)\.png")  # a job's input pictures: at most a handful
 _PAGE_RE = re.compile(r"[0-9]{1,6}")
 
 NOT_FOUND = "Not found"

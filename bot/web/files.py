@@ -20,6 +20,7 @@ from bot.web import queries
 from bot.web.common import (
     IMAGE_CACHE,
     IMAGE_NAME_RE,
+    INPUT_NAME_RE,
     PRIVATE_CACHE,
     SESSIONS_KEY,
     STORE_KEY,
@@ -135,3 +136,25 @@ async def private_thumb(request: web.Request) -> web.StreamResponse:
     claims = link_claims(request, PURPOSE_JOB)
     image = await owned_image_or_404(request, claims, image_index(request, THUMB_NAME_RE))
     return await serve_key(request, await thumbnail_of(request, image.key), "image/webp", cache=PRIVATE_CACHE)
+
+
+async def input_picture(request: web.Request) -> web.StreamResponse:
+    """``/in/{job_id}/{n}.png``: input picture ``n`` of a shown job (stored as a clean PNG)."""
+    job_id = valid_id(request.match_info["job_id"])
+    position = image_index(request, INPUT_NAME_RE)
+    async with request.app[SESSIONS_KEY]() as session:
+        picture = await queries.shown_input(session, job_id, position)
+    if picture is None:
+        raise not_found()
+    return await serve_key(request, picture.key, "image/png", cache=IMAGE_CACHE)
+
+
+async def private_input(request: web.Request) -> web.StreamResponse:
+    """``/p/{token}/in/{n}.png``: an input picture of a private link's job."""
+    claims = link_claims(request, PURPOSE_JOB)
+    position = image_index(request, INPUT_NAME_RE)
+    async with request.app[SESSIONS_KEY]() as session:
+        picture = await queries.owned_input(session, claims.job_id, position, claims.user_id)
+    if picture is None:
+        raise not_found()
+    return await serve_key(request, picture.key, "image/png", cache=PRIVATE_CACHE)

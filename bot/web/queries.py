@@ -10,8 +10,9 @@ found by following ``parent_id``. A family's root is its topmost *shown* ancesto
 at a hidden job, so a public child of a stealth grid heads a family of its own and nothing about
 the hidden parent leaks into a listing.
 
-The one exception to "shown only" is :func:`owned_job_view` and :func:`owned_image`, which serve
-private links: those verify a signed token naming the owner first (``bot.web.app``).
+The one exception to "shown only" is :func:`owned_job_view`, :func:`owned_image` and
+:func:`owned_input`, which serve private links: those verify a signed token naming the owner
+first (``bot.web.app``). A job's input pictures (``job_inputs``) follow their job's rules.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from sqlalchemy import ColumnElement, Select, and_, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import aliased
 
-from bot.models import Favourite, Image, Job, JobStatus, Member
+from bot.models import Favourite, Image, Job, JobInput, JobStatus, Member
 from workers.schema import Visibility
 
 
@@ -69,6 +70,15 @@ class ImageView:
 
 
 @dataclass(frozen=True, slots=True)
+class InputView:
+    """A picture the member gave the job (a /blend image, a /describe picture, an image prompt)."""
+
+    position: int  # 0-based, in the job's order: by role, then as the member gave them
+    role: str
+    key: str
+
+
+@dataclass(frozen=True, slots=True)
 class ParentView:
     """A parent job, present only when it may itself be shown."""
 
@@ -96,6 +106,7 @@ class JobView:
     favourites: int
     images: list[ImageView] = field(default_factory=list)
     family: list[Thumb] = field(default_factory=list)  # the shown family, root first, this job included
+    inputs: list[InputView] = field(default_factory=list)
 
 
 def cover_index(job: Any = Job) -> Any:
@@ -244,6 +255,7 @@ async def _view(
         favourites=favourites,
         images=images,
         family=family,
+        inputs=await job_inputs(session, job.id),
     )
 
 
@@ -313,3 +325,28 @@ async def owned_image(session: AsyncSession, job_id: str, index: int, user_id: i
         )
     ).first()
     return None if image is None else _image_view(image)
+
+
+async def job_inputs(session: AsyncSession, job_id: str) -> list[InputView]:
+    """A job's input pictures in order (call only for a job the caller may show)."""
+    rows = await session.scalars(
+        select(JobInput).where(JobInput.job_id == job_id).order_by(JobInput.role, JobInput.index)
+    )
+    return [InputView(position=n, role=row.role, key=row.key) for n, row in enumerate(rows)]
+
+
+async def shown_input(session: AsyncSession, job_id: str, position: int) -> InputView | None:
+    """Input picture ``position`` of a shown job, or None."""
+    if await session.scalar(select(Job.id).where(Job.id == job_id, *shown())) is None:
+        return None
+    inputs = await job_inputs(session, job_id)
+    return inputs[position] if 0 <= position < len(inputs) else None
+
+
+async def owned_input(session: AsyncSession, job_id: str, position: int, user_id: int) -> InputView | None:
+    """Input picture ``position`` of a finished job of ``user_id``, whatever its visibility."""
+    owned = select(Job.id).where(Job.id == job_id, Job.user_id == user_id, Job.status == JobStatus.DONE.value)
+    if await session.scalar(owned) is None:
+        return None
+    inputs = await job_inputs(session, job_id)
+    return inputs[position] if 0 <= position < len(inputs) else None

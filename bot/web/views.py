@@ -178,6 +178,9 @@ def _job_context(job: queries.JobView, *, base: str, private: bool, og_base: str
     def thumb_src(index: int) -> str:
         return f"{base}/t/{int(index)}.webp" if private else pages.thumb_url(job.job_id, index)
 
+    def input_src(position: int) -> str:
+        return f"{base}/in/{int(position)}.png" if private else f"/in/{job.job_id}/{int(position)}.png"
+
     og_image = og_base.rstrip("/") + img_src(hero.index, hero.ext) if hero is not None and og_base else ""
     return {
         "title": pages.shorten(job.prompt, 70) or "Untitled",
@@ -187,6 +190,7 @@ def _job_context(job: queries.JobView, *, base: str, private: bool, og_base: str
         "params": pages.parameters(job.params, job.seed),
         "img_src": img_src,
         "thumb_src": thumb_src,
+        "input_src": input_src,
         "private": private,
         "noindex": private,
         "og_image": og_image,
