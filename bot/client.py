@@ -44,6 +44,7 @@ EXTENSIONS = (
     "bot.cogs.prefer",
     "bot.cogs.account",
     "bot.cogs.admin",
+    "bot.cogs.owner",
 )
 COMMAND_HASH_FILE = "command_hash.json"
 

@@ -1,0 +1,163 @@
+"""The owners' global ``/mirage`` command: approve and ban guilds, ban members; and who may stay.
+
+Only ``OWNER_USER_IDS`` may run it (checked on every use, wherever it is typed). Joining a guild
+that is neither listed in ``ALLOWED_GUILD_IDS`` nor approved leaves it again when
+``LEAVE_UNAPPROVED_GUILDS`` is set; otherwise its members are refused at ``/imagine`` (bot.access).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+import discord
+from discord import app_commands
+from discord.ext import commands
+from sqlalchemy import update
+
+from bot import quota
+from bot.access import guild_may_generate, is_owner
+from bot.checks import Refused
+from bot.models import Guild, Member, utcnow
+from bot.quota_sql import GUILDS, dialect_insert
+
+if TYPE_CHECKING:
+    from bot.client import MirageBot
+
+log = logging.getLogger(__name__)
+
+NOT_OWNER = "Only the bot's owners can use this command."
+PUBLIC_WARNING = (
+    "ALLOWED_GUILD_IDS is empty and the application is public: anyone who invites the bot can "
+    "generate images on their server (credits admin still needs an owner's approval)"
+)
+
+
+def owner_only() -> Any:
+    """Decorate an app command so only ``OWNER_USER_IDS`` may run it."""
+
+    async def predicate(interaction: discord.Interaction[Any]) -> bool:
+        if is_owner(interaction.client.settings, interaction.user.id):  # type: ignore[attr-defined]
+            return True
+        log.info("user %s was refused an owner command", interaction.user.id)
+        raise Refused(NOT_OWNER)
+
+    return app_commands.check(predicate)
+
+
+async def set_guild(bot: MirageBot, guild_id: int, **values: bool) -> None:
+    """Create the guild row if needed and set its access flags."""
+    async with bot.sessions() as session, session.begin():
+        await session.execute(
+            dialect_insert(session, GUILDS)
+            .values(id=guild_id, name="", created_at=utcnow())
+            .on_conflict_do_nothing(index_elements=["id"])
+        )
+        await session.execute(update(Guild).where(Guild.id == guild_id).values(**values))
+
+
+class Owner(commands.Cog):
+    """``/mirage``: the owners' controls over who may use the bot."""
+
+    mirage = app_commands.Group(name="mirage", description="Bot owner controls")
+    guild_group = app_commands.Group(name="guild", description="Approve or ban servers", parent=mirage)
+    member_group = app_commands.Group(name="member", description="Ban or unban members", parent=mirage)
+
+    def __init__(self, bot: MirageBot) -> None:
+        self.bot = bot
+
+    async def _answer(self, interaction: discord.Interaction, text: str) -> None:
+        log.info("owner %s: %s", interaction.user.id, text)
+        await interaction.response.send_message(text, ephemeral=True)
+
+    @guild_group.command(name="approve", description="Let a server use the bot and its admins manage credits")
+    @owner_only()
+    @app_commands.describe(guild_id="The server's id")
+    async def guild_approve(self, interaction: discord.Interaction, guild_id: str) -> None:
+        """Approve a guild (and lift a ban)."""
+        await set_guild(self.bot, int(guild_id), approved=True, banned=False)
+        await self._answer(interaction, f"Server {int(guild_id)} approved.")
+
+    @guild_group.command(name="revoke", description="Withdraw a server's approval")
+    @owner_only()
+    @app_commands.describe(guild_id="The server's id")
+    async def guild_revoke(self, interaction: discord.Interaction, guild_id: str) -> None:
+        """Withdraw an approval (a listed guild stays allowed by the settings)."""
+        await set_guild(self.bot, int(guild_id), approved=False)
+        await self._answer(interaction, f"Server {int(guild_id)} is no longer approved.")
+
+    @guild_group.command(name="ban", description="Refuse a server everything, whatever the settings list")
+    @owner_only()
+    @app_commands.describe(guild_id="The server's id", leave="Also leave the server")
+    async def guild_ban(self, interaction: discord.Interaction, guild_id: str, leave: bool = False) -> None:
+        """Ban a guild; optionally leave it."""
+        await set_guild(self.bot, int(guild_id), banned=True, approved=False)
+        guild = self.bot.get_guild(int(guild_id))
+        if leave and guild is not None:
+            await guild.leave()
+        await self._answer(interaction, f"Server {int(guild_id)} banned{' and left' if leave else ''}.")
+
+    @guild_group.command(name="unban", description="Lift a server's ban")
+    @owner_only()
+    @app_commands.describe(guild_id="The server's id")
+    async def guild_unban(self, interaction: discord.Interaction, guild_id: str) -> None:
+        """Lift a guild ban."""
+        await set_guild(self.bot, int(guild_id), banned=False)
+        await self._answer(interaction, f"Server {int(guild_id)} unbanned.")
+
+    async def _ban_member(self, user: discord.abc.User, guild_id: str | None, banned: bool) -> str:
+        where = int(guild_id) if guild_id else 0
+        async with self.bot.sessions() as session, session.begin():
+            member = await quota.get_or_create_member(session, where, user.id)
+            await session.execute(update(Member).where(Member.id == member.id).values(banned=banned))
+        scope = f"on server {where}" if where else "everywhere"
+        return f"{user.mention} {'banned' if banned else 'unbanned'} {scope}."
+
+    @member_group.command(name="ban", description="Refuse a member jobs on one server or everywhere")
+    @owner_only()
+    @app_commands.describe(user="The member", guild_id="The server's id (empty: everywhere)")
+    async def member_ban(
+        self, interaction: discord.Interaction, user: discord.User, guild_id: str | None = None
+    ) -> None:
+        """Ban a member."""
+        await self._answer(interaction, await self._ban_member(user, guild_id, True))
+
+    @member_group.command(name="unban", description="Lift a member's ban")
+    @owner_only()
+    @app_commands.describe(user="The member", guild_id="The server's id (empty: everywhere)")
+    async def member_unban(
+        self, interaction: discord.Interaction, user: discord.User, guild_id: str | None = None
+    ) -> None:
+        """Lift a member ban."""
+        await self._answer(interaction, await self._ban_member(user, guild_id, False))
+
+    @commands.Cog.listener()
+    async def on_guild_join(self, guild: discord.Guild) -> None:
+        """Leave a guild nobody approved, when the settings say so."""
+        settings = self.bot.settings
+        async with self.bot.sessions() as session:
+            allowed = await guild_may_generate(session, settings, guild.id)
+        if allowed:
+            return
+        if settings.leave_unapproved_guilds:
+            log.warning("joined unapproved guild %s; leaving it", guild.id)
+            await guild.leave()
+        else:
+            log.warning("joined unapproved guild %s; refused until an owner approves it", guild.id)
+
+    @commands.Cog.listener()
+    async def on_ready(self) -> None:
+        """Warn once when anyone can invite the bot and use it."""
+        if self.bot.settings.allowed_guild_ids:
+            return
+        try:
+            info = await self.bot.application_info()
+        except discord.HTTPException:
+            return
+        if info.bot_public:
+            log.warning(PUBLIC_WARNING)
+
+
+async def setup(bot: MirageBot) -> None:
+    """Extension entry point."""
+    await bot.add_cog(Owner(bot))
