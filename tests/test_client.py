@@ -33,6 +33,7 @@ async def test_commands_sync_only_when_changed(h: Harness) -> None:
         "gallery",
         "imagine",
         "info",
+        "mirage",
         "prefer",
         "public",
         "quota",
