@@ -7,6 +7,7 @@ U# crop is judged by its own tile's verdict.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -58,8 +59,11 @@ async def run_grid(
 
 
 @pytest.mark.parametrize("harness", [{"safety_action": "block"}], indirect=True)
-async def test_a_flagged_grid_is_blocked_refunded_and_explained(harness: Harness) -> None:
-    inter, job = await run_grid(harness, "a storm at sea", [SAFE, FLAGGED, SAFE, SAFE])
+async def test_a_flagged_grid_is_blocked_refunded_and_explained(
+    harness: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.INFO, logger="bot.delivery"):
+        inter, job = await run_grid(harness, "a storm at sea", [SAFE, FLAGGED, SAFE, SAFE])
     assert job.status == JobStatus.FAILED and job.error_code == ErrorCode.BLOCKED
     assert "nsfw" in (job.error or "")  # the label is kept for the logs
     message = await inter.wait_original(lambda m: "❌" in (m.get("content") or ""))
@@ -67,6 +71,9 @@ async def test_a_flagged_grid_is_blocked_refunded_and_explained(harness: Harness
     assert "nsfw" not in message["content"]
     assert not message.get("attachments") and not message.get("components")
     assert await credits_used(harness, harness.fake.user.id) == 0
+    # The job's end is logged once, at INFO, with the refund and the reason members do not see.
+    [end] = [r.getMessage() for r in caplog.records if r.getMessage().startswith(f"job {job.id} failed")]
+    assert "1 credit(s) refunded, blocked:" in end and "nsfw" in end and "waited" in end
 
 
 @pytest.mark.parametrize("harness", [{"safety_action": "spoiler"}], indirect=True)
