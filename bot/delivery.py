@@ -22,7 +22,7 @@ from pydantic import ValidationError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from bot.content_rules import SafetyAction, SafetyPolicy, job_safety_action
-from bot.describe_buttons import describe_content, describe_view
+from bot.describe_buttons import describe_content, describe_view, described_picture
 from bot.lifecycle import Lifecycle
 from bot.logconfig import job_context, log_job_end
 from bot.models import Job, JobStatus
@@ -205,9 +205,10 @@ class Delivery:
                     job, content=self._failure_content(job), image=None, view=None, limit=limit
                 )
             if job.kind == JobKind.DESCRIBE.value:
-                # Suggestions, not a picture: the numbered prompts and their buttons.
+                # The member's picture with the numbered prompts and their buttons under it.
+                picture = await described_picture(self.sessions, self.results.store, job.id)
                 return await self.sender.send_final(
-                    job, content=describe_content(job), image=None, view=describe_view(job), limit=limit
+                    job, content=describe_content(job), image=picture, view=describe_view(job), limit=limit
                 )
             main = await self.results.image(job.id, 0)  # MediaNotFound: retried later, then logged
             data = await self.results.store.get(main.key)

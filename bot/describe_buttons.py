@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import discord
 from discord import ui
 from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from bot import confirm
 from bot.buttons import JOB_ID_CHARS, MISSING_JOB, load_job
@@ -23,6 +24,7 @@ from bot.models import Job, JobInput, JobStatus
 from bot.prompt import PromptError, parse_prompt
 from bot.render import job_head
 from bot.results import DESCRIBE_KEY
+from bot.storage import MediaNotFound, MediaStore
 from workers.schema import GenerationParams, JobKind
 
 if TYPE_CHECKING:
@@ -116,6 +118,21 @@ class DescribeButton(ui.DynamicItem[ui.Button[Any]], template=TEMPLATE):
             await refuse(interaction, NOT_READY)
             return
         await bot.flow.imagine(interaction, batch[index])
+
+
+async def described_picture(
+    sessions: async_sessionmaker[AsyncSession], store: MediaStore, job_id: str
+) -> tuple[bytes, str] | None:
+    """The picture a describe job was given (stored as PNG), or None when it is gone."""
+    async with sessions() as session:
+        row = (await session.scalars(select(JobInput).where(JobInput.job_id == job_id).limit(1))).first()
+    if row is None:
+        return None
+    try:
+        return await store.get(row.key), "png"
+    except MediaNotFound:
+        log.warning("describe job %s: its picture %s is gone", job_id, row.key)
+        return None
 
 
 async def describe_again(bot: MirageBot, interaction: discord.Interaction[Any], job: Job) -> None:

@@ -24,6 +24,7 @@ from tests.botutil import (
     EPHEMERAL,
     FakeDispatcher,
     Harness,
+    attachment_bytes,
     bot_harness,
     credits_used,
     custom_ids,
@@ -83,6 +84,9 @@ async def test_describe_sends_the_picture_and_shows_four_numbered_prompts(h: Har
     assert lines[1] == f"{NUMBERS[0]} {PROMPTS[0]}"  # as it can be pasted back into /imagine
     assert custom_ids(message) == [f"mj:desc:{job.id}:{what}" for what in ("1", "2", "3", "4", "r", "all")]
     assert await credits_used(h, h.fake.user.id) == 0  # COST_DESCRIBE is 0 by default
+    [shown] = message["attachments"]  # the picture, above its prompts
+    assert PILImage.open(io.BytesIO(await attachment_bytes(h.fake, message))).size == (48, 32)
+    assert shown["filename"].endswith(".png")
 
 
 async def test_pressing_a_number_imagines_that_prompt_and_delivers_a_grid(h: Harness) -> None:
