@@ -65,6 +65,14 @@ async def run(settings: BotSettings, *, stop: asyncio.Event | None = None) -> No
             settings.public_url,
         )
 
+    metrics_runner = None
+    try:
+        from bot.metrics import start_metrics
+    except ImportError:  # prometheus_client is optional, like the gallery
+        log.info("metrics not available")
+    else:
+        metrics_runner = await start_metrics(settings)
+
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     handled: list[signal.Signals] = []
@@ -94,6 +102,8 @@ async def run(settings: BotSettings, *, stop: asyncio.Event | None = None) -> No
             await bot_task
         if runner is not None:
             await runner.cleanup()
+        if metrics_runner is not None:
+            await metrics_runner.cleanup()
         await dispatcher.close()
         await engine.dispose()
         log.info("stopped")

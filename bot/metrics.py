@@ -2,7 +2,11 @@
 
 Everything lives in one dedicated ``CollectorRegistry`` (never prometheus_client's global one), so
 importing this module registers nothing process-wide, tests can swap in a fresh ``Metrics``, and
-``/metrics`` shows exactly Mirage's series. The bot's web app serves it at ``/metrics``.
+``/metrics`` shows exactly Mirage's series. It is served on its own port (``METRICS_PORT``,
+:func:`start_metrics`; the gallery then has no ``/metrics``) or on the gallery's; either way
+``METRICS_TOKEN``, when set, must come as ``Authorization: Bearer <token>`` (compared in
+constant time). The gallery is public; the metrics, with their queue depths and failure counts,
+need not be.
 
 The bot calls the plain ``record_*`` functions where a job changes state, *after* the transaction
 that made the change has committed, so a rolled-back change is never counted:
@@ -23,6 +27,7 @@ kind can never create an unbounded number of series. Every known label set start
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import time
 from collections.abc import Iterable
@@ -33,6 +38,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import choose_encoder
 
+from bot.settings import BotSettings
 from workers.schema import Engine, ErrorCode, JobKind
 
 log = logging.getLogger(__name__)
@@ -236,8 +242,48 @@ def render(accept: str | None = None) -> tuple[bytes, str]:
     return current().render(accept)
 
 
+METRICS_TOKEN_KEY = web.AppKey("mirage_metrics_token", str)
+
+
+def authorized(request: web.Request) -> bool:
+    """Whether the request carries the configured bearer token (always, when none is configured)."""
+    token = request.app.get(METRICS_TOKEN_KEY, "")
+    if not token:
+        return True
+    given = request.headers.get("Authorization", "")
+    return hmac.compare_digest(given.encode(), f"Bearer {token}".encode())
+
+
+def add_metrics(app: web.Application, settings: BotSettings) -> None:
+    """Serve ``/metrics`` on ``app`` (the gallery) unless it has its own port."""
+    if settings.metrics_port is not None:
+        return
+    app[METRICS_TOKEN_KEY] = settings.metrics_token.get_secret_value()
+    app.router.add_get("/metrics", metrics_handler)
+
+
+async def start_metrics(settings: BotSettings) -> web.AppRunner | None:
+    """Serve ``/metrics`` alone on ``WEB_HOST:METRICS_PORT``; None when no port is configured."""
+    if settings.metrics_port is None:
+        return None
+    app = web.Application()
+    app[METRICS_TOKEN_KEY] = settings.metrics_token.get_secret_value()
+    app.router.add_get("/metrics", metrics_handler)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, settings.web_host, settings.metrics_port).start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    log.info("metrics on http://%s:%s/metrics", settings.web_host, settings.metrics_port)
+    return runner
+
+
 async def metrics_handler(request: web.Request) -> web.Response:
     """``/metrics``: the registry, in the format the scraper's Accept header asks for."""
+    if not authorized(request):
+        return web.Response(status=401, text="unauthorized", headers={"WWW-Authenticate": "Bearer"})
     body, content_type = render(request.headers.get("Accept"))
     # The content type carries version and charset parameters, which aiohttp's content_type
     # argument rejects, so it goes in as a raw header.

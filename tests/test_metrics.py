@@ -272,3 +272,45 @@ async def test_poll_loop_survives_a_broker_outage(fresh: Metrics, monkeypatch: p
         await metrics.poll_workers(source, interval_s=30.0)
     assert sleeps == [30.0, 30.0]
     assert value(fresh, "mirage_workers_online") == 1
+
+
+async def gallery(
+    sessions: async_sessionmaker[AsyncSession], tmp_path: Path, **overrides: object
+) -> TestClient:
+    settings = BotSettings(_env_file=None, media_dir=tmp_path / "media", **overrides)  # type: ignore[arg-type]
+    return TestClient(TestServer(create_app(sessions, LocalMediaStore(settings.media_dir), settings)))
+
+
+async def test_metrics_behind_a_bearer_token(
+    sessions: async_sessionmaker[AsyncSession], tmp_path: Path, fresh: Metrics
+) -> None:
+    async with await gallery(sessions, tmp_path, metrics_token="s3cret-scrape") as client:
+        assert (await client.get("/metrics")).status == 401
+        wrong = await client.get("/metrics", headers={"Authorization": "Bearer nope"})
+        assert wrong.status == 401
+        right = await client.get("/metrics", headers={"Authorization": "Bearer s3cret-scrape"})
+        assert right.status == 200
+        assert "mirage_jobs_accepted_total" in await right.text()
+
+
+async def test_metrics_on_their_own_port_leave_the_gallery_without_them(
+    sessions: async_sessionmaker[AsyncSession], tmp_path: Path, fresh: Metrics
+) -> None:
+    import socket
+
+    import aiohttp
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    settings = BotSettings(_env_file=None, web_host="127.0.0.1", metrics_port=port)  # type: ignore[call-arg]
+    async with await gallery(sessions, tmp_path, metrics_port=port) as client:
+        assert (await client.get("/metrics")).status == 404
+    runner = await metrics.start_metrics(settings)
+    assert runner is not None
+    try:
+        async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{port}/metrics") as response:
+            assert response.status == 200
+            assert "mirage_jobs_accepted_total" in await response.text()
+    finally:
+        await runner.cleanup()

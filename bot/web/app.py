@@ -17,7 +17,7 @@ from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from bot.metrics import metrics_handler
+from bot.metrics import add_metrics
 from bot.settings import BotSettings
 from bot.signing import Signer, signer_from_settings
 from bot.storage import MediaStore, S3MediaStore
@@ -165,7 +165,7 @@ def create_app(
     app.router.add_post("/edit/{token}", editor.editor_submit)
     app.router.add_get(r"/edit/{token}/image.{ext:png|jpg|webp}", editor.editor_image)
     app.router.add_get("/healthz", healthz)
-    app.router.add_get("/metrics", metrics_handler)  # Prometheus; see bot/metrics.py
+    add_metrics(app, settings)  # Prometheus, unless on METRICS_PORT; see bot/metrics.py
     app.router.add_get("/favicon.svg", favicon)
     app.router.add_get("/theme.css", theme)
     app.router.add_static("/static", pages.STATIC_DIR, append_version=False)
