@@ -268,9 +268,18 @@ def check_entry_point(command: list[str]) -> None:
 
 
 def test_compose_parses_with_every_service() -> None:
-    """PostgreSQL, Redis, migrations, bot, GPU and API workers, and Flower behind a profile."""
+    """PostgreSQL, RabbitMQ, Redis, migrations, bot, GPU and API workers, and Flower behind a profile."""
     svc = services()
-    assert set(svc) == {"postgres", "redis", "migrate", "bot", "worker-gpu", "worker-api", "flower"}
+    assert set(svc) == {
+        "postgres",
+        "rabbitmq",
+        "redis",
+        "migrate",
+        "bot",
+        "worker-gpu",
+        "worker-api",
+        "flower",
+    }
     assert svc["flower"].get("profiles") == ["monitoring"]
     assert all("profiles" not in s for name, s in svc.items() if name != "flower")
     for path in (COMPOSE, GPU_WORKER_COMPOSE):
@@ -299,6 +308,8 @@ def test_start_order() -> None:
     assert svc["bot"]["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
     for name in ("bot", "worker-gpu", "worker-api", "flower"):
         assert svc[name]["depends_on"]["redis"]["condition"] == "service_healthy", name
+        assert svc[name]["depends_on"]["rabbitmq"]["condition"] == "service_healthy", name
+    assert svc["bot"]["environment"]["BROKER_URL"].startswith("amqp://")  # RabbitMQ carries the jobs
 
 
 def test_every_image_is_built_once_from_an_existing_dockerfile() -> None:
