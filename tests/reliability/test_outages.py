@@ -173,7 +173,8 @@ async def test_redis_killed_and_restarted(
         ) as h:
             # The path works before anything breaks.
             before = await h.imagine("before the outage --steps 2")
-            await before.wait_original(has_result, timeout=60)
+            # Delivered, not merely showing progress (a progress message has a preview and Cancel).
+            await h.wait_job((await h.job_for(before)).id, lambda j: j.message_id is not None, timeout=60)
 
             private_redis.kill()
             members = [h.fake.add_member(h.fake.guild, f"outage{i}") for i in range(3)]
@@ -204,6 +205,47 @@ async def test_redis_killed_and_restarted(
             assert sorted(used) == [1, 1, 1, 1]
             MEASURED["redis_recovery_s"] = recovery_s
             print(f"\nredis outage: {len(during)} jobs delivered {recovery_s:.1f}s after the restart")
+    finally:
+        await dispatcher.close()
+
+
+async def test_redis_restarted_under_running_and_queued_jobs(
+    private_redis: PrivateRedis, redis_worker: WorkerProcess, tmp_path: Path, sqlite_url: str
+) -> None:
+    """The result store vanishes while one job runs and two are queued: a blip, not three refunds."""
+    dispatcher = CeleryDispatcher.from_urls(
+        private_redis.url, private_redis.url, queues={Engine.SDXL: redis_worker.queue}
+    )
+    try:
+        async with bot_harness(
+            tmp_path,
+            sqlite_url,
+            dispatcher,
+            broker_url=private_redis.url,
+            result_backend=private_redis.url,
+        ) as h:
+            members = [h.fake.add_member(h.fake.guild, f"inflight{i}") for i in range(3)]
+            inters = [
+                await h.imagine(f"in flight {i} --steps 60 --seed {i}", user=m) for i, m in enumerate(members)
+            ]
+            jobs = [await h.job_for(inter) for inter in inters]
+            await h.wait_job(jobs[0].id, lambda j: j.status == JobStatus.RUNNING.value, timeout=60)
+            private_redis.kill()
+            # The bot has met the outage (failed reads, backing off) before Redis comes back.
+            async with asyncio.timeout(30):
+                while dispatcher.backoff.failures < 2:  # noqa: ASYNC110 - another thread's counter
+                    await asyncio.sleep(0.05)
+            async with h.sessions() as session:
+                statuses = set((await session.scalars(select(Job.status))).all())
+            assert JobStatus.FAILED.value not in statuses
+            restarted = time.monotonic()
+            private_redis.start()
+            for job in jobs:
+                await h.wait_job(job.id, lambda j: j.message_id is not None, timeout=120)
+            recovery_s = time.monotonic() - restarted
+            await assert_exactly_once(h, inters)
+            MEASURED["redis_inflight_recovery_s"] = recovery_s
+            print(f"\nredis restart under {len(jobs)} in-flight jobs: all delivered {recovery_s:.1f}s later")
     finally:
         await dispatcher.close()
 
