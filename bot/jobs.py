@@ -66,6 +66,7 @@ log = logging.getLogger(__name__)
 
 ACTIVE_STATUSES = values_of(ACTIVE)
 PENDING_STATUSES = values_of(PENDING)
+RELEASE_CONCURRENCY = 4  # releases deciding at once; each holds two pooled connections
 INPUT_GONE = "The image this job starts from is no longer available."
 
 
@@ -116,6 +117,7 @@ class JobService:
         # of the same member cannot both see room for one more job and send two.
         self._member_locks: dict[int, asyncio.Lock] = {}
         self._release_all_lock = asyncio.Lock()
+        self._release_slots = asyncio.Semaphore(RELEASE_CONCURRENCY)
 
     # --- costs -------------------------------------------------------------------------------
 
@@ -305,8 +307,10 @@ class JobService:
         release (the tracker calls ``release_all`` periodically).
         """
         # The in-process lock spares this process's tasks a database round trip; the advisory
-        # lock makes the decision safe against other bot processes on the same PostgreSQL.
-        async with self._lock(member_id), release_lock(self.sessions, member_id):
+        # lock makes the decision safe against other bot processes on the same PostgreSQL. It
+        # holds a pooled connection while the body needs another, so only a few releases run at
+        # once: a burst of members finishing together must not take the whole pool and wait on it.
+        async with self._lock(member_id), self._release_slots, release_lock(self.sessions, member_id):
             async with self.sessions() as session:
                 active = await session.scalar(
                     select(func.count())

@@ -132,6 +132,10 @@ def ephemeral_followups(fake: FakeDiscord) -> dict[str, dict[str, Any]]:
     for r in fake.requests:
         if r.route == "webhook_execute" and r.status == 200 and (r.json or {}).get("flags", 0) & EPHEMERAL:
             found.setdefault(r.interaction_token or "", r.json)
+        # /imagine may refuse before deferring (credits checked while planning): a private answer.
+        payload = r.message_payload if r.route == "interaction_callback" else None
+        if payload and payload.get("flags", 0) & EPHEMERAL and r.status in (200, 204):
+            found.setdefault(r.interaction_token or "", payload)
     return found
 
 
