@@ -26,3 +26,48 @@ async def test_celery_dispatcher_sends_by_name_with_the_job_id() -> None:
     assert calls[0][0] == TASK_SDXL and calls[0][1]["queue"] == "gpu-x" and calls[0][1]["task_id"] == "j" * 22
     assert calls[0][1]["args"] == [request.model_dump(mode="json")]
     assert calls[1][0] == TASK_OPENAI and calls[1][1]["queue"] == "api"
+
+
+def test_backoff_doubles_up_to_its_cap_and_resets() -> None:
+    from bot.dispatch import Backoff
+
+    backoff = Backoff(first_s=0.5, max_s=2.0)
+    assert backoff.ready(now=0.0)
+    delays = []
+    for _ in range(4):
+        backoff.failed(now=10.0)
+        delays.append(backoff.delay)
+    assert delays == [0.5, 1.0, 2.0, 2.0]
+    assert not backoff.ready(now=11.0) and backoff.ready(now=12.0)
+    backoff.succeeded()
+    assert backoff.ready(now=0.0) and backoff.delay == 0.0
+
+
+async def test_an_unreachable_result_store_reads_as_no_state_never_as_failure(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import bot.dispatch as dispatch
+
+    class DownStore:
+        """AsyncResult whose backend is down, as during a Redis restart."""
+
+        reads = 0
+
+        def __init__(self, job_id: str, app: object = None) -> None:
+            self.id = job_id
+
+        @property
+        def state(self) -> str:
+            DownStore.reads += 1
+            raise ConnectionError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
+
+    monkeypatch.setattr(dispatch, "AsyncResult", DownStore)
+    dispatcher = dispatch.CeleryDispatcher(dispatch.make_celery_client("memory://", "cache+memory://"))
+    try:
+        assert await dispatcher.states(["a", "b", "c"]) == {}
+        assert DownStore.reads == 1  # the rest of the batch is not tried against a down store
+        assert dispatcher.backoff.failures == 1
+        assert await dispatcher.states(["a"]) == {}  # backing off: not even tried
+        assert DownStore.reads == 1
+    finally:
+        await dispatcher.close()
