@@ -206,10 +206,12 @@ def run_openai(self: Task, request: dict[str, Any]) -> dict[str, Any]:
     return finish_task(OPENAI, run_job(self, OPENAI, request))
 
 
-@shared_task(bind=True, name=TASK_DESCRIBE)
+@shared_task(bind=True, name=TASK_DESCRIBE, throws=(JobFailed,))
 def run_describe(self: Task, request: dict[str, Any]) -> dict[str, Any]:
-    """/describe (``JobRequest`` of kind DESCRIBE): a ``TaskOutcome`` dict with ``describe`` set."""
-    return describe_outcome(str(self.request.id or ""), request, runtime_of(self.app).settings)
+    """/describe (``JobRequest`` of kind DESCRIBE): a ``TaskOutcome`` dict with ``describe`` set,
+    or ``JobFailed`` raised, like the image tasks."""
+    outcome = describe_outcome(str(self.request.id or ""), request, runtime_of(self.app).settings)
+    return finish_task("describe", outcome)
 
 
 # --------------------------------------------------------------------------- warm-up
