@@ -1,13 +1,15 @@
 """``/imagine``: the member's preferences, the parser, images and banned words, then ``JobFlow``.
 
-A prompt that makes several jobs (permutations, ``--repeat``) or costs 4+ credits in total is
-asked about first (``bot.confirm``); nothing is charged until Yes. Every refusal before that
-(a prompt mistake, a banned word, an image that cannot be used) is private and free.
+A prompt that makes several jobs (permutations, ``--repeat``) or costs ``PRICE_CONFIRM_AT``
+credits or more in total is asked about first (``bot.confirm``); nothing is charged until Yes.
+Every refusal before that (a prompt mistake, a banned word, an image that cannot be used) is
+private and free.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -22,18 +24,19 @@ from bot.imagefetch import FetchLimits, ImageInputError
 from bot.inputs import InputKeys, fetch_inputs, keys_payload, store_inputs
 from bot.interactions import DATABASE_ERRORS, DATABASE_UNAVAILABLE, refuse
 from bot.operations import resolve_engine
+from bot.pricing import needs_confirmation
 from bot.prompt import PromptError, PromptPlan, plan_prompts
-from bot.prompt_prefs import apply_prefs, load_prefs
+from bot.prompt_prefs import Prefs, apply_prefs, load_prefs
 from workers.schema import GenerationParams, JobKind
 
 if TYPE_CHECKING:
     from bot.client import MirageBot
+    from bot.models import Member
 
 log = logging.getLogger(__name__)
 
 CONFIRM_KIND = "imagine"
 PREFS_BUDGET_S = 1.5  # of Discord's 3 s to answer the command
-CONFIRM_COST = 4  # credits in total from which a single /imagine is asked about too
 
 
 def notes_text(notes: Sequence[str]) -> str:
@@ -73,25 +76,31 @@ class Imagine(commands.Cog):
     ) -> None:
         """Plan the prompt; a mistake is answered privately and costs nothing."""
         bot = self.bot
+        lookup = asyncio.ensure_future(self._prefs(interaction))
+        # A refusal reads best as a private reply with no public "thinking…" first, so the
+        # preferences are read before answering, but never at the cost of Discord's 3 s: when
+        # the database is slow (a burst of commands), defer now and answer privately later.
+        done, _ = await asyncio.wait({lookup}, timeout=PREFS_BUDGET_S)
+        deferred_publicly = not done
+        if deferred_publicly:
+            await interaction.response.defer(thinking=True)
         try:
-            # Within Discord's 3 s: a database too slow or down is said so, and nothing is charged.
-            async with asyncio.timeout(PREFS_BUDGET_S), bot.sessions() as session:
-                member, prefs = await load_prefs(session, interaction.guild_id or 0, interaction.user.id)
+            member, prefs = await lookup
         except DATABASE_ERRORS:
             log.warning("could not read the preferences of %s", interaction.user.id, exc_info=True)
-            await interaction.response.send_message(DATABASE_UNAVAILABLE, ephemeral=True)
+            await refuse(interaction, DATABASE_UNAVAILABLE)
             return
         prompting = bot.jobs.prompting
         try:
             plan = plan_prompts(apply_prefs(prompt, prefs), styles=prompting.presets)
         except PromptError as exc:
-            await interaction.response.send_message(str(exc), ephemeral=True)
+            await refuse(interaction, str(exc))
             return
         banned: list[str] = []
         for params in plan.params:
             banned += [word for word in check_prompt(params.model_prompt, self.banned) if word not in banned]
         if banned:
-            await interaction.response.send_message(banned_words_message(banned), ephemeral=True)
+            await refuse(interaction, banned_words_message(banned))
             return
         notes = list(plan.notes)
         for params in plan.params:
@@ -100,9 +109,14 @@ class Imagine(commands.Cog):
             bot.jobs.cost_of(JobKind.IMAGINE, resolve_engine(params, member, bot.settings), params=params)
             for params in plan.params
         )
-        ask = plan.needs_confirmation or cost >= CONFIRM_COST
+        ask = plan.needs_confirmation or needs_confirmation(cost, bot.settings.price_confirm_at)
         # Fetching images can take seconds: answer Discord first (privately when asking).
-        await interaction.response.defer(thinking=True, ephemeral=ask)
+        if not interaction.response.is_done():
+            await interaction.response.defer(thinking=True, ephemeral=ask)
+        elif ask:
+            # The public "thinking…" would carry the question: replace it with a private one.
+            with contextlib.suppress(discord.HTTPException):
+                await interaction.delete_original_response()
         inputs = await self._inputs(interaction, plan, image)
         if inputs is None:
             return
@@ -123,6 +137,10 @@ class Imagine(commands.Cog):
         created = await bot.flow.imagine(interaction, plan.params[0], inputs)
         if created is not None and notes:
             await interaction.followup.send(notes_text(notes), ephemeral=True)
+
+    async def _prefs(self, interaction: discord.Interaction) -> tuple[Member | None, Prefs]:
+        async with self.bot.sessions() as session:
+            return await load_prefs(session, interaction.guild_id or 0, interaction.user.id)
 
     async def _inputs(
         self, interaction: discord.Interaction, plan: PromptPlan, image: discord.Attachment | None
