@@ -366,6 +366,8 @@ class CeleryDispatcher:
                 status.workers = sorted(replies)
             except Exception:
                 log.warning("worker ping failed", exc_info=True)
+            if not status.workers and broker_scheme(str(self.app.conf.broker_url)) == "sqla":
+                status.workers = local_workers()
             status.queue_depths = _queue_depths(self.app, queues)
             return status
 
@@ -378,6 +380,18 @@ class CeleryDispatcher:
             self.app.close()
         except Exception:
             log.debug("closing the celery client failed", exc_info=True)
+
+
+def local_workers() -> list[str]:
+    """Workers on this machine, for the embedded broker, which carries no pings (no broadcast).
+
+    One machine is the embedded broker's whole world, so the SDXL worker's health record (a
+    small file each model load writes; no torch involved) says whether a live worker is there.
+    """
+    from workers.sdxl.health import health
+
+    state = health()
+    return [f"local SDXL worker (pid {state.get('pid')})"] if state.get("ok") else []
 
 
 def _queue_depths(app: Celery, queues: Iterable[str]) -> dict[str, int | None]:

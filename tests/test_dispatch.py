@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -69,5 +71,26 @@ async def test_an_unreachable_result_store_reads_as_no_state_never_as_failure(
         assert dispatcher.backoff.failures == 1
         assert await dispatcher.states(["a"]) == {}  # backing off: not even tried
         assert DownStore.reads == 1
+    finally:
+        await dispatcher.close()
+
+
+async def test_status_counts_the_local_worker_on_the_embedded_broker(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The embedded SQL transport carries no pings: /status reads the local worker's health record."""
+    from bot import dispatch
+    from workers.sdxl import health
+
+    monkeypatch.setenv(health.ENV_HEALTH_FILE, str(tmp_path / "health.json"))
+    broker = f"sqla+sqlite:///{tmp_path / 'broker.db'}"
+    dispatcher = dispatch.CeleryDispatcher(
+        dispatch.make_celery_client(broker, f"db+sqlite:///{tmp_path / 'results.db'}")
+    )
+    try:
+        assert (await dispatcher.worker_status(ping_timeout=0.2)).workers == []
+        health.record(health.LOADED, model="tiny")  # this (live) process loaded a model
+        status = await dispatcher.worker_status(ping_timeout=0.2)
+        assert status.workers == [f"local SDXL worker (pid {os.getpid()})"]
     finally:
         await dispatcher.close()
