@@ -35,7 +35,14 @@ from enum import Enum
 from typing import Protocol
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+)
 from prometheus_client.exposition import choose_encoder
 
 from bot.settings import BotSettings
@@ -79,6 +86,9 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         """Create every family in ``registry`` (a new one by default) and zero the known series."""
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        # The bot process's own health (CPU, memory, open files, Python version) beside the jobs.
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
         job_labels = ("kind", "engine")
         self.jobs_accepted = Counter(
             "mirage_jobs_accepted",

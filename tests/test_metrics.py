@@ -314,3 +314,11 @@ async def test_metrics_on_their_own_port_leave_the_gallery_without_them(
             assert "mirage_jobs_accepted_total" in await response.text()
     finally:
         await runner.cleanup()
+
+
+def test_process_metrics_are_served_beside_the_jobs(fresh: Metrics) -> None:
+    """An operator sees the bot process's CPU, memory and Python version next to the job series."""
+    body, _ = fresh.render()
+    text = body.decode()
+    assert "process_resident_memory_bytes" in text and "process_cpu_seconds_total" in text
+    assert "python_info" in text
