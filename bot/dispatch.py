@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -23,6 +23,7 @@ from celery import Celery
 from celery.result import AsyncResult
 from kombu.exceptions import ContentDisallowed, DecodeError
 
+from bot.broker_status import local_workers, queue_depths
 from workers.schema import (
     QUEUE_API,
     QUEUE_GPU,
@@ -368,7 +369,7 @@ class CeleryDispatcher:
                 log.warning("worker ping failed", exc_info=True)
             if not status.workers and broker_scheme(str(self.app.conf.broker_url)) == "sqla":
                 status.workers = local_workers()
-            status.queue_depths = _queue_depths(self.app, queues)
+            status.queue_depths = queue_depths(self.app, queues)
             return status
 
         return await self._run(_inspect)
@@ -380,35 +381,3 @@ class CeleryDispatcher:
             self.app.close()
         except Exception:
             log.debug("closing the celery client failed", exc_info=True)
-
-
-def local_workers() -> list[str]:
-    """Workers on this machine, for the embedded broker, which carries no pings (no broadcast).
-
-    One machine is the embedded broker's whole world, so the SDXL worker's health record (a
-    small file each model load writes; no torch involved) says whether a live worker is there.
-    """
-    from workers.sdxl.health import health
-
-    state = health()
-    return [f"local SDXL worker (pid {state.get('pid')})"] if state.get("ok") else []
-
-
-def _queue_depths(app: Celery, queues: Iterable[str]) -> dict[str, int | None]:
-    """Messages waiting in each queue via a passive declare (works on Redis and kombu's virtual
-    transports); ``None`` where the broker would not say."""
-    depths: dict[str, int | None] = {}
-    try:
-        with app.connection_for_read() as conn:
-            conn.ensure_connection(max_retries=1)
-            channel = conn.default_channel
-            for queue in queues:
-                try:
-                    depths[queue] = int(channel.queue_declare(queue=queue, passive=True).message_count)
-                except Exception:
-                    depths[queue] = None
-    except Exception:
-        log.warning("could not read queue depths from the broker", exc_info=True)
-        for queue in queues:
-            depths.setdefault(queue, None)
-    return depths
