@@ -20,15 +20,19 @@ from typing import Any
 
 import discord
 
+from bot import confirm
 from bot.content_rules import channel_is_nsfw
 from bot.interactions import DATABASE_ERRORS, DATABASE_UNAVAILABLE, actor_from, refuse
 from bot.jobs import Created, JobService
 from bot.models import Job
-from bot.operations import Actor, JobRefused, Operation
+from bot.operations import Actor, JobRefused, Operation, generation_params
+from bot.pricing import needs_confirmation
 from bot.tracker import Tracker
-from workers.schema import GenerationParams, JobKind
+from workers.schema import Direction, Engine, GenerationParams, JobKind
 
 log = logging.getLogger(__name__)
+
+PRESS_CONFIRM_KIND = "press"
 
 
 class JobFlow:
@@ -91,8 +95,38 @@ class JobFlow:
         parent_index: int | None = None,
         *,
         params: GenerationParams | None = None,
+        confirmed: bool = False,
     ) -> Created | None:
-        """Accept a button press on ``parent``'s message (``params``: the member's edited ones)."""
+        """Accept a button press on ``parent``'s message (``params``: the member's edited ones).
+
+        A press costing ``PRICE_CONFIRM_AT`` credits or more asks Yes / No first (like
+        ``/imagine``) and returns None; Yes comes back here with ``confirmed`` and is accepted.
+        """
+        if not confirmed:
+            settings = self.jobs.settings
+            cost = self.jobs.cost_of(
+                operation.kind,
+                Engine(parent.engine),
+                params=params if params is not None else generation_params(parent),
+                scale=operation.scale,
+            )
+            if needs_confirmation(cost, settings.price_confirm_at):
+                payload = {
+                    "job_id": parent.id,
+                    "kind": operation.kind.value,
+                    "operation": operation.as_dict(),
+                    "parent_index": parent_index,
+                    "params": params.model_dump(mode="json") if params is not None else None,
+                }
+                await confirm.ask(
+                    interaction,
+                    self.jobs.sessions,
+                    kind=PRESS_CONFIRM_KIND,
+                    payload=payload,
+                    question=f"This costs {cost} credits. Go ahead?",
+                    expires_in_s=settings.confirm_expiry_s,
+                )
+                return None
         return await self.accept(
             interaction,
             lambda actor: self.jobs.create_followup(
@@ -156,3 +190,30 @@ class JobFlow:
         await self.jobs.release(job.member_id)
         self.tracker.wake()
         return created
+
+
+async def _press_confirmed(interaction: discord.Interaction[Any], payload: dict[str, Any]) -> None:
+    """Yes to an expensive press: the same follow-up job through the normal accept path."""
+    bot: Any = interaction.client
+    async with bot.sessions() as session:
+        parent = await session.get(Job, payload["job_id"])
+    if parent is None:
+        await refuse(interaction, "This job no longer exists; nothing was charged.")
+        return
+    knobs = payload.get("operation") or {}
+    direction = knobs.get("direction")
+    operation = Operation(
+        JobKind(payload["kind"]),
+        strength=knobs.get("strength"),
+        scale=knobs.get("scale"),
+        direction=Direction(direction) if direction else None,
+        mask_key=knobs.get("mask_key"),
+    )
+    raw = payload.get("params")
+    params = GenerationParams.model_validate(raw) if raw is not None else None
+    await bot.flow.press(
+        interaction, parent, operation, payload.get("parent_index"), params=params, confirmed=True
+    )
+
+
+confirm.on_confirm(PRESS_CONFIRM_KIND, _press_confirmed)
