@@ -3,8 +3,10 @@
 - Guilds: ``ALLOWED_GUILD_IDS`` lists the guilds the bot serves, and the owners (``OWNER_USER_IDS``)
   approve more with ``/mirage guild approve``. Empty means any guild may use the bot (a warning at
   start when the application is public). A banned guild is refused whatever the lists say.
-- Direct messages: refused unless ``ALLOW_DMS``; then the member's DM jobs are charged to their
-  global account (guild 0), not to a fresh allowance per DM channel.
+- Direct messages: refused unless ``ALLOW_DMS``; then a DM job is charged to the member's
+  account in the guild of their most recent guild job (:func:`account_guild`), so DM and guild
+  jobs draw on the same credits. A member who never used the bot in a guild is charged to a
+  DM-only account (guild 0). The DM job itself keeps guild 0, so it is delivered to the DM.
 - Members: an owner can ban a member (in one guild, or everywhere with guild 0).
 - Credits power: ``/quota`` needs Manage Server in an *approved* guild (listed or approved by an
   owner, even when any guild may generate), or ``ADMIN_USER_IDS`` / ``OWNER_USER_IDS``; inviting
@@ -100,6 +102,19 @@ async def check_actor(session: AsyncSession, settings: BotSettings, actor: Actor
     if banned is not None:
         log.info("refused a job from banned user %s", actor.user_id)
         raise AccessRefused(MEMBER_BANNED)
+
+
+async def account_guild(session: AsyncSession, actor: Actor) -> int:
+    """The guild whose member account pays for ``actor``'s job (see the module docstring)."""
+    if actor.guild_id != DM_GUILD:
+        return actor.guild_id
+    latest = await session.scalar(
+        select(Job.guild_id)
+        .where(Job.user_id == actor.user_id, Job.guild_id != DM_GUILD)
+        .order_by(Job.created_at.desc())
+        .limit(1)
+    )
+    return DM_GUILD if latest is None else int(latest)
 
 
 def check_fits(parent: Job, operation: Operation, parent_index: int | None, actor: Actor) -> None:

@@ -25,7 +25,7 @@ from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from bot import job_stats, quota
-from bot.access import check_actor, check_fits
+from bot.access import account_guild, check_actor, check_fits
 from bot.banned_words import BannedWordRules, banned_words_message, check_prompt
 from bot.dispatch import Dispatcher
 from bot.inputs import attach_inputs
@@ -205,9 +205,8 @@ class JobService:
     ) -> Created:
         async with self.sessions() as session, session.begin():
             await check_actor(session, self.settings, actor)
-            member = await quota.get_or_create_member(
-                session, actor.guild_id, actor.user_id, actor.display_name
-            )
+            payer = await account_guild(session, actor)  # a DM job pays from a guild account
+            member = await quota.get_or_create_member(session, payer, actor.user_id, actor.display_name)
             # Lock the member row (PostgreSQL; SQLite's BEGIN IMMEDIATE already serialises
             # writers) so two simultaneous commands cannot both pass the cap check below.
             await session.execute(select(Member.id).where(Member.id == member.id).with_for_update())
