@@ -434,8 +434,14 @@ def labels(message: dict[str, Any]) -> list[str]:
 
 
 def has_result(message: dict[str, Any]) -> bool:
-    """A delivered result: an attachment and buttons."""
-    return bool(message.get("attachments")) and bool(message.get("components"))
+    """A delivered result: an attachment and buttons other than Cancel.
+
+    A progress edit also carries an attachment (its preview) and a button (Cancel, ``mj:x:``), so
+    those alone do not tell a result from a progress message.
+    """
+    components = [c for row in message.get("components") or [] for c in row.get("components") or []]
+    not_cancel = [c for c in components if not str(c.get("custom_id", "")).startswith("mj:x:")]
+    return bool(message.get("attachments")) and bool(not_cancel)
 
 
 async def finish_grid(h: Harness, prompt: str, **kwargs: Any) -> tuple[Job, dict[str, Any]]:

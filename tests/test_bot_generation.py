@@ -6,6 +6,7 @@ gets its own bot, database and media folder. The tiny model runs at 64 px with 2
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -186,7 +187,8 @@ async def test_expired_token_result_goes_to_channel(h: Harness) -> None:
     post = await h.fake.wait_for_request(lambda r: r.route == "channel_message_create", timeout=60)
     assert post.status == 200
     assert (
-        post.json["content"].startswith("**slow delivery**")
+        # The first line shows the prompt with its parameters, the seed included.
+        re.match(r"\*\*slow delivery --seed \d+\*\* - ", post.json["content"])
         and f"<@{h.fake.user.id}>" in post.json["content"]
     )
     assert len(post.custom_ids()) == GRID_IDS
