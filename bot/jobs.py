@@ -24,7 +24,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from bot import job_stats, quota
+from bot import global_defaults, job_stats, quota
 from bot.access import account_guild, check_actor, check_fits
 from bot.banned_words import BannedWordRules, banned_words_message, check_prompt
 from bot.dispatch import Dispatcher
@@ -147,13 +147,13 @@ class JobService:
     ) -> Created:
         """Accept an ``/imagine``, ``/blend`` or ``/describe`` (``inputs``: stored pictures)."""
 
-        def plan(member: Member) -> _Plan:
+        def plan(member: Member, settings: BotSettings) -> _Plan:
             """Engine, visibility, aspect and seed from the prompt, then the member's defaults."""
             resolved = apply_member_aspect(params, member)
             return _Plan(
                 params=resolved,
-                engine=resolve_engine(resolved, member, self.settings),
-                visibility=resolve_visibility(resolved, member, self.settings),
+                engine=resolve_engine(resolved, member, settings),
+                visibility=resolve_visibility(resolved, member, settings),
                 seed=resolved.seed if resolved.seed is not None else random_seed(),
             )
 
@@ -177,11 +177,11 @@ class JobService:
         check_fits(parent, operation, parent_index, actor)
         parent_params = params if params is not None else generation_params(parent)
 
-        def plan(member: Member) -> _Plan:
+        def plan(member: Member, settings: BotSettings) -> _Plan:
             """The parent's prompt and engine; the presser's current visibility mode."""
             # The member's mode now applies to everything they start, also from their older public
             # grids; their own stealth grid stays stealth even after they switched back to public.
-            visibility = resolve_visibility(None, member, self.settings)
+            visibility = resolve_visibility(None, member, settings)
             if parent.user_id == actor.user_id and parent.visibility == Visibility.STEALTH.value:
                 visibility = Visibility.STEALTH
             seed = random_seed() if operation.kind == JobKind.REROLL else parent.seed
@@ -200,7 +200,7 @@ class JobService:
         self,
         actor: Actor,
         operation: Operation,
-        plan_for: Callable[[Member], _Plan],
+        plan_for: Callable[[Member, BotSettings], _Plan],
         inputs: Mapping[str, Sequence[str]] | None = None,
     ) -> Created:
         async with self.sessions() as session, session.begin():
@@ -210,7 +210,8 @@ class JobService:
             # Lock the member row (PostgreSQL; SQLite's BEGIN IMMEDIATE already serialises
             # writers) so two simultaneous commands cannot both pass the cap check below.
             await session.execute(select(Member.id).where(Member.id == member.id).with_for_update())
-            plan = plan_for(member)
+            settings, defaults = await global_defaults.current(session, self.settings)  # /mirage defaults
+            plan = plan_for(member, settings)
             if matched := check_prompt(plan.params.model_prompt, self.banned_words):
                 raise JobRefused(banned_words_message(matched))
             if operation.kind != JobKind.CROP:
@@ -240,7 +241,7 @@ class JobService:
             if inputs:  # in the job's own transaction: no release can send it without them
                 attach_inputs(session, job.id, inputs)
             try:
-                await quota.reserve(session, member.id, job.id, job.cost, self.defaults)
+                await quota.reserve(session, member.id, job.id, job.cost, defaults)
             except quota.InsufficientCredits as exc:
                 raise NotEnoughCredits(credits_message(exc), exc) from exc
             position = await self._position(session, job) if operation.kind != JobKind.CROP else 0

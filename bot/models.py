@@ -273,3 +273,16 @@ class JobInput(Base):
     role: Mapped[str] = mapped_column(String(16))  # image, style, character, omni
     index: Mapped[int] = mapped_column(Integer)
     key: Mapped[str] = mapped_column(String(255))
+
+
+class GlobalDefaults(Base):
+    """The owners' ``/mirage defaults``: one row (id 1) between the settings and each guild/member."""
+
+    __tablename__ = "global_defaults"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    credit_limit: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    credit_period: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    default_engine: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    default_visibility: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)

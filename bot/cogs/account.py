@@ -10,7 +10,7 @@ from discord import app_commands, ui
 from discord.ext import commands
 from sqlalchemy import select, update
 
-from bot import quota
+from bot import global_defaults, quota
 from bot.interactions import actor_from
 from bot.models import Job, JobStatus, Member
 from bot.operations import resolve_engine, resolve_visibility
@@ -141,10 +141,11 @@ class Account(commands.Cog):
         await interaction.response.defer(ephemeral=True, thinking=True)
         member = await ensure_member(self.bot, interaction)
         async with self.bot.sessions() as session:
-            credits = await quota.report(session, member.id, self.bot.jobs.defaults)
+            settings, defaults = await global_defaults.current(session, self.bot.settings)
+            credits = await quota.report(session, member.id, defaults)
         counts = await self.bot.jobs.member_counts(member.id)
-        engine = resolve_engine(GenerationParams(prompt="-"), member, self.bot.settings)
-        visibility = resolve_visibility(None, member, self.bot.settings)
+        engine = resolve_engine(GenerationParams(prompt="-"), member, settings)
+        visibility = resolve_visibility(None, member, settings)
         stamp = int(credits.resets_at.timestamp())
         bonus = f" + {credits.bonus} bonus" if credits.bonus else ""
         text = (

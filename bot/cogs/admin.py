@@ -14,7 +14,7 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot import quota, quota_admin
+from bot import global_defaults, quota, quota_admin
 from bot.checks import admin_only
 from bot.models import JobStatus, utcnow
 from bot.settings import Period
@@ -62,7 +62,8 @@ class Admin(commands.Cog):
 
     async def _report(self, member_id: int) -> quota.CreditReport:
         async with self.bot.sessions() as session:
-            return await quota.report(session, member_id, self.bot.jobs.defaults)
+            _settings, defaults = await global_defaults.current(session, self.bot.settings)
+            return await quota.report(session, member_id, defaults)
 
     @quota_group.command(name="show", description="Show a member's credits")
     @admin_only()

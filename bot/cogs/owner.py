@@ -1,4 +1,7 @@
-"""The owners' global ``/mirage`` command: approve and ban guilds, ban members; and who may stay.
+"""The owners' global ``/mirage`` command: approve and ban guilds, ban members, set global defaults.
+
+``/mirage defaults`` stores the allowance, period, engine and visibility that apply below every
+guild's and member's own settings and above the bot's settings (``bot.global_defaults``).
 
 Only ``OWNER_USER_IDS`` may run it (checked on every use, wherever it is typed). Joining a guild
 that is neither listed in ``ALLOWED_GUILD_IDS`` nor approved leaves it again when
@@ -15,7 +18,7 @@ from discord import app_commands
 from discord.ext import commands
 from sqlalchemy import update
 
-from bot import quota
+from bot import global_defaults, quota
 from bot.access import guild_may_generate, is_owner
 from bot.checks import Refused
 from bot.models import Guild, Member, utcnow
@@ -130,6 +133,43 @@ class Owner(commands.Cog):
     ) -> None:
         """Lift a member ban."""
         await self._answer(interaction, await self._ban_member(user, guild_id, False))
+
+    @mirage.command(name="defaults", description="Show or set the defaults below every server's own")
+    @owner_only()
+    @app_commands.describe(
+        credit_limit="Credits per period (-1: back to the settings)",
+        period="How often the allowance renews",
+        engine="Default engine",
+        visibility="Default visibility",
+        reset="Clear every global default (the settings apply again)",
+    )
+    @app_commands.choices(
+        period=[app_commands.Choice(name=p, value=p) for p in ("day", "week", "month")],
+        engine=[app_commands.Choice(name=e, value=e) for e in ("sdxl", "openai")],
+        visibility=[app_commands.Choice(name=v, value=v) for v in ("public", "stealth")],
+    )
+    async def defaults(
+        self,
+        interaction: discord.Interaction,
+        credit_limit: app_commands.Range[int, -1] | None = None,
+        period: str | None = None,
+        engine: str | None = None,
+        visibility: str | None = None,
+        reset: bool = False,
+    ) -> None:
+        """Set the given global defaults (none given: show them)."""
+        values: dict[str, Any] = dict.fromkeys(global_defaults.FIELDS) if reset else {}
+        if credit_limit is not None:
+            values["credit_limit"] = None if credit_limit < 0 else credit_limit
+        named = {"credit_period": period, "default_engine": engine, "default_visibility": visibility}
+        values.update({name: value for name, value in named.items() if value is not None})
+        async with self.bot.sessions() as session, session.begin():
+            if values:
+                row = await global_defaults.store(session, **values)
+            else:
+                row = await global_defaults.load(session)
+            text = global_defaults.describe(self.bot.settings, row)
+        await self._answer(interaction, text)
 
     @commands.Cog.listener()
     async def on_guild_join(self, guild: discord.Guild) -> None:
