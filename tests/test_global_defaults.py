@@ -76,3 +76,16 @@ async def test_defaults_are_for_owners_only(h: Harness) -> None:
     assert callback.message_payload["content"] == NOT_OWNER
     async with h.sessions() as session:
         assert (await session.scalars(select(GlobalDefaults))).first() is None
+
+
+async def test_imagine_prices_its_question_with_the_global_engine(h: Harness) -> None:
+    h.settings.price_confirm_at = 2  # an OpenAI grid (2 credits) asks, an SDXL grid (1) does not
+    await defaults(h, engine="openai")
+    inter = await h.imagine("a fox")
+    question = await h.fake.wait_for_request(
+        lambda r: (
+            r.interaction_token == inter.token and r.route in ("webhook_execute", "webhook_message_edit")
+        )
+    )
+    assert "2 credits" in str(question.message_payload["content"])
+    assert await h.job_count() == 0

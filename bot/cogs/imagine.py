@@ -18,7 +18,7 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot import confirm
+from bot import confirm, global_defaults
 from bot.banned_words import BannedWordRules, banned_words_message, check_prompt
 from bot.imagefetch import FetchLimits, ImageInputError
 from bot.inputs import InputKeys, fetch_inputs, keys_payload, store_inputs
@@ -27,6 +27,7 @@ from bot.operations import resolve_engine
 from bot.pricing import needs_confirmation
 from bot.prompt import PromptError, PromptPlan, plan_prompts
 from bot.prompt_prefs import Prefs, apply_prefs, load_prefs
+from bot.settings import BotSettings
 from workers.schema import GenerationParams, JobKind
 
 if TYPE_CHECKING:
@@ -85,7 +86,7 @@ class Imagine(commands.Cog):
         if deferred_publicly:
             await interaction.response.defer(thinking=True)
         try:
-            member, prefs = await lookup
+            member, prefs, settings = await lookup
         except DATABASE_ERRORS:
             log.warning("could not read the preferences of %s", interaction.user.id, exc_info=True)
             await refuse(interaction, DATABASE_UNAVAILABLE)
@@ -106,7 +107,7 @@ class Imagine(commands.Cog):
         for params in plan.params:
             notes += [note for note in prompting.notes(params) if note not in notes]
         cost = sum(
-            bot.jobs.cost_of(JobKind.IMAGINE, resolve_engine(params, member, bot.settings), params=params)
+            bot.jobs.cost_of(JobKind.IMAGINE, resolve_engine(params, member, settings), params=params)
             for params in plan.params
         )
         ask = plan.needs_confirmation or needs_confirmation(cost, bot.settings.price_confirm_at)
@@ -138,9 +139,12 @@ class Imagine(commands.Cog):
         if created is not None and notes:
             await interaction.followup.send(notes_text(notes), ephemeral=True)
 
-    async def _prefs(self, interaction: discord.Interaction) -> tuple[Member | None, Prefs]:
+    async def _prefs(self, interaction: discord.Interaction) -> tuple[Member | None, Prefs, BotSettings]:
+        """The member, their prompt preferences, and the settings with the global defaults applied."""
         async with self.bot.sessions() as session:
-            return await load_prefs(session, interaction.guild_id or 0, interaction.user.id)
+            member, prefs = await load_prefs(session, interaction.guild_id or 0, interaction.user.id)
+            settings, _defaults = await global_defaults.current(session, self.bot.settings)
+            return member, prefs, settings
 
     async def _inputs(
         self, interaction: discord.Interaction, plan: PromptPlan, image: discord.Attachment | None
