@@ -49,3 +49,10 @@ async def test_a_member_new_to_guilds_pays_from_a_dm_account(h: Harness) -> None
     job = await h.job_for(inter)
     assert job.guild_id == 0
     assert await members(h) == [(0, 1)]
+
+
+async def test_info_in_a_dm_shows_the_shared_account(h: Harness) -> None:
+    await finish_grid(h, "a harbour")
+    inter = await h.fake.slash("info", dm=True)
+    answer = await reply_of(h, inter)
+    assert "Credits: **1** left (1 of 2 used" in answer["content"]

@@ -11,6 +11,7 @@ from discord.ext import commands
 from sqlalchemy import select, update
 
 from bot import global_defaults, quota
+from bot.access import account_guild
 from bot.interactions import actor_from
 from bot.models import Job, JobStatus, Member
 from bot.operations import resolve_engine, resolve_visibility
@@ -27,10 +28,14 @@ GALLERY_JOBS = 10
 
 
 async def ensure_member(bot: MirageBot, interaction: discord.Interaction[Any]) -> Member:
-    """The member row for the interaction's user, created on first contact."""
+    """The member row for the interaction's user, created on first contact.
+
+    In a DM it is the account DM jobs are charged to (``bot.access.account_guild``).
+    """
     actor = actor_from(interaction)
     async with bot.sessions() as session, session.begin():
-        return await quota.get_or_create_member(session, actor.guild_id, actor.user_id, actor.display_name)
+        guild_id = await account_guild(session, actor)
+        return await quota.get_or_create_member(session, guild_id, actor.user_id, actor.display_name)
 
 
 async def update_member(bot: MirageBot, member_id: int, **values: Any) -> Member:
