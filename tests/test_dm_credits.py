@@ -56,3 +56,11 @@ async def test_info_in_a_dm_shows_the_shared_account(h: Harness) -> None:
     inter = await h.fake.slash("info", dm=True)
     answer = await reply_of(h, inter)
     assert "Credits: **1** left (1 of 2 used" in answer["content"]
+
+
+async def test_preferences_set_in_a_dm_apply_to_the_shared_account(h: Harness) -> None:
+    await finish_grid(h, "a harbour")
+    set_suffix = await h.fake.slash("prefer", {"value": "--seed 77"}, subcommand="suffix", dm=True)
+    assert "--seed 77" in (await set_suffix.callback()).message_payload["content"]
+    job = await h.job_for(await h.imagine("a lighthouse", dm=True))
+    assert job.seed == 77

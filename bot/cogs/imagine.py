@@ -19,10 +19,11 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot import confirm, global_defaults
+from bot.access import account_guild
 from bot.banned_words import BannedWordRules, banned_words_message, check_prompt
 from bot.imagefetch import FetchLimits, ImageInputError
 from bot.inputs import InputKeys, fetch_inputs, keys_payload, store_inputs
-from bot.interactions import DATABASE_ERRORS, DATABASE_UNAVAILABLE, refuse
+from bot.interactions import DATABASE_ERRORS, DATABASE_UNAVAILABLE, actor_from, refuse
 from bot.operations import resolve_engine
 from bot.pricing import needs_confirmation
 from bot.prompt import PromptError, PromptPlan, plan_prompts
@@ -142,7 +143,8 @@ class Imagine(commands.Cog):
     async def _prefs(self, interaction: discord.Interaction) -> tuple[Member | None, Prefs, BotSettings]:
         """The member, their prompt preferences, and the settings with the global defaults applied."""
         async with self.bot.sessions() as session:
-            member, prefs = await load_prefs(session, interaction.guild_id or 0, interaction.user.id)
+            guild_id = await account_guild(session, actor_from(interaction))  # a DM: the paying account
+            member, prefs = await load_prefs(session, guild_id, interaction.user.id)
             settings, _defaults = await global_defaults.current(session, self.bot.settings)
             return member, prefs, settings
 

@@ -15,6 +15,7 @@ from discord.ext import commands
 from sqlalchemy import delete, func, select, update
 
 from bot import quota
+from bot.access import account_guild
 from bot.interactions import actor_from
 from bot.models import Member, MemberOption, utcnow
 from bot.prompt_prefs import MAX_OPTIONS, check_option_name, check_parameters
@@ -47,9 +48,8 @@ class Prefer(commands.GroupCog, group_name="prefer", group_description="Your pro
     async def _member(self, interaction: discord.Interaction) -> Member:
         actor = actor_from(interaction)
         async with self.bot.sessions() as session, session.begin():
-            return await quota.get_or_create_member(
-                session, actor.guild_id, actor.user_id, actor.display_name
-            )
+            guild_id = await account_guild(session, actor)  # in a DM: the account DM jobs use
+            return await quota.get_or_create_member(session, guild_id, actor.user_id, actor.display_name)
 
     @app_commands.command(name="suffix", description="Parameters added to the end of every prompt")
     @app_commands.describe(value="Parameters such as --ar 3:2 --stylize 250; leave empty to clear")
