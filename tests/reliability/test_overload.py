@@ -36,7 +36,7 @@ from tests.botutil import FakeDispatcher, Harness, bot_harness, has_result
 from tests.fakes import FakeDiscord, FakeInteraction, FakeMember
 from workers.schema import ErrorCode
 
-pytestmark = [pytest.mark.reliability, pytest.mark.postgres, pytest.mark.timeout(150)]
+pytestmark = [pytest.mark.reliability, pytest.mark.postgres, pytest.mark.timeout(400)]
 
 MEMBERS = 100
 PER_MEMBER = 5
