@@ -264,9 +264,12 @@ def _settings(model_dir: Path, **values: Any) -> WorkerSettings:
 class Recorder:
     """Runs sections, keeps going past failures and rewrites the JSON file after each one."""
 
-    def __init__(self, path: Path | None, meta: dict[str, Any], budget_s: float) -> None:
-        """Record into ``path`` (if any); sections after ``budget_s`` seconds are skipped."""
+    def __init__(
+        self, path: Path | None, meta: dict[str, Any], budget_s: float, skip: frozenset[str] = frozenset()
+    ) -> None:
+        """Record into ``path`` (if any); skip sections past ``budget_s`` seconds or named in ``skip``."""
         self.path = path
+        self.skip = skip
         self.started = time.monotonic()
         self.budget_s = budget_s
         self.data: dict[str, Any] = {"meta": meta, "sections": {}}
@@ -288,10 +291,10 @@ class Recorder:
         self, name: str, call: Callable[[], dict[str, Any]], *, needs_s: float = 0.0
     ) -> dict[str, Any]:
         """Run one measurement; its result, or its error, or why it was skipped, goes in the JSON."""
-        if self.remaining() < needs_s:
-            result: dict[str, Any] = {
-                "skipped": f"budget: {self.remaining():.0f}s left, needs ~{needs_s:.0f}s"
-            }
+        if name in self.skip:
+            result: dict[str, Any] = {"skipped": "--skip"}
+        elif self.remaining() < needs_s:
+            result = {"skipped": f"budget: {self.remaining():.0f}s left, needs ~{needs_s:.0f}s"}
         else:
             print(f"--- {name} ({self.remaining():.0f}s of budget left)", flush=True)
             started = time.monotonic()
@@ -348,7 +351,7 @@ def bench_levers(engine: Any, rec: Recorder, *, steps: int, runs: int, size: int
     from workers.sdxl.engine import Levers
 
     request = _grid_request(steps)
-    fast = Levers.from_settings(engine.settings)
+    fast = Levers(**engine.levers.__dict__)  # as loaded: the measured attention kernel included
     fast_vae = engine.vae.dtype
 
     def config(**changes: Any) -> Callable[[], dict[str, Any]]:
@@ -382,12 +385,7 @@ def bench_levers(engine: Any, rec: Recorder, *, steps: int, runs: int, size: int
 
     per = 4.0  # rough seconds per measured grid on an H100, for the budget check
     need = per * (runs + 1)
-    rec.section("vae_float32", config(vae_dtype="float32"), needs_s=need)
-    rec.section("vae_float16", config(vae_dtype="float16"), needs_s=need)
-    rec.section("vae_bfloat16", config(vae_dtype="bfloat16"), needs_s=need)
-    rec.section("cpu_postprocess", config(gpu_postprocess=False), needs_s=need)
-    rec.section("previews_gpu", config(progress=True), needs_s=need)
-    rec.section("previews_cpu", config(progress=True, gpu_previews=False), needs_s=need)
+    # Most telling first: kernels, draft and upscale, then the run-time levers around the UNet.
     for backend in ("flash", "efficient", "cudnn"):
         rec.section(f"attention_{backend}", config(attention_backend=backend), needs_s=need)
 
@@ -429,6 +427,12 @@ def bench_levers(engine: Any, rec: Recorder, *, steps: int, runs: int, size: int
 
     rec.section("upscale_fewest_tiles", upscale_with(True), needs_s=2 * per * runs)
     rec.section("upscale_base_tiles", upscale_with(False), needs_s=3 * per * runs)
+    rec.section("vae_float32", config(vae_dtype="float32"), needs_s=need)
+    rec.section("vae_float16", config(vae_dtype="float16"), needs_s=need)
+    rec.section("vae_bfloat16", config(vae_dtype="bfloat16"), needs_s=need)
+    rec.section("cpu_postprocess", config(gpu_postprocess=False), needs_s=need)
+    rec.section("previews_gpu", config(progress=True), needs_s=need)
+    rec.section("previews_cpu", config(progress=True, gpu_previews=False), needs_s=need)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -519,7 +523,13 @@ def bench(args: argparse.Namespace, model_dir: Path, rec: Recorder, *, size: int
         engine_box["engine"] = engine
         load_s = time.perf_counter() - started
         result = _timed_runs(lambda: engine.run(_grid_request(steps)), args.runs)
-        return {"load_s": round(load_s, 2), "vae_dtype": _dtype_name(engine.vae.dtype), **result}
+        return {
+            "load_s": round(load_s, 2),
+            "vae_dtype": _dtype_name(engine.vae.dtype),
+            "attention": engine.levers.attention_backend,
+            "attention_ms": engine.attention_times_ms,
+            **result,
+        }
 
     rec.section("fast", load_fast, needs_s=per * 5)
 
@@ -568,13 +578,6 @@ def bench(args: argparse.Namespace, model_dir: Path, rec: Recorder, *, size: int
             needs_s=60.0 if gpu else 40.0,
         )
 
-    engine = engine_box.get("engine")
-    if engine is not None:
-        bench_levers(engine, rec, steps=steps, runs=args.lever_runs, size=size)
-        del engine
-        engine_box.clear()
-        _free()
-
     if args.fp8:
         ao_path = args.torchao_path
 
@@ -597,6 +600,13 @@ def bench(args: argparse.Namespace, model_dir: Path, rec: Recorder, *, size: int
             }
 
         rec.section("fp8", fp8, needs_s=60.0 if gpu else 20.0)
+
+    engine = engine_box.get("engine")
+    if engine is not None:
+        bench_levers(engine, rec, steps=steps, runs=args.lever_runs, size=size)
+        del engine
+        engine_box.clear()
+        _free()
 
     for mode in modes[1:]:
         mode = mode.strip()
@@ -662,7 +672,7 @@ def print_table(data: dict[str, Any]) -> None:
             for key in (
                 "load_s", "first_call_s", "first_grid_s", "load_plus_first_grid_s", "vae_dtype",
                 "vae_fp32_retries", "tiles", "unet_full", "unet_shallow", "steps", "previews", "reports",
-                "mode", "notes", "fp8",
+                "mode", "notes", "fp8", "attention", "attention_ms", "compile_mode",
             )
             if key in row and row[key] not in (None, [], "")
         }  # fmt: skip
@@ -688,10 +698,11 @@ def main(argv: list[str] | None = None) -> int:
         help="comma-separated torch.compile modes to measure, first one also from a warm cache "
         "(default: 'default' on a GPU, none with --tiny; '' for none)",
     )
-    parser.add_argument("--attention", default="auto", help="SDPA kernel for the 'fast' configuration")
+    parser.add_argument("--attention", default="measure", help="SDPA kernel for the 'fast' configuration")
     parser.add_argument("--fp8", action="store_true", help="also measure FP8 (torchao) in its own process")
     parser.add_argument("--torchao-path", help="a folder holding torchao, added to the FP8 process's path")
     parser.add_argument("--no-plain", action="store_true", help="skip the plain diffusers baseline")
+    parser.add_argument("--skip", default="", help="comma-separated sections not to run (e.g. vae_float32)")
     parser.add_argument("--budget-s", type=float, default=1e9, help="skip sections that no longer fit")
     parser.add_argument("--child-timeout-s", type=float, default=300.0, help="limit for each child process")
     parser.add_argument("--threads", type=int, help="torch CPU threads (1 is steadier on a shared CPU)")
@@ -746,7 +757,8 @@ def main(argv: list[str] | None = None) -> int:
             "compile_modes": args.compile_modes,
             "threads": torch.get_num_threads(),
         }
-        rec = Recorder(args.json, meta, args.budget_s)
+        skip = frozenset(name.strip() for name in args.skip.split(",") if name.strip())
+        rec = Recorder(args.json, meta, args.budget_s, skip)
         if not args.tiny:
 
             def build() -> dict[str, Any]:

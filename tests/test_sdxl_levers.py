@@ -282,6 +282,38 @@ def test_attention_backend_names() -> None:
     assert info.value.code is ErrorCode.ENGINE_UNAVAILABLE
 
 
+def test_measured_attention_names() -> None:
+    with loading.attention_backend("measured:cudnn", torch.device("cpu")):
+        pass
+    with pytest.raises(WorkerError):
+        loading.attention_backend("measured:math", torch.device("cpu"))  # never a measured choice
+
+
+def test_attention_shapes_cover_every_sdxl_transformer_layer() -> None:
+    # SDXL base's published UNet configuration: 70 transformer layers in all.
+    config = types.SimpleNamespace(
+        block_out_channels=[320, 640, 1280],
+        attention_head_dim=[5, 10, 20],
+        transformer_layers_per_block=[1, 2, 10],
+        layers_per_block=2,
+        down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+        mid_block_type="UNetMidBlock2DCrossAttn",
+    )
+    shapes = loading.attention_shapes(types.SimpleNamespace(config=config), latent_side=128, batch=8)
+    assert shapes == [
+        (10, 8, 10, 4096, 4096, 64),
+        (10, 8, 10, 4096, 77, 64),
+        (60, 8, 20, 1024, 1024, 64),
+        (60, 8, 20, 1024, 77, 64),
+    ]
+
+
+def test_measure_attention_keeps_pytorchs_choice_on_a_cpu(tiny_model_dir: Path) -> None:
+    engine = SDXLEngine.load(_settings(tiny_model_dir, attention_backend="measure"))
+    assert engine.levers.attention_backend == "auto" and engine.attention_times_ms == {}
+    assert len(engine.run(_request(count=1)).images) == 1
+
+
 def test_fp8_is_skipped_with_a_reason_on_a_cpu(tiny_model_dir: Path) -> None:
     engine = SDXLEngine.load(_settings(tiny_model_dir, fp8=True))
     assert engine.fp8_status != "applied" and "FP8 skipped" in engine.fp8_status

@@ -93,7 +93,7 @@ class WorkerSettings(BaseSettings):
     compile_vae: bool = True  # with TORCH_COMPILE, compile the VAE decoder as well as the UNet
     # Aspect ratios whose bucket is compiled at start when TORCH_COMPILE is on; "all": every bucket.
     compile_warmup_aspects: str = "1:1,2:3,3:2,3:4,4:3,9:16,16:9"
-    attention_backend: str = "auto"  # auto, flash, efficient, cudnn, math (SDPA kernels)
+    attention_backend: str = "measure"  # measure, auto, flash, efficient, cudnn, math (SDPA kernels)
     fp8: bool = False  # FP8 UNet linear layers through torchao (Hopper or newer)
     upscale_fewest_tiles: bool = True  # cover the upscale with the fewest (slightly larger) tiles
     channels_last: bool = False  # measured slower in eager fp16 on an H200; try it with compile

@@ -147,6 +147,7 @@ class SDXLEngine(Operations, Outpainting, Upscaling):
         self.vae = VaeRunner(txt2img.vae, device=device, model_dtype=dtype, mode=settings.vae_dtype)
         self.last_info: dict[str, Any] = {}  # the facts of the last job, for logs and tests
         self.fp8_status = "off"  # "applied", or why FP8 was skipped
+        self.attention_times_ms: dict[str, float] = {}  # what ATTENTION_BACKEND=measure timed
         # What enlarges an upscale's source before its img2img pass (load() sets UPSCALER_MODEL's).
         self.upscaler: Upscaler = LanczosUpscaler()
         self.ip_adapter: IPAdapter | None = None  # load() sets IP_ADAPTER_MODEL's
@@ -268,6 +269,12 @@ class SDXLEngine(Operations, Outpainting, Upscaling):
             engine.ip_adapter = ip_adapter
         if settings.fp8:
             engine.fp8_status = fp8_skipped or "applied"
+        if settings.attention_backend.strip().lower() == "measure":
+            choice, engine.attention_times_ms = loading.measure_attention(
+                pipe.unet, device, dtype, engine.base_resolution // 8
+            )
+            engine.levers.attention_backend = choice
+            log.info("attention kernel %s (ms per UNet evaluation: %s)", choice, engine.attention_times_ms)
         if settings.warmup:
             engine.warm_up()
         engine.load_s = time.perf_counter() - started

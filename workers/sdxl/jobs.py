@@ -97,7 +97,7 @@ class Levers:
     gpu_postprocess: bool = True
     gpu_previews: bool = True
     preview_every_steps: int = 4
-    attention_backend: str = "auto"
+    attention_backend: str = "measure"
     upscale_fewest_tiles: bool = True
 
     @classmethod

@@ -304,32 +304,120 @@ def enable_compile(pipe: Any, cache_dir: Path | None, *, mode: str = "default", 
         pipe.vae.decoder.compile(fullgraph=False, dynamic=False, **options)
 
 
-ATTENTION_BACKENDS = ("auto", "flash", "efficient", "cudnn", "math")
+ATTENTION_BACKENDS = ("auto", "measure", "flash", "efficient", "cudnn", "math")
+# The kernels ``measure`` times, in the order used to break ties and to fall back.
+MEASURED_BACKENDS = ("flash", "cudnn", "efficient")
 
 
-def attention_backend(name: str, device: torch.device) -> contextlib.AbstractContextManager[Any]:
-    """A context in which scaled-dot-product attention uses only the named kernel.
+def _sdpa_backends() -> dict[str, Any]:
+    from torch.nn.attention import SDPBackend
 
-    ``auto`` (and any CPU) leaves PyTorch's own choice. The choice is made per call, so a
-    kernel that cannot run a shape raises instead of silently falling back.
-    """
-    name = name.strip().lower()
-    if name not in ATTENTION_BACKENDS:
-        raise WorkerError(
-            ErrorCode.ENGINE_UNAVAILABLE,
-            f"Unknown attention backend {name!r} ({', '.join(ATTENTION_BACKENDS)}).",
-        )
-    if name == "auto" or device.type != "cuda":
-        return contextlib.nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    backend = {
+    return {
         "flash": SDPBackend.FLASH_ATTENTION,
         "efficient": SDPBackend.EFFICIENT_ATTENTION,
         "cudnn": SDPBackend.CUDNN_ATTENTION,
         "math": SDPBackend.MATH,
-    }[name]
-    return sdpa_kernel([backend])
+    }
+
+
+def attention_backend(name: str, device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """A context in which scaled-dot-product attention uses the named kernel.
+
+    ``auto`` (and any CPU) leaves PyTorch's own choice. A named kernel is the only one allowed,
+    so a kernel that cannot run a shape raises instead of silently falling back. ``measured:X``
+    (what :func:`measure_attention` chose) puts X first and keeps the other fast kernels behind
+    it, so a shape X cannot run still runs.
+    """
+    name = name.strip().lower()
+    measured = name.startswith("measured:")
+    base = name.removeprefix("measured:")
+    if base not in ATTENTION_BACKENDS or (measured and base not in MEASURED_BACKENDS):
+        raise WorkerError(
+            ErrorCode.ENGINE_UNAVAILABLE,
+            f"Unknown attention backend {name!r} ({', '.join(ATTENTION_BACKENDS)}).",
+        )
+    if base in ("auto", "measure") or device.type != "cuda":
+        return contextlib.nullcontext()
+    from torch.nn.attention import sdpa_kernel
+
+    kernels = _sdpa_backends()
+    if measured:
+        order = [base, *(other for other in MEASURED_BACKENDS if other != base), "math"]
+        return sdpa_kernel([kernels[other] for other in order], set_priority=True)
+    return sdpa_kernel([kernels[base]])
+
+
+def attention_shapes(unet: torch.nn.Module, latent_side: int, batch: int) -> list[tuple[int, ...]]:
+    """(count, batch, heads, query length, key length, head dim) of the UNet's attention calls.
+
+    Read from the UNet's configuration at a square ``latent_side``: every transformer layer of a
+    cross-attention block runs one self-attention (keys: the pixels) and one cross-attention
+    (keys: the 77 text tokens), down and up.
+    """
+    config = unet.config
+    channels = list(config.block_out_channels)
+    heads = config.attention_head_dim
+    heads = list(heads) if isinstance(heads, list | tuple) else [heads] * len(channels)
+    depth = config.transformer_layers_per_block
+    depth = list(depth) if isinstance(depth, list | tuple) else [depth] * len(channels)
+    shapes: list[tuple[int, ...]] = []
+    for level, block in enumerate(config.down_block_types):
+        if "CrossAttn" not in block:
+            continue
+        side = max(1, latent_side >> level)
+        pixels = side * side
+        head_dim = channels[level] // heads[level]
+        # Down blocks run layers_per_block of them, up blocks one more; the mid block sits at
+        # the deepest level.
+        count = depth[level] * (2 * config.layers_per_block + 1)
+        if level == len(channels) - 1 and "CrossAttn" in str(config.mid_block_type):
+            count += depth[level]
+        shapes.append((count, batch, heads[level], pixels, pixels, head_dim))
+        shapes.append((count, batch, heads[level], pixels, 77, head_dim))
+    return shapes
+
+
+def measure_attention(
+    unet: torch.nn.Module, device: torch.device, dtype: torch.dtype, latent_side: int, batch: int = 8
+) -> tuple[str, dict[str, float]]:
+    """Time each fast SDPA kernel on the UNet's own attention shapes; the fastest and the times.
+
+    Returns ``("auto", {})`` off CUDA. A kernel that cannot run a shape is left out; the times
+    are milliseconds for one UNet evaluation's attention.
+    """
+    if device.type != "cuda":
+        return "auto", {}
+    import torch.nn.functional as F
+    from torch.nn.attention import sdpa_kernel
+
+    shapes = attention_shapes(unet, latent_side, batch)
+    kernels = _sdpa_backends()
+    times: dict[str, float] = {}
+    for name in MEASURED_BACKENDS:
+        total = 0.0
+        try:
+            with sdpa_kernel([kernels[name]]), torch.no_grad():
+                for count, b, heads, q_len, k_len, head_dim in shapes:
+                    q = torch.randn(b, heads, q_len, head_dim, device=device, dtype=dtype)
+                    k = torch.randn(b, heads, k_len, head_dim, device=device, dtype=dtype)
+                    v = torch.randn_like(k)
+                    for _ in range(2):  # kernel selection and autotuning happen here
+                        F.scaled_dot_product_attention(q, k, v)
+                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    start.record()
+                    for _ in range(5):
+                        F.scaled_dot_product_attention(q, k, v)
+                    end.record()
+                    end.synchronize()
+                    total += start.elapsed_time(end) / 5 * count
+        except RuntimeError as exc:
+            log.info("attention kernel %s cannot run SDXL's shapes here: %s", name, str(exc).splitlines()[0])
+            continue
+        times[name] = round(total, 3)
+    if not times:
+        return "auto", {}
+    best = min(times, key=lambda name: times[name])
+    return f"measured:{best}", times
 
 
 def fp8_unavailable() -> str | None:
