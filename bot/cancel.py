@@ -14,13 +14,12 @@ message whose job has meanwhile finished, is answered with what became of the jo
 from __future__ import annotations
 
 import logging
-import re
 from typing import TYPE_CHECKING, Any
 
 import discord
-from discord import ui
 
-from bot.buttons import JOB_ID_CHARS, MISSING_JOB, load_job
+from bot.buttons import MISSING_JOB, load_job
+from bot.dynamic_button import JobIdButton
 from bot.interactions import DATABASE_ERRORS, DATABASE_UNAVAILABLE
 from bot.models import Job, JobStatus
 
@@ -44,26 +43,8 @@ def cancelled_text(cost: int) -> str:
     return f"Cancelled. Your {cost} credit{'s were' if cost != 1 else ' was'} refunded."
 
 
-class CancelButton(ui.DynamicItem[ui.Button[Any]], template=rf"mj:x:(?P<id>{JOB_ID_CHARS})"):
+class CancelButton(JobIdButton, prefix="x", label="Cancel", emoji="❌"):
     """``❌ Cancel`` under a pending job's message."""
-
-    def __init__(self, job_id: str) -> None:
-        self.job_id = job_id
-        super().__init__(
-            ui.Button(
-                label="Cancel",
-                emoji="❌",
-                custom_id=f"mj:x:{job_id}",
-                style=discord.ButtonStyle.secondary,
-            )
-        )
-
-    @classmethod
-    async def from_custom_id(
-        cls, interaction: discord.Interaction[Any], item: ui.Item[Any], match: re.Match[str], /
-    ) -> CancelButton:
-        """Rebuild the button from its custom_id."""
-        return cls(match["id"])
 
     async def callback(self, interaction: discord.Interaction[Any]) -> None:
         """Cancel the job if the presser owns it and it has not ended; answer privately."""

@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Any
 import discord
 from discord import ui
 
-from bot.buttons import JOB_ID_CHARS, load_source, mark_pressed
+from bot.buttons import load_source, mark_pressed
+from bot.dynamic_button import JobIdButton
 from bot.interactions import refuse
 from bot.models import Job
 from bot.operations import Operation, generation_params
@@ -113,27 +114,8 @@ class CustomZoomModal(ui.Modal):
             await mark_pressed(interaction, custom_id=f"mj:cz:{self.job_id}")
 
 
-class CustomZoomButton(ui.DynamicItem[ui.Button[Any]], template=rf"mj:cz:(?P<id>{JOB_ID_CHARS})"):
+class CustomZoomButton(JobIdButton, prefix="cz", label="Custom Zoom", emoji="🔍"):
     """``Custom Zoom``: opens the form for the presser."""
-
-    def __init__(self, job_id: str, *, row: int | None = None) -> None:
-        self.job_id = job_id
-        super().__init__(
-            ui.Button(
-                label="Custom Zoom",
-                emoji="🔍",
-                custom_id=f"mj:cz:{job_id}",
-                style=discord.ButtonStyle.secondary,
-                row=row,
-            )
-        )
-
-    @classmethod
-    async def from_custom_id(
-        cls, interaction: discord.Interaction[Any], item: ui.Item[Any], match: re.Match[str], /
-    ) -> CustomZoomButton:
-        """Rebuild the button from its custom_id."""
-        return cls(match["id"])
 
     async def callback(self, interaction: discord.Interaction[Any]) -> None:
         """Open the form (a modal must be the press's first answer)."""

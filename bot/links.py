@@ -14,14 +14,14 @@ privately; the gallery counts them.
 from __future__ import annotations
 
 import logging
-import re
 from typing import TYPE_CHECKING, Any
 
 import discord
 from discord import ui
 
 from bot import quota
-from bot.buttons import JOB_ID_CHARS, MISSING_JOB, answer_privately, load_source
+from bot.buttons import MISSING_JOB, answer_privately, load_source
+from bot.dynamic_button import JobIdButton
 from bot.favourites import toggle_favourite
 from bot.interactions import DATABASE_ERRORS, DATABASE_UNAVAILABLE, refuse
 from bot.models import Job
@@ -65,26 +65,8 @@ def link_view(label: str, url: str) -> ui.View | None:
     return view
 
 
-class WebButton(ui.DynamicItem[ui.Button[Any]], template=rf"mj:web:(?P<id>{JOB_ID_CHARS})"):
+class WebButton(JobIdButton, prefix="web", label=WEB_LABEL):
     """``Web`` on a stealth result: a private page link for the owner, answered privately."""
-
-    def __init__(self, job_id: str, *, row: int | None = None) -> None:
-        self.job_id = job_id
-        super().__init__(
-            ui.Button(
-                label=WEB_LABEL,
-                custom_id=f"mj:web:{job_id}",
-                style=discord.ButtonStyle.secondary,
-                row=row,
-            )
-        )
-
-    @classmethod
-    async def from_custom_id(
-        cls, interaction: discord.Interaction[Any], item: ui.Item[Any], match: re.Match[str], /
-    ) -> WebButton:
-        """Rebuild the button from its custom_id."""
-        return cls(match["id"])
 
     async def callback(self, interaction: discord.Interaction[Any]) -> None:
         """Answer the owner (only) with the job's page link."""
@@ -101,26 +83,8 @@ class WebButton(ui.DynamicItem[ui.Button[Any]], template=rf"mj:web:(?P<id>{JOB_I
         await answer_privately(interaction, f"{text} {url}", view=link_view(WEB_LABEL, url))
 
 
-class FavouriteButton(ui.DynamicItem[ui.Button[Any]], template=rf"mj:fav:(?P<id>{JOB_ID_CHARS})"):
+class FavouriteButton(JobIdButton, prefix="fav", emoji=FAV_EMOJI):
     """``❤️``: add or remove the presser's favourite, answered privately."""
-
-    def __init__(self, job_id: str, *, row: int | None = None) -> None:
-        self.job_id = job_id
-        super().__init__(
-            ui.Button(
-                emoji=FAV_EMOJI,
-                custom_id=f"mj:fav:{job_id}",
-                style=discord.ButtonStyle.secondary,
-                row=row,
-            )
-        )
-
-    @classmethod
-    async def from_custom_id(
-        cls, interaction: discord.Interaction[Any], item: ui.Item[Any], match: re.Match[str], /
-    ) -> FavouriteButton:
-        """Rebuild the button from its custom_id."""
-        return cls(match["id"])
 
     async def callback(self, interaction: discord.Interaction[Any]) -> None:
         """Toggle the favourite and say which way it went."""

@@ -18,13 +18,12 @@ whose interaction token is gone.
 from __future__ import annotations
 
 import logging
-import re
 from typing import TYPE_CHECKING, Any
 
 import discord
-from discord import ui
 
-from bot.buttons import JOB_ID_CHARS, answer_privately, load_job, load_source
+from bot.buttons import answer_privately, load_job, load_source
+from bot.dynamic_button import JobIdButton
 from bot.interactions import DATABASE_ERRORS, DATABASE_UNAVAILABLE
 from bot.links import link_view
 from bot.models import JobStatus
@@ -49,27 +48,8 @@ IMAGE_GONE = "That image is no longer available."
 ACCEPTED = "Your edit was accepted. The result will be posted in the channel, mentioning you."
 
 
-class RegionButton(ui.DynamicItem[ui.Button[Any]], template=rf"mj:region:(?P<id>{JOB_ID_CHARS})"):
+class RegionButton(JobIdButton, prefix="region", label=REGION_LABEL, emoji="🖌️"):
     """``Vary (Region)``: a private editor link for the image's owner."""
-
-    def __init__(self, job_id: str, *, row: int | None = None) -> None:
-        self.job_id = job_id
-        super().__init__(
-            ui.Button(
-                label=REGION_LABEL,
-                emoji="🖌️",
-                custom_id=f"mj:region:{job_id}",
-                style=discord.ButtonStyle.secondary,
-                row=row,
-            )
-        )
-
-    @classmethod
-    async def from_custom_id(
-        cls, interaction: discord.Interaction[Any], item: ui.Item[Any], match: re.Match[str], /
-    ) -> RegionButton:
-        """Rebuild the button from its custom_id."""
-        return cls(match["id"])
 
     async def callback(self, interaction: discord.Interaction[Any]) -> None:
         """Answer the owner privately with an editor link signed for them."""
