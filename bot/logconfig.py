@@ -16,26 +16,22 @@ of that, every handler :func:`setup_logging` installs:
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import re
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import IO, TYPE_CHECKING, Any
-from urllib.parse import unquote, urlsplit
 
 from bot.settings import BotSettings
+from workers import logformat
+from workers.logformat import OPENAI_KEY, REDACTED, URL_PASSWORD, Pattern, authorization_header
 
 if TYPE_CHECKING:
     from bot.models import Job
 
-REDACTED = "[redacted]"
-# Shorter values would redact innocent text ("1234", "admin") all over the log.
-MIN_SECRET_LENGTH = 8
 # Environment variables holding secrets the settings class does not own (the OpenAI key is read
 # by the worker/SDK, but a misconfigured bot may still see and log it).
 SECRET_ENV_VARS = ("OPENAI_API_KEY", "DISCORD_TOKEN", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
@@ -47,12 +43,6 @@ QUIET_LOGGERS = {"sqlalchemy.engine": logging.WARNING, "aiosqlite": logging.INFO
 job_id_var: ContextVar[str | None] = ContextVar("mirage_job_id", default=None)
 member_id_var: ContextVar[int | str | None] = ContextVar("mirage_member_id", default=None)
 
-# Attributes every LogRecord has; anything else on a record came from ``extra=``.
-_RECORD_ATTRS = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {
-    "message",
-    "asctime",
-    "taskName",
-}
 _CONTEXT_KEYS = ("job_id", "member_id")
 
 # Characters that log viewers treat as line breaks, with the escape written in their place.
@@ -60,15 +50,12 @@ _LINE_BREAKS = {"\r": "\\r", "\n": "\\n", "\x85": "\\x85", "\u2028": "\\u2028", 
 _LINE_BREAK_RE = re.compile("[" + "".join(_LINE_BREAKS) + "]")
 
 # Token-shaped text that libraries log by themselves (order matters: specific before generic).
-_PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
+_PATTERNS: tuple[Pattern, ...] = (
     # Webhook and interaction-followup URLs: the path segment after the id is a credential.
     (re.compile(r"(webhooks/\d+/)[A-Za-z0-9_.\-]+"), r"\1" + REDACTED),
     (re.compile(r"(interactions/\d+/)[A-Za-z0-9_.\-]+(/callback)"), r"\1" + REDACTED + r"\2"),
     # An Authorization header, whatever its value looks like.
-    (
-        re.compile(r"""(?i)(authorization["']?\s*[:=]\s*["']?)(bot|bearer)\s+[^\s"',}]+"""),
-        r"\1\2 " + REDACTED,
-    ),
+    authorization_header("bot", "bearer"),
     # A Discord bot token (three dot-separated base64 parts) after "Bot ".
     (re.compile(r"\bBot\s+[A-Za-z0-9_\-]{10,}\.[A-Za-z0-9_\-]{4,}\.[A-Za-z0-9_\-]{10,}"), "Bot " + REDACTED),
     # A token-named field in a logged payload (discord.py's DEBUG gateway events carry each
@@ -77,10 +64,8 @@ _PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
         re.compile(r"""(?i)(\b\w*token["']?\s*[:=]\s*["']?)[A-Za-z0-9_.\-]{8,}"""),
         r"\1" + REDACTED,
     ),
-    # OpenAI keys (sk-…, sk-proj-…).
-    (re.compile(r"\bsk-[A-Za-z0-9_\-]{10,}"), "sk-" + REDACTED),
-    # user:password@ in any URL.
-    (re.compile(r"([a-zA-Z][a-zA-Z0-9+.\-]*://[^:/@\s]*):[^@\s/]+@"), r"\1:" + REDACTED + "@"),
+    OPENAI_KEY,  # sk-…, sk-proj-…
+    URL_PASSWORD,  # user:password@ in any URL
 )
 
 
@@ -121,52 +106,24 @@ class ContextFilter(logging.Filter):
 # --- redaction --------------------------------------------------------------------------------
 
 
-class Redactor:
-    """Replaces known secret values and token-shaped patterns in text with ``[redacted]``."""
+class Redactor(logformat.Redactor):
+    """Replaces the bot's secret values and token-shaped patterns in text with ``[redacted]``."""
 
-    def __init__(self, secrets: Iterable[str] = ()) -> None:
-        values: set[str] = set()
-        for secret in secrets:
-            if not secret or len(secret) < MIN_SECRET_LENGTH:
-                continue
-            values.add(secret)
-            # The same value as it appears inside a JSON string or a repr().
-            values.add(json.dumps(secret)[1:-1])
-            values.add(repr(secret)[1:-1])
-        # Longest first, so a secret containing another is replaced whole.
-        ordered = sorted(values, key=len, reverse=True)
-        self._values = re.compile("|".join(re.escape(v) for v in ordered)) if ordered else None
+    patterns = _PATTERNS
 
     @classmethod
     def from_settings(cls, settings: BotSettings, environ: dict[str, str] | None = None) -> Redactor:
         """The secrets of this process: settings' ``SecretStr`` s, URL passwords, secret env vars."""
-        env = os.environ if environ is None else environ
-        secrets = [
-            settings.discord_token.get_secret_value(),
-            settings.s3_access_key.get_secret_value(),
-            settings.s3_secret_key.get_secret_value(),
-            *(env.get(name, "") for name in SECRET_ENV_VARS),
-        ]
-        for url in (settings.database_url, settings.broker_url, settings.result_backend):
-            password = _url_password(url)
-            if password:
-                secrets += [password, unquote(password)]
-        return cls(secrets)
-
-    def redact(self, text: str) -> str:
-        """``text`` with every secret value and pattern replaced."""
-        if self._values is not None:
-            text = self._values.sub(REDACTED, text)
-        for pattern, replacement in _PATTERNS:
-            text = pattern.sub(replacement, text)
-        return text
-
-
-def _url_password(url: str) -> str | None:
-    try:
-        return urlsplit(url).password
-    except ValueError:  # an unparsable URL has no password we could find either
-        return None
+        return cls.of(
+            [
+                settings.discord_token.get_secret_value(),
+                settings.s3_access_key.get_secret_value(),
+                settings.s3_secret_key.get_secret_value(),
+            ],
+            urls=(settings.database_url, settings.broker_url, settings.result_backend),
+            env_vars=SECRET_ENV_VARS,
+            environ=environ,
+        )
 
 
 # --- formatters -------------------------------------------------------------------------------
@@ -197,28 +154,12 @@ class PlainFormatter(logging.Formatter):
         return escape_line_breaks(super().format(record))
 
 
-class JsonFormatter(logging.Formatter):
-    """One JSON object per record, for log shippers."""
+class JsonFormatter(logformat.JsonFormatter):
+    """One JSON object per record, for log shippers; the job context when there is one."""
 
-    def format(self, record: logging.LogRecord) -> str:
-        """Serialise the record: time, level, logger, message, job context, ``extra=`` keys, traceback."""
-        data: dict[str, Any] = {
-            "time": datetime.fromtimestamp(record.created, UTC).isoformat(),
-            "level": record.levelname,
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        for key, value in record.__dict__.items():
-            if key not in _RECORD_ATTRS and key not in data and not key.startswith("_"):
-                if key in _CONTEXT_KEYS and value is None:
-                    continue
-                data[key] = value
-        if record.exc_info:
-            data["exc"] = self.formatException(record.exc_info)
-        if record.stack_info:
-            data["stack"] = self.formatStack(record.stack_info)
-        # json.dumps escapes newlines inside strings, so one record is always one line.
-        return json.dumps(data, ensure_ascii=False, default=str)
+    def keep(self, key: str, value: Any) -> bool:
+        """Every extra but an unset ``job_id``/``member_id``."""
+        return value is not None or key not in _CONTEXT_KEYS
 
 
 class RedactingFormatter(logging.Formatter):

@@ -554,3 +554,27 @@ async def reply_of(h: Harness, inter: Any) -> dict[str, Any]:
         lambda r: r.interaction_token == inter.token and r.route == "webhook_execute"
     )
     return request.message_payload
+
+
+async def private_followup(h: Harness, inter: Any) -> dict[str, Any]:
+    """The first private message sent after the command was deferred."""
+    request = await h.fake.wait_for_request(
+        lambda r: (
+            r.interaction_token == inter.token
+            and r.route == "webhook_execute"
+            and bool((r.message_payload.get("flags") or 0) & EPHEMERAL)
+        )
+    )
+    return request.message_payload
+
+
+async def refused_for_free(h: Harness, command: str, options: dict[str, Any]) -> str:
+    """``/command`` with ``options`` (uploaded attachments included) refused privately: the text.
+
+    Checks that the refusal says nothing was charged, and that no job and no credit went to it.
+    """
+    inter = await h.fake.slash(command, options)
+    refusal = (await private_followup(h, inter))["content"]
+    assert "Nothing was charged" in refusal
+    assert await h.job_count() == 0 and await credits_used(h, h.fake.user.id) == 0
+    return refusal

@@ -22,6 +22,7 @@ from tests.botutil import (
     custom_ids,
     has_result,
     png_bytes,
+    refused_for_free,
 )
 from workers.schema import JobKind, nearest_bucket
 
@@ -79,17 +80,8 @@ async def test_rerolling_a_blend_blends_the_same_pictures_again(h: Harness) -> N
 async def test_a_picture_that_cannot_be_read_is_refused_by_name_and_free(h: Harness) -> None:
     good = h.fake.upload_attachment("good.png", png_bytes(16, 16))
     broken = h.fake.upload_attachment("broken.png", b"\x89PNG\r\n\x1a\n not really", "image/png")
-    inter = await h.fake.slash("blend", {"image1": good, "image2": broken})
-    refusal = await h.fake.wait_for_request(
-        lambda r: (
-            r.interaction_token == inter.token
-            and r.route == "webhook_execute"
-            and bool((r.message_payload.get("flags") or 0) & EPHEMERAL)
-        )
-    )
-    assert "Image 2 (broken.png)" in refusal.message_payload["content"]
-    assert "Nothing was charged" in refusal.message_payload["content"]
-    assert await h.job_count() == 0 and await credits_used(h, h.fake.user.id) == 0
+    refusal = await refused_for_free(h, "blend", {"image1": good, "image2": broken})
+    assert "Image 2 (broken.png)" in refusal
 
 
 async def test_a_button_job_cannot_go_around_banned_words(h: Harness) -> None:

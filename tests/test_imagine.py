@@ -23,6 +23,8 @@ from tests.botutil import (
     credits_used,
     custom_ids,
     png_bytes,
+    private_followup,
+    refused_for_free,
 )
 from workers.schema import JobKind
 
@@ -118,18 +120,6 @@ async def test_member_default_engine_applies(h: Harness) -> None:
 # --- plans, notes, images, banned words and speed classes --------------------------------------
 
 
-async def private_followup(h: Harness, inter: Any) -> dict[str, Any]:
-    """The first private message sent after the command was deferred."""
-    request = await h.fake.wait_for_request(
-        lambda r: (
-            r.interaction_token == inter.token
-            and r.route == "webhook_execute"
-            and bool((r.message_payload.get("flags") or 0) & EPHEMERAL)
-        )
-    )
-    return request.message_payload
-
-
 async def test_the_parser_notes_are_shown_privately(h: Harness) -> None:
     inter = await h.imagine("a red fox --exp 20")
     await h.dispatcher.wait_sent(1)
@@ -160,10 +150,8 @@ async def test_an_attachment_becomes_the_jobs_stored_input_and_reference(h: Harn
 
 async def test_an_attachment_that_is_not_an_image_is_refused_by_name_and_free(h: Harness) -> None:
     notes = h.fake.upload_attachment("notes.txt", b"just text", "text/plain")
-    inter = await h.fake.slash("imagine", {"prompt": "a cat", "image": notes})
-    refusal = await private_followup(h, inter)
-    assert "notes.txt" in refusal["content"] and "Nothing was charged" in refusal["content"]
-    assert await h.job_count() == 0 and await credits_used(h, h.fake.user.id) == 0
+    refusal = await refused_for_free(h, "imagine", {"prompt": "a cat", "image": notes})
+    assert "notes.txt" in refusal
 
 
 async def test_banned_words_are_refused_by_name_before_anything_is_charged(

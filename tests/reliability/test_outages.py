@@ -144,6 +144,23 @@ def redis_worker(
         yield proc
 
 
+@contextlib.asynccontextmanager
+async def redis_bot(
+    private_redis: PrivateRedis, worker: WorkerProcess, tmp_path: Path, sqlite_url: str
+) -> AsyncIterator[Harness]:
+    """A started bot whose dispatcher, broker and result backend are the private Redis."""
+    dispatcher = CeleryDispatcher.from_urls(
+        private_redis.url, private_redis.url, queues={Engine.SDXL: worker.queue}
+    )
+    try:
+        async with bot_harness(
+            tmp_path, sqlite_url, dispatcher, broker_url=private_redis.url, result_backend=private_redis.url
+        ) as h:
+            yield h
+    finally:
+        await dispatcher.close()
+
+
 async def assert_exactly_once(h: Harness, inters: list[FakeInteraction]) -> None:
     """Every interaction's job is done, delivered in one message, and charged once."""
     async with h.sessions() as session:
@@ -160,94 +177,70 @@ async def assert_exactly_once(h: Harness, inters: list[FakeInteraction]) -> None
 async def test_redis_killed_and_restarted(
     private_redis: PrivateRedis, redis_worker: WorkerProcess, tmp_path: Path, sqlite_url: str
 ) -> None:
-    dispatcher = CeleryDispatcher.from_urls(
-        private_redis.url, private_redis.url, queues={Engine.SDXL: redis_worker.queue}
-    )
-    try:
-        async with bot_harness(
-            tmp_path,
-            sqlite_url,
-            dispatcher,
-            broker_url=private_redis.url,
-            result_backend=private_redis.url,
-        ) as h:
-            # The path works before anything breaks.
-            before = await h.imagine("before the outage --steps 2")
-            # Delivered, not merely showing progress (a progress message has a preview and Cancel).
-            await h.wait_job((await h.job_for(before)).id, lambda j: j.message_id is not None, timeout=60)
+    async with redis_bot(private_redis, redis_worker, tmp_path, sqlite_url) as h:
+        # The path works before anything breaks.
+        before = await h.imagine("before the outage --steps 2")
+        # Delivered, not merely showing progress (a progress message has a preview and Cancel).
+        await h.wait_job((await h.job_for(before)).id, lambda j: j.message_id is not None, timeout=60)
 
-            private_redis.kill()
-            members = [h.fake.add_member(h.fake.guild, f"outage{i}") for i in range(3)]
-            during = [
-                await h.imagine(f"while redis is down {i} --steps 2", user=m) for i, m in enumerate(members)
-            ]
-            for inter in during:
-                # Accepted (the database is fine) and told clearly it waits; never refused.
-                message = await inter.wait_original(
-                    lambda m: "Waiting to start" in (m.get("content") or ""), timeout=15
-                )
-                assert "❌" not in message["content"]
-                job = await h.job_for(inter)
-                assert job.status == JobStatus.WAITING.value and job.cost == 1
-            # The release loop keeps trying while the broker is gone: still waiting, not failed.
-            async with h.sessions() as session:
-                statuses = set((await session.scalars(select(Job.status))).all())
-            assert statuses == {JobStatus.DONE.value, JobStatus.WAITING.value}
+        private_redis.kill()
+        members = [h.fake.add_member(h.fake.guild, f"outage{i}") for i in range(3)]
+        during = [
+            await h.imagine(f"while redis is down {i} --steps 2", user=m) for i, m in enumerate(members)
+        ]
+        for inter in during:
+            # Accepted (the database is fine) and told clearly it waits; never refused.
+            message = await inter.wait_original(
+                lambda m: "Waiting to start" in (m.get("content") or ""), timeout=15
+            )
+            assert "❌" not in message["content"]
+            job = await h.job_for(inter)
+            assert job.status == JobStatus.WAITING.value and job.cost == 1
+        # The release loop keeps trying while the broker is gone: still waiting, not failed.
+        async with h.sessions() as session:
+            statuses = set((await session.scalars(select(Job.status))).all())
+        assert statuses == {JobStatus.DONE.value, JobStatus.WAITING.value}
 
-            restarted = time.monotonic()
-            private_redis.start()
-            for inter in during:
-                await inter.wait_original(has_result, timeout=90)
-            recovery_s = time.monotonic() - restarted
-            await assert_exactly_once(h, [before, *during])
-            async with h.sessions() as session:
-                used = (await session.scalars(select(Member.credits_used))).all()
-            assert sorted(used) == [1, 1, 1, 1]
-            MEASURED["redis_recovery_s"] = recovery_s
-            print(f"\nredis outage: {len(during)} jobs delivered {recovery_s:.1f}s after the restart")
-    finally:
-        await dispatcher.close()
+        restarted = time.monotonic()
+        private_redis.start()
+        for inter in during:
+            await inter.wait_original(has_result, timeout=90)
+        recovery_s = time.monotonic() - restarted
+        await assert_exactly_once(h, [before, *during])
+        async with h.sessions() as session:
+            used = (await session.scalars(select(Member.credits_used))).all()
+        assert sorted(used) == [1, 1, 1, 1]
+        MEASURED["redis_recovery_s"] = recovery_s
+        print(f"\nredis outage: {len(during)} jobs delivered {recovery_s:.1f}s after the restart")
 
 
 async def test_redis_restarted_under_running_and_queued_jobs(
     private_redis: PrivateRedis, redis_worker: WorkerProcess, tmp_path: Path, sqlite_url: str
 ) -> None:
     """The result store vanishes while one job runs and two are queued: a blip, not three refunds."""
-    dispatcher = CeleryDispatcher.from_urls(
-        private_redis.url, private_redis.url, queues={Engine.SDXL: redis_worker.queue}
-    )
-    try:
-        async with bot_harness(
-            tmp_path,
-            sqlite_url,
-            dispatcher,
-            broker_url=private_redis.url,
-            result_backend=private_redis.url,
-        ) as h:
-            members = [h.fake.add_member(h.fake.guild, f"inflight{i}") for i in range(3)]
-            inters = [
-                await h.imagine(f"in flight {i} --steps 60 --seed {i}", user=m) for i, m in enumerate(members)
-            ]
-            jobs = [await h.job_for(inter) for inter in inters]
-            await h.wait_job(jobs[0].id, lambda j: j.status == JobStatus.RUNNING.value, timeout=60)
-            private_redis.kill()
-            # The bot has met the outage (failed reads, backing off) before Redis comes back.
-            async with asyncio.timeout(30):
-                while dispatcher.backoff.failures < 2:  # noqa: ASYNC110 - another thread's counter
-                    await asyncio.sleep(0.05)
-            async with h.sessions() as session:
-                statuses = set((await session.scalars(select(Job.status))).all())
-            assert JobStatus.FAILED.value not in statuses
-            restarted = time.monotonic()
-            private_redis.start()
-            for job in jobs:
-                await h.wait_job(job.id, lambda j: j.message_id is not None, timeout=120)
-            recovery_s = time.monotonic() - restarted
-            await assert_exactly_once(h, inters)
-            MEASURED["redis_inflight_recovery_s"] = recovery_s
-            print(f"\nredis restart under {len(jobs)} in-flight jobs: all delivered {recovery_s:.1f}s later")
-    finally:
-        await dispatcher.close()
+    async with redis_bot(private_redis, redis_worker, tmp_path, sqlite_url) as h:
+        members = [h.fake.add_member(h.fake.guild, f"inflight{i}") for i in range(3)]
+        inters = [
+            await h.imagine(f"in flight {i} --steps 60 --seed {i}", user=m) for i, m in enumerate(members)
+        ]
+        jobs = [await h.job_for(inter) for inter in inters]
+        await h.wait_job(jobs[0].id, lambda j: j.status == JobStatus.RUNNING.value, timeout=60)
+        private_redis.kill()
+        # The bot has met the outage (failed reads, backing off) before Redis comes back.
+        async with asyncio.timeout(30):
+            while h.dispatcher.backoff.failures < 2:  # noqa: ASYNC110 - another thread's counter
+                await asyncio.sleep(0.05)
+        async with h.sessions() as session:
+            statuses = set((await session.scalars(select(Job.status))).all())
+        assert JobStatus.FAILED.value not in statuses
+        restarted = time.monotonic()
+        private_redis.start()
+        for job in jobs:
+            await h.wait_job(job.id, lambda j: j.message_id is not None, timeout=120)
+        recovery_s = time.monotonic() - restarted
+        await assert_exactly_once(h, inters)
+        MEASURED["redis_inflight_recovery_s"] = recovery_s
+        print(f"\nredis restart under {len(jobs)} in-flight jobs: all delivered {recovery_s:.1f}s later")
 
 
 # --- PostgreSQL through a proxy that can be cut ----------------------------------------------------
