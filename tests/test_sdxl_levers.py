@@ -282,13 +282,6 @@ def test_attention_backend_names() -> None:
     assert info.value.code is ErrorCode.ENGINE_UNAVAILABLE
 
 
-def test_measured_attention_names() -> None:
-    with loading.attention_backend("measured:cudnn", torch.device("cpu")):
-        pass
-    with pytest.raises(WorkerError):
-        loading.attention_backend("measured:math", torch.device("cpu"))  # never a measured choice
-
-
 def test_attention_shapes_cover_every_sdxl_transformer_layer() -> None:
     # SDXL base's published UNet configuration: 70 transformer layers in all.
     config = types.SimpleNamespace(

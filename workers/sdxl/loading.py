@@ -321,30 +321,26 @@ def _sdpa_backends() -> dict[str, Any]:
 
 
 def attention_backend(name: str, device: torch.device) -> contextlib.AbstractContextManager[Any]:
-    """A context in which scaled-dot-product attention uses the named kernel.
+    """A context in which scaled-dot-product attention prefers the named kernel.
 
-    ``auto`` (and any CPU) leaves PyTorch's own choice. A named kernel is the only one allowed,
-    so a kernel that cannot run a shape raises instead of silently falling back. ``measured:X``
-    (what :func:`measure_attention` chose) puts X first and keeps the other fast kernels behind
-    it, so a shape X cannot run still runs.
+    ``auto`` and ``measure`` (once :func:`measure_attention` has replaced it) and any CPU leave
+    PyTorch's own choice. A named kernel comes first and the others stay behind it in priority
+    order: the VAE's attention (head dim 512) is a shape neither flash nor cuDNN can run, and
+    with the named kernel alone every decode failed with "No available kernel".
     """
     name = name.strip().lower()
-    measured = name.startswith("measured:")
-    base = name.removeprefix("measured:")
-    if base not in ATTENTION_BACKENDS or (measured and base not in MEASURED_BACKENDS):
+    if name not in ATTENTION_BACKENDS:
         raise WorkerError(
             ErrorCode.ENGINE_UNAVAILABLE,
             f"Unknown attention backend {name!r} ({', '.join(ATTENTION_BACKENDS)}).",
         )
-    if base in ("auto", "measure") or device.type != "cuda":
+    if name in ("auto", "measure") or device.type != "cuda":
         return contextlib.nullcontext()
     from torch.nn.attention import sdpa_kernel
 
     kernels = _sdpa_backends()
-    if measured:
-        order = [base, *(other for other in MEASURED_BACKENDS if other != base), "math"]
-        return sdpa_kernel([kernels[other] for other in order], set_priority=True)
-    return sdpa_kernel([kernels[base]])
+    order = [name, *(other for other in (*MEASURED_BACKENDS, "math") if other != name)]
+    return sdpa_kernel([kernels[other] for other in order], set_priority=True)
 
 
 def attention_shapes(unet: torch.nn.Module, latent_side: int, batch: int) -> list[tuple[int, ...]]:
@@ -380,7 +376,7 @@ def attention_shapes(unet: torch.nn.Module, latent_side: int, batch: int) -> lis
 def measure_attention(
     unet: torch.nn.Module, device: torch.device, dtype: torch.dtype, latent_side: int, batch: int = 8
 ) -> tuple[str, dict[str, float]]:
-    """Time each fast SDPA kernel on the UNet's own attention shapes; the fastest and the times.
+    """Time each fast SDPA kernel on the UNet's own attention shapes: the fastest, and the times.
 
     Returns ``("auto", {})`` off CUDA. A kernel that cannot run a shape is left out; the times
     are milliseconds for one UNet evaluation's attention.
@@ -416,8 +412,7 @@ def measure_attention(
         times[name] = round(total, 3)
     if not times:
         return "auto", {}
-    best = min(times, key=lambda name: times[name])
-    return f"measured:{best}", times
+    return min(times, key=lambda name: times[name]), times
 
 
 def fp8_unavailable() -> str | None:
@@ -443,9 +438,11 @@ def quantize_fp8(unet: torch.nn.Module) -> str | None:
     from torchao.quantization import quantize_
 
     try:
-        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow
+        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, PerTensor
 
-        config: Any = Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
+        # Per-row scales are torchao's bf16-only path; fp16 weights get one scale per tensor.
+        granularity = PerRow() if unet.dtype == torch.bfloat16 else PerTensor()
+        config: Any = Float8DynamicActivationFloat8WeightConfig(granularity=granularity)
     except ImportError:  # torchao before the config classes
         from torchao.quantization import float8_dynamic_activation_float8_weight
 
