@@ -106,7 +106,6 @@ class JobService:
         self.dispatcher = dispatcher
         self.lifecycle = lifecycle
         self.results = results
-        self.defaults = quota.QuotaDefaults.from_settings(settings)
         # Checked for every job at accept, so no path (a button, an edited prompt) goes around it.
         self.banned_words = BannedWordRules.from_settings(settings)
         # Styles and profiles apply at dispatch; profile queues go to a dispatcher that routes them.
