@@ -3,9 +3,10 @@
 "Waiting to start…", the throttled progress edits with a preview, and the final message (the
 result with its buttons and notes, or the failure with its refund). Progress and waiting edits
 only ever use the interaction token; the final message falls back to the channel
-(``bot.sending``). A per-job lock and a "finalised" mark keep a late progress edit from
-overwriting the result. The final message is sent by whoever holds the job's delivery claim
-(``bot.lifecycle``); a failed send gives the claim back and is retried with a growing delay.
+(``bot.sending``). A per-job lock, a "finalised" mark and a check in the database (for a result
+another bot process sent) keep a late progress edit from overwriting the result. The final
+message is sent by whoever holds the job's delivery claim (``bot.lifecycle``); a failed send
+gives the claim back and is retried with a growing delay.
 """
 
 from __future__ import annotations
@@ -153,6 +154,9 @@ class Delivery:
         async with self._lock(job.id):
             if job.id in self._finalized or not token_alive(job):
                 return
+            # The in-process mark misses a result another bot process delivered: ask the database.
+            if not await self.lifecycle.record_progress(job.id, progress.percent):
+                return
             try:
                 await self.sender.edit_original(
                     job,
@@ -162,7 +166,6 @@ class Delivery:
                 )
             except discord.HTTPException as exc:
                 log.info("progress edit for %s failed: %s", job.id, exc)
-        await self.lifecycle.record_progress(job.id, progress.percent)
 
     # --- the final message -----------------------------------------------------------------------
 

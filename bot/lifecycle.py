@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import case, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from bot import quota
@@ -292,12 +292,21 @@ class Lifecycle:
                 record_metric("record_refunded", failed.kind, failed.engine, failed.refunded)
         return failed
 
-    async def record_progress(self, job_id: str, percent: int) -> None:
-        """Remember the highest progress shown (never moves backwards)."""
+    async def record_progress(self, job_id: str, percent: int) -> bool:
+        """Remember the highest progress shown; False once the job no longer takes progress edits.
+
+        That is once it is final or its final message is claimed, by this bot process or any
+        other: the check and the record are one statement, so a progress edit that passes it
+        cannot follow a result that another process already sent.
+        """
         async with self.sessions() as session, session.begin():
-            await session.execute(
-                update(Job).where(Job.id == job_id, Job.progress < percent).values(progress=percent)
+            result = await session.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.status.not_in(values_of(FINAL)), Job.delivered.is_(False))
+                .values(progress=case((Job.progress < percent, percent), else_=Job.progress))
+                .returning(Job.id)
             )
+            return result.scalar_one_or_none() is not None
 
     # --- the delivery claim --------------------------------------------------------------------
 

@@ -22,7 +22,7 @@ from tests.botutil import (
     png_bytes,
     row_sizes,
 )
-from workers.schema import ErrorCode
+from workers.schema import ErrorCode, Progress
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -66,6 +66,23 @@ async def test_progress_edits_are_throttled_and_carry_a_preview(h: Harness) -> N
     assert len(edits) == edits_before + 1
     gap = edits[-1].at - edits[-2].at
     assert gap >= h.settings.progress_edit_interval_s * 0.9  # at most one edit per interval
+
+
+async def test_no_progress_edit_after_another_bot_process_delivered(h: Harness) -> None:
+    inter = await h.imagine("two bot processes")
+    job = await h.job_for(inter)
+    await h.wait_job(job.id, lambda j: j.status == JobStatus.QUEUED)
+    h.dispatcher.start(job.id, 30)
+    await inter.wait_original(lambda m: "(30%)" in (m.get("content") or ""))
+    edits = len([r for r in inter.requests if r.route == "webhook_message_edit"])
+    # Another bot process (a rolling restart, a second replica) finished the job and claimed its
+    # delivery; this process never saw the result, only a late progress report.
+    async with h.sessions() as session, session.begin():
+        await session.execute(update(Job).where(Job.id == job.id).values(status="done", delivered=True))
+    assert h.bot is not None
+    await h.bot.delivery._show_progress(await h.job(job.id), Progress(job_id=job.id, percent=90))
+    assert len([r for r in inter.requests if r.route == "webhook_message_edit"]) == edits
+    assert (await h.job(job.id)).progress == 30
 
 
 @pytest.mark.parametrize(
