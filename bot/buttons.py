@@ -279,6 +279,29 @@ def pressed_view(message: discord.Message, custom_id: str) -> ui.View | None:
     return view if found else None
 
 
+def pressed_button(interaction: discord.Interaction[Any]) -> dict[str, Any] | None:
+    """Where the pressed button is (channel, message, custom_id), for marking it after a question."""
+    message = interaction.message
+    custom_id = (interaction.data or {}).get("custom_id")
+    if message is None or not isinstance(custom_id, str):
+        return None
+    return {"channel_id": message.channel.id, "message_id": message.id, "custom_id": custom_id}
+
+
+async def mark_pressed_at(client: discord.Client, where: dict[str, Any] | None) -> None:
+    """Turn a button blue on a message the interaction does not carry (Yes to a question)."""
+    if not where:
+        return
+    try:
+        channel = client.get_partial_messageable(int(where["channel_id"]))
+        message = await channel.fetch_message(int(where["message_id"]))
+        view = pressed_view(message, str(where["custom_id"]))
+        if view is not None:
+            await message.edit(view=view)
+    except (discord.HTTPException, KeyError, ValueError) as exc:
+        log.info("could not mark a confirmed press's button: %s", exc)
+
+
 async def mark_pressed(interaction: discord.Interaction[Any], *, custom_id: str | None = None) -> None:
     """Turn the pressed button blue on its message, like Midjourney's; the rest stays as it was.
 

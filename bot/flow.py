@@ -21,6 +21,7 @@ from typing import Any
 import discord
 
 from bot import confirm
+from bot.buttons import mark_pressed_at, pressed_button
 from bot.content_rules import channel_is_nsfw
 from bot.interactions import DATABASE_ERRORS, DATABASE_UNAVAILABLE, actor_from, refuse
 from bot.jobs import Created, JobService
@@ -117,6 +118,8 @@ class JobFlow:
                     "operation": operation.as_dict(),
                     "parent_index": parent_index,
                     "params": params.model_dump(mode="json") if params is not None else None,
+                    # Yes arrives on the private question: it marks the button on the result then.
+                    "pressed": pressed_button(interaction),
                 }
                 await confirm.ask(
                     interaction,
@@ -211,9 +214,11 @@ async def _press_confirmed(interaction: discord.Interaction[Any], payload: dict[
     )
     raw = payload.get("params")
     params = GenerationParams.model_validate(raw) if raw is not None else None
-    await bot.flow.press(
+    created = await bot.flow.press(
         interaction, parent, operation, payload.get("parent_index"), params=params, confirmed=True
     )
+    if created is not None:
+        await mark_pressed_at(bot, payload.get("pressed"))
 
 
 confirm.on_confirm(PRESS_CONFIRM_KIND, _press_confirmed)

@@ -578,3 +578,13 @@ async def refused_for_free(h: Harness, command: str, options: dict[str, Any]) ->
     assert "Nothing was charged" in refusal
     assert await h.job_count() == 0 and await credits_used(h, h.fake.user.id) == 0
     return refusal
+
+
+def styles(message: dict[str, Any]) -> dict[str, int]:
+    """custom_id → button style of a message (link buttons have no custom_id)."""
+    return {
+        c["custom_id"]: c["style"]
+        for row in message.get("components") or []
+        for c in row.get("components") or []
+        if "custom_id" in c
+    }

@@ -29,6 +29,7 @@ from tests.botutil import (
     labels,
     press_and_wait,
     row_sizes,
+    styles,
 )
 from workers.schema import Direction, JobKind
 
@@ -298,16 +299,6 @@ async def test_buttons_work_after_a_restart(h: Harness) -> None:
     assert callback.callback_type == 5
     new = await h.job_for(press)
     assert new.kind == JobKind.VARIATION and new.parent_id == job.id and new.parent_index == 4
-
-
-def styles(message: dict[str, Any]) -> dict[str, int]:
-    """custom_id → button style of a message (link buttons have no custom_id)."""
-    return {
-        c["custom_id"]: c["style"]
-        for row in message.get("components") or []
-        for c in row.get("components") or []
-        if "custom_id" in c
-    }
 
 
 async def test_a_pressed_button_turns_blue_and_stays_usable(h: Harness) -> None:

@@ -19,6 +19,7 @@ from tests.botutil import (
     finish_grid,
     has_result,
     press_and_wait,
+    styles,
 )
 from workers.schema import GenerationParams, JobKind
 
@@ -90,15 +91,6 @@ async def single_image(h: Harness) -> tuple[Job, dict[str, Any]]:
     return await h.job_for(press), result
 
 
-def style_of(message: dict[str, Any], custom_id: str) -> int:
-    """The style of one button of a stored message."""
-    for row in message.get("components") or []:
-        for component in row.get("components") or []:
-            if component.get("custom_id") == custom_id:
-                return int(component["style"])
-    raise KeyError(custom_id)
-
-
 async def test_custom_zoom_opens_the_form_and_makes_a_zoom_job(h: Harness) -> None:
     image, message = await single_image(h)
     press, callback = await press_and_wait(h, f"mj:cz:{image.id}", message)
@@ -122,8 +114,8 @@ async def test_custom_zoom_opens_the_form_and_makes_a_zoom_job(h: Harness) -> No
 
     # The pressed button turned blue; the others kept their look.
     marked = h.fake.get_message(message["id"])
-    assert marked is not None and style_of(marked, f"mj:cz:{image.id}") == 1
-    assert style_of(marked, f"mj:zoom:{image.id}:2") == 2
+    assert marked is not None and styles(marked)[f"mj:cz:{image.id}"] == 1
+    assert styles(marked)[f"mj:zoom:{image.id}:2"] == 2
     h.dispatcher.succeed(job.id)
     result = await submit.wait_original(has_result)
     assert "Zoom Out 1.5x" in result["content"]
@@ -143,4 +135,4 @@ async def test_a_bad_form_is_refused_privately_and_nothing_is_made(h: Harness) -
     await h.settle()
     assert await h.job_count() == count
     stored = h.fake.get_message(message["id"])
-    assert stored is not None and style_of(stored, f"mj:cz:{image.id}") == 2
+    assert stored is not None and styles(stored)[f"mj:cz:{image.id}"] == 2

@@ -21,6 +21,7 @@ from tests.botutil import (
     finish_grid,
     has_result,
     press_and_wait,
+    styles,
 )
 from workers.schema import JobKind
 
@@ -36,13 +37,19 @@ async def h(tmp_path: Path, sqlite_url: str) -> Any:
 
 async def ask_upscale(h: Harness) -> tuple[str, dict[str, Any]]:
     """A finished crop, then its Upscale pressed: the crop's id and the private question."""
+    crop_id, question, _crop_message = await ask_upscale_on(h)
+    return crop_id, question
+
+
+async def ask_upscale_on(h: Harness) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """As :func:`ask_upscale`, with the crop's message the Upscale button is on."""
     job, grid = await finish_grid(h, "a harbour --seed 7")
     press, _ = await press_and_wait(h, f"mj:u:{job.id}:1", grid)
     crop_message = await press.wait_original(has_result)
     crop = await h.job_for(press)
     press, _ = await press_and_wait(h, f"mj:up:{crop.id}:subtle", crop_message)
     question = await press.wait_original()
-    return crop.id, question
+    return crop.id, question, crop_message
 
 
 def answer_id(message: dict[str, Any], answer: str) -> str:
@@ -70,6 +77,26 @@ async def test_yes_starts_the_same_upscale_charged_once(h: Harness) -> None:
     assert await credits_used(h, h.fake.user.id) == 5
     await press_and_wait(h, answer_id(question, "yes"), question)
     assert await h.job_count() == 3
+
+
+async def test_no_leaves_the_pressed_button_as_it_was(h: Harness) -> None:
+    _crop_id, question, _crop_message = await ask_upscale_on(h)
+    edits = len(h.fake.find_requests(route="channel_message_edit"))
+    await press_and_wait(h, answer_id(question, "no"), question)
+    assert len(h.fake.find_requests(route="channel_message_edit")) == edits
+
+
+async def test_yes_turns_the_pressed_button_blue(h: Harness) -> None:
+    crop_id, question, crop_message = await ask_upscale_on(h)
+    button = f"mj:up:{crop_id}:subtle"
+    assert styles(crop_message)[button] == 2  # the question alone changes nothing
+    press, _ = await press_and_wait(h, answer_id(question, "yes"), question)
+    await h.job_for(press)
+    marked = await h.fake.wait_for_message(
+        lambda m: m["id"] == crop_message["id"] and styles(m).get(button) == 1
+    )
+    assert styles(marked) == {**styles(crop_message), button: 1}
+    assert marked["attachments"] == crop_message["attachments"]
 
 
 async def test_a_cheap_press_does_not_ask(h: Harness) -> None:
