@@ -25,6 +25,7 @@ the next start: such claims are released and sent again.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Coroutine
 from datetime import timedelta
@@ -103,10 +104,10 @@ class Tracker:
         """Stop the tracker and wait (bounded) for in-flight job handlers and deliveries."""
         if self._task is not None:
             self._task.cancel()
-            try:
-                await self._task
-            except (asyncio.CancelledError, Exception):
-                pass
+            # Bounded: a loop that missed its cancel must not keep the bot from shutting down.
+            done, _ = await asyncio.wait({self._task}, timeout=10)
+            if not done:
+                log.error("the tracker loop did not stop within 10 s of its cancel")
             self._task = None
         pending = [task for task in self._inflight.values() if not task.done()]
         if self._release_task and not self._release_task.done():
@@ -137,10 +138,11 @@ class Tracker:
                 raise
             except Exception:
                 log.exception("tracker tick failed")
-            try:
-                await asyncio.wait_for(self._wake.wait(), timeout=self.poll_interval)
-            except TimeoutError:
-                pass
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancel that
+            # lands as the wake event fires, and stop() then waited on this loop forever.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.poll_interval):
+                    await self._wake.wait()
 
     def _spawn(self, job_id: str, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any] | None:
         """Run a job's handler unless one is already running for it."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +84,29 @@ async def test_no_progress_edit_after_another_bot_process_delivered(h: Harness) 
     await h.bot.delivery._show_progress(await h.job(job.id), Progress(job_id=job.id, percent=90))
     assert len([r for r in inter.requests if r.route == "webhook_message_edit"]) == edits
     assert (await h.job(job.id)).progress == 30
+
+
+async def test_the_tracker_stops_when_cancelled_just_as_it_is_woken(
+    h: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    # On Python 3.11 asyncio.wait_for swallowed a cancel that came as the wake event fired, so
+    # the tracker loop ran on and the bot's close() waited on it forever.
+    assert h.bot is not None
+    tracker = h.bot.tracker
+    loop_task = tracker._task
+    assert loop_task is not None
+
+    async def idle_tick() -> None:
+        tracker.ticks += 1
+
+    tracker.tick = idle_tick  # type: ignore[method-assign]  # the loop only waits for its wake
+    await h.settle()
+    tracker.wake()
+    await asyncio.sleep(0)
+    stopping = asyncio.create_task(tracker.stop())
+    done, _ = await asyncio.wait({stopping}, timeout=30)  # the old loop never stopped at all
+    assert stopping in done and loop_task.done()
+    assert "did not stop" not in caplog.text
 
 
 @pytest.mark.parametrize(
