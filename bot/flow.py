@@ -13,6 +13,7 @@ channel with a mention when they finish.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -68,15 +69,24 @@ class JobFlow:
         started: list[Created] = []
         for index, params in enumerate(batch):
             actor = actor_from(interaction)
+            reply = await self._batch_reply(interaction, index, len(batch)) if index else None
             if index:
-                # One interaction has one message: later jobs post to the channel when done.
-                actor = dataclasses.replace(actor, application_id=None, interaction_token=None)
+                # The original response is the first job's: each later one edits a follow-up of
+                # its own (waiting, progress, result), or, without one, posts to the channel.
+                actor = (
+                    dataclasses.replace(actor, reply_message_id=reply.id)
+                    if reply is not None
+                    else dataclasses.replace(actor, application_id=None, interaction_token=None)
+                )
 
             def create(_actor: Actor, actor: Actor = actor, params: GenerationParams = params) -> Any:
                 return self.jobs.create_imagine(actor, params, inputs=inputs)
 
             problem = await self.start(interaction, create, first=not index)
             if isinstance(problem, str):
+                if reply is not None:
+                    with contextlib.suppress(discord.HTTPException):
+                        await reply.delete()
                 if index:
                     await interaction.followup.send(
                         f"Started {index} of {len(batch)} jobs; the other {len(batch) - index} were not "
@@ -87,6 +97,16 @@ class JobFlow:
             if problem is not None:
                 started.append(problem)
         return started
+
+    async def _batch_reply(
+        self, interaction: discord.Interaction[Any], index: int, count: int
+    ) -> discord.WebhookMessage | None:
+        """A public follow-up for job ``index`` of a batch to show itself in, or None."""
+        try:
+            return await interaction.followup.send(f"Job {index + 1} of {count}: starting…", wait=True)
+        except discord.HTTPException as exc:
+            log.info("no follow-up for job %d of a batch (%s); it posts to the channel", index + 1, exc)
+            return None
 
     async def press(
         self,

@@ -233,6 +233,7 @@ class JobService:
                 cost=self.cost_of(operation.kind, plan.engine, params=plan.params, scale=operation.scale),
                 application_id=actor.application_id,
                 interaction_token=actor.interaction_token,
+                reply_message_id=actor.reply_message_id,
                 created_at=utcnow(),
             )
             session.add(job)

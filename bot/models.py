@@ -176,6 +176,9 @@ class Job(Base):
     # Discord delivery: the interaction token lives 15 minutes; after that the bot token posts.
     application_id: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     interaction_token: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # The interaction follow-up this job's messages edit (a batch's later jobs); NULL: the
+    # original response.
+    reply_message_id: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     message_id: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     delivered: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)

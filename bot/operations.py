@@ -60,6 +60,7 @@ class Actor:
     application_id: int | None = None
     interaction_token: str | None = None
     is_admin: bool = False
+    reply_message_id: int | None = None  # a follow-up of the interaction to edit, not its original
 
 
 @dataclass(frozen=True, slots=True)

@@ -145,7 +145,7 @@ class Sender:
         files: list[discord.File],
         view: discord.ui.View | None,
     ) -> int:
-        """PATCH the interaction's original response with the stored token.
+        """PATCH the job's interaction message (the original response, or its own follow-up).
 
         Goes through discord.py's webhook adapter (rate limits and multipart included); the bot
         keeps no Interaction object across restarts, only the application id and token.
@@ -159,14 +159,27 @@ class Sender:
             view=view,
             allowed_mentions=allowed_mentions_for(job),
         ) as params:
-            data: Any = await async_context.get().edit_original_interaction_response(
-                job.application_id,
-                job.interaction_token,
-                session=self._session,
-                payload=params.payload,
-                multipart=params.multipart,
-                files=params.files,
-            )
+            adapter = async_context.get()
+            data: Any
+            if job.reply_message_id:
+                data = await adapter.edit_webhook_message(
+                    job.application_id,
+                    job.interaction_token,
+                    job.reply_message_id,
+                    session=self._session,
+                    payload=params.payload,
+                    multipart=params.multipart,
+                    files=params.files,
+                )
+            else:
+                data = await adapter.edit_original_interaction_response(
+                    job.application_id,
+                    job.interaction_token,
+                    session=self._session,
+                    payload=params.payload,
+                    multipart=params.multipart,
+                    files=params.files,
+                )
         return int(data["id"]) if isinstance(data, dict) and "id" in data else 0
 
     async def send_channel(

@@ -11,7 +11,7 @@ from sqlalchemy import func, select, update
 
 from bot.confirm import CANCELLED, EXPIRED, NOT_YOURS
 from bot.models import Job, PendingConfirmation, utcnow
-from tests.botutil import EPHEMERAL, FakeDispatcher, Harness, bot_harness, credits_used
+from tests.botutil import EPHEMERAL, FakeDispatcher, Harness, bot_harness, credits_used, has_result
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -91,6 +91,36 @@ async def test_yes_after_a_restart_starts_every_job_once(h: Harness) -> None:
     again = await h.fake.press(answer_id(message, "yes"), message)
     assert (await again.callback()).message_payload["content"] == EXPIRED
     assert await h.job_count() == 3
+
+
+async def test_every_job_of_a_confirmed_batch_shows_in_a_message_of_its_own(h: Harness) -> None:
+    message = await ask(h, "a {red, blue, green} fox")
+    press = await h.fake.press(answer_id(message, "yes"), message)
+    await h.dispatcher.wait_sent(3, timeout=15)
+    async with h.sessions() as session:
+        jobs = {job.prompt: job for job in (await session.scalars(select(Job))).all()}
+    red, blue, green = jobs["a red fox"], jobs["a blue fox"], jobs["a green fox"]
+    # The first job is the press's own response; the others each have a follow-up message.
+    assert red.reply_message_id is None
+    assert blue.reply_message_id and green.reply_message_id
+    assert blue.reply_message_id != green.reply_message_id
+
+    def own(job: Job, text: str) -> Any:
+        return lambda m: int(m["id"]) == job.reply_message_id and text in (m.get("content") or "")
+
+    await h.fake.wait_for_message(own(blue, "Waiting to start"))
+    h.dispatcher.start(blue.id, 40)
+    await h.fake.wait_for_message(own(blue, "(40%)"))
+    h.dispatcher.succeed(blue.id)
+    result = await h.fake.wait_for_message(
+        lambda m: int(m["id"]) == blue.reply_message_id and has_result(m), timeout=15
+    )
+    assert result["content"].startswith("**a blue fox --seed ")
+    delivered = await h.wait_job(blue.id, lambda j: j.message_id is not None)
+    assert delivered.message_id == blue.reply_message_id
+    assert not h.fake.find_requests(route="channel_message_create")  # nothing went to the channel
+    first = await press.wait_original(lambda m: "Waiting to start" in (m.get("content") or ""))
+    assert first["content"].startswith("**a red fox --seed ")
 
 
 async def test_a_job_refused_for_credits_stops_the_rest_with_a_clear_message(
