@@ -198,21 +198,40 @@ class JobButton(ui.DynamicItem[ui.Button[Any]], template=TEMPLATE):
         assert self.source_job is not None
         operation, index = self.action.start(self.arg)
         bot: MirageBot = interaction.client  # type: ignore[assignment]
-        # Remix mode: the prompt editor opens first and starts the job itself on submit.
-        pressed = str((interaction.data or {}).get("custom_id") or "")
+        # Remix mode: the prompt editor opens first; its submit starts the job (remix_submitted).
         label = self.item.label or self.action.code
-        if await remix.maybe_open(
-            interaction,
-            self.source_job,
-            self.action.code,
-            operation,
-            index,
-            label=label,
-            after=lambda answered: mark_pressed(answered, custom_id=pressed),
-        ):
+        if await remix.maybe_open(interaction, self.source_job, self.action.code, label=label):
             return
         if await bot.flow.press(interaction, self.source_job, operation, index) is not None:
             await mark_pressed(interaction)
+
+
+async def remix_submitted(interaction: discord.Interaction[Any]) -> None:
+    """A Remix editor's submit: the button and job come from its custom_id, the edit from its field.
+
+    Handled here rather than by the modal object, which a bot restart forgets.
+    """
+    if interaction.type != discord.InteractionType.modal_submit:
+        return
+    custom_id = str((interaction.data or {}).get("custom_id") or "")
+    parsed = parse_custom_id(custom_id.removeprefix(remix.MODAL_PREFIX))
+    text = remix.submitted_text(interaction)
+    if not custom_id.startswith(remix.MODAL_PREFIX) or parsed is None or text is None:
+        return
+    action, job_id, arg = parsed
+    source = await load_source(interaction, job_id)
+    if source is None:
+        return
+    operation, index = action.start(arg)
+    button = custom_id.removeprefix(remix.MODAL_PREFIX)
+    await remix.submit(
+        interaction,
+        source,
+        operation,
+        index,
+        text,
+        after=lambda answered: mark_pressed(answered, custom_id=button),
+    )
 
 
 async def load_job(bot: MirageBot, job_id: str) -> Job | None:

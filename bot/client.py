@@ -20,6 +20,7 @@ import discord
 from discord.ext import commands
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from bot.buttons import remix_submitted
 from bot.checks import MirageTree
 from bot.delivery import Delivery
 from bot.dispatch import DEFAULT_QUEUES, Dispatcher
@@ -124,6 +125,7 @@ class MirageBot(commands.Bot):
         for extension in EXTENSIONS:
             await self.load_extension(extension)
         self.add_dynamic_items(*DYNAMIC_ITEMS)
+        self.add_listener(remix_submitted, "on_interaction")
         if self.sync_commands_on_start:
             try:
                 await self.sync_commands()

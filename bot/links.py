@@ -20,10 +20,11 @@ import discord
 from discord import ui
 
 from bot import quota
+from bot.access import account_guild
 from bot.buttons import MISSING_JOB, answer_privately, load_source
 from bot.dynamic_button import JobIdButton
 from bot.favourites import toggle_favourite
-from bot.interactions import DATABASE_ERRORS, DATABASE_UNAVAILABLE, refuse
+from bot.interactions import DATABASE_ERRORS, DATABASE_UNAVAILABLE, actor_from, refuse
 from bot.models import Job
 from bot.signing import private_job_url
 from workers.schema import Visibility
@@ -94,9 +95,9 @@ class FavouriteButton(JobIdButton, prefix="fav", emoji=FAV_EMOJI):
         bot: MirageBot = interaction.client  # type: ignore[assignment]
         try:
             async with bot.sessions() as session, session.begin():
-                member = await quota.get_or_create_member(
-                    session, interaction.guild_id or 0, interaction.user.id
-                )
+                # In a DM: the account the member pays from, as for every other DM command.
+                guild_id = await account_guild(session, actor_from(interaction))
+                member = await quota.get_or_create_member(session, guild_id, interaction.user.id)
                 added = await toggle_favourite(session, member.id, job.id)
         except LookupError:
             await refuse(interaction, MISSING_JOB)  # deleted since the check

@@ -6,6 +6,11 @@ parsed like any prompt; a mistake or a banned word is answered privately in the 
 response and nothing is charged; otherwise the button's job starts with the edited prompt on
 the original image. U#, Upscale and Make Square never open it (they do not use a prompt).
 
+The editor's ``custom_id`` is ``remix:<the button's custom_id>``, and a submit is handled from
+that id and the field alone (``bot.buttons.remix_submitted``), not by the modal object: a bot
+restarted while the editor was open still starts the job. The member's Remix setting and prompt
+preferences are those of the account they pay from, in a DM too (``bot.access``).
+
 ``bot.buttons`` calls :func:`maybe_open` from its press handler; this module does not import
 the button table, so the two stay free of cycles.
 """
@@ -20,7 +25,9 @@ import discord
 from discord import ui
 from sqlalchemy import select
 
+from bot.access import account_guild
 from bot.banned_words import BannedWordRules, banned_words_message, check_prompt
+from bot.interactions import actor_from
 from bot.models import Job, Member
 from bot.operations import Operation, generation_params
 from bot.prompt import PromptError, parse_prompt, prompt_text
@@ -33,6 +40,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 REMIX_CODES = frozenset({"v", "vary", "r", "zoom", "pan"})
+MODAL_PREFIX = "remix:"
 FIELD_ID = "prompt"
 MAX_FIELD = 4000
 After = Callable[[discord.Interaction[Any]], Awaitable[None]]
@@ -68,29 +76,21 @@ def remixed_parent(parent: Job, params: GenerationParams) -> Job:
 
 
 async def remix_on(bot: MirageBot, interaction: discord.Interaction[Any]) -> bool:
-    """Whether the presser has Remix mode on."""
+    """Whether the presser has Remix mode on (in a DM: on the account they pay from)."""
     async with bot.sessions() as session:
-        query = select(Member.remix).where(
-            Member.guild_id == (interaction.guild_id or 0), Member.user_id == interaction.user.id
-        )
+        guild_id = await account_guild(session, actor_from(interaction))
+        query = select(Member.remix).where(Member.guild_id == guild_id, Member.user_id == interaction.user.id)
         return bool(await session.scalar(query))
 
 
 class RemixModal(ui.Modal):
-    """The editor: one paragraph field prefilled with the prompt and its parameters."""
+    """The editor: one paragraph field prefilled with the prompt and its parameters.
 
-    def __init__(
-        self,
-        parent: Job,
-        operation: Operation,
-        index: int | None,
-        *,
-        custom_id: str,
-        title: str,
-        after: After | None = None,
-    ) -> None:
+    It only shows the form: the submit is handled from its ``custom_id`` (:func:`submit`).
+    """
+
+    def __init__(self, parent: Job, *, custom_id: str, title: str) -> None:
         super().__init__(title=title[:45], custom_id=custom_id, timeout=900)
-        self.parent, self.operation, self.index, self.after = parent, operation, index, after
         self.prompt: ui.TextInput[RemixModal] = ui.TextInput(
             label="Prompt and parameters",
             style=discord.TextStyle.paragraph,
@@ -100,41 +100,52 @@ class RemixModal(ui.Modal):
         )
         self.add_item(self.prompt)
 
-    async def on_submit(self, interaction: discord.Interaction[Any], /) -> None:
-        """Parse the edit like any prompt; refuse privately, or start the job with it."""
-        bot: MirageBot = interaction.client  # type: ignore[assignment]
-        async with bot.sessions() as session:
-            _member, prefs = await load_prefs(session, interaction.guild_id or 0, interaction.user.id)
-        try:
-            params = parse_prompt(
-                expand_options(self.prompt.value, prefs.options), styles=bot.jobs.prompting.presets
-            )
-        except PromptError as exc:
-            await interaction.response.send_message(
-                f"{exc}\nNothing was charged; press the button again to edit.", ephemeral=True
-            )
-            return
-        banned = check_prompt(params.model_prompt, BannedWordRules.from_settings(bot.settings))
-        if banned:
-            await interaction.response.send_message(banned_words_message(banned), ephemeral=True)
-            return
-        created = await bot.flow.press(
-            interaction, remixed_parent(self.parent, params), self.operation, self.index
-        )
-        if created is not None and self.after is not None:
-            await self.after(interaction)
+
+def submitted_text(interaction: discord.Interaction[Any]) -> str | None:
+    """The editor's field as submitted (rows of inputs, or labels holding one), or None."""
+    pending: list[Any] = [interaction.data or {}]
+    while pending:
+        node = pending.pop()
+        if isinstance(node, dict):
+            if node.get("custom_id") == FIELD_ID and isinstance(node.get("value"), str):
+                return str(node["value"])
+            pending.extend(node.get("components") or [])
+            if isinstance(node.get("component"), dict):
+                pending.append(node["component"])
+    return None
 
 
-async def maybe_open(
+async def submit(
     interaction: discord.Interaction[Any],
     parent: Job,
-    code: str,
     operation: Operation,
     index: int | None,
+    text: str,
     *,
-    label: str,
     after: After | None = None,
-) -> bool:
+) -> None:
+    """Parse the edit like any prompt; refuse privately, or start the button's job with it."""
+    bot: MirageBot = interaction.client  # type: ignore[assignment]
+    async with bot.sessions() as session:
+        guild_id = await account_guild(session, actor_from(interaction))
+        _member, prefs = await load_prefs(session, guild_id, interaction.user.id)
+    try:
+        params = parse_prompt(expand_options(text, prefs.options), styles=bot.jobs.prompting.presets)
+    except PromptError as exc:
+        await interaction.response.send_message(
+            f"{exc}\nNothing was charged; press the button again to edit.", ephemeral=True
+        )
+        return
+    banned = check_prompt(params.model_prompt, BannedWordRules.from_settings(bot.settings))
+    if banned:
+        await interaction.response.send_message(banned_words_message(banned), ephemeral=True)
+        return
+    created = await bot.flow.press(interaction, remixed_parent(parent, params), operation, index)
+    if created is not None and after is not None:
+        await after(interaction)
+
+
+async def maybe_open(interaction: discord.Interaction[Any], parent: Job, code: str, *, label: str) -> bool:
     """Open the Remix editor instead of starting the job, if the presser wants it.
 
     Returns True when the modal was opened (the press is answered). A press that had to be
@@ -146,8 +157,6 @@ async def maybe_open(
     if not await remix_on(bot, interaction):
         return False
     button_id = str((interaction.data or {}).get("custom_id") or code)
-    modal = RemixModal(
-        parent, operation, index, custom_id=f"remix:{button_id}"[:100], title=f"Remix: {label}", after=after
-    )
+    modal = RemixModal(parent, custom_id=f"{MODAL_PREFIX}{button_id}"[:100], title=f"Remix: {label}")
     await interaction.response.send_modal(modal)
     return True

@@ -12,8 +12,18 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
-from bot.models import Member
-from tests.botutil import FakeDispatcher, Harness, bot_harness, credits_used, finish_grid, reply_of
+from bot.models import Favourite, Member
+from tests.botutil import (
+    EPHEMERAL,
+    FakeDispatcher,
+    Harness,
+    bot_harness,
+    credits_used,
+    finish_grid,
+    has_result,
+    press_and_wait,
+    reply_of,
+)
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -64,3 +74,17 @@ async def test_preferences_set_in_a_dm_apply_to_the_shared_account(h: Harness) -
     assert "--seed 77" in (await set_suffix.callback()).message_payload["content"]
     job = await h.job_for(await h.imagine("a lighthouse", dm=True))
     assert job.seed == 77
+
+
+async def test_a_favourite_in_a_dm_belongs_to_the_shared_account(h: Harness) -> None:
+    guild_job, _ = await finish_grid(h, "a harbour")
+    grid, message = await finish_grid(h, "a lighthouse", dm=True)
+    press, _ = await press_and_wait(h, f"mj:u:{grid.id}:1", message)  # ❤️ sits under one image
+    crop_message = await press.wait_original(has_result)
+    crop = await h.job_for(press)
+    _press, answer = await press_and_wait(h, f"mj:fav:{crop.id}", crop_message)
+    assert answer.message_payload["flags"] & EPHEMERAL
+    async with h.sessions() as session:
+        [favourite] = (await session.scalars(select(Favourite))).all()
+    assert favourite.job_id == crop.id and favourite.member_id == guild_job.member_id
+    assert [guild for guild, _used in await members(h)] == [h.fake.guild.id]  # no DM-only account

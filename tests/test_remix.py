@@ -17,6 +17,7 @@ from tests.botutil import (
     finish_grid,
     has_result,
     press_and_wait,
+    styles,
 )
 from workers.schema import JobKind
 
@@ -106,3 +107,35 @@ async def test_without_remix_the_button_starts_at_once(h: Harness) -> None:
     job = await h.job_for(press)
     assert job.kind == JobKind.VARIATION and job.prompt == "a red fox"
     await h.wait_job(job.id, lambda j: j.status == JobStatus.QUEUED)
+
+
+async def test_an_editor_left_open_across_a_bot_restart_still_starts_its_job(h: Harness) -> None:
+    grid, message = await finish_grid(h, "a red fox")
+    await remix_on(h)
+    _press, callback = await press_and_wait(h, f"mj:v:{grid.id}:3", message)
+    assert callback.callback_type == MODAL
+    await h.restart_bot()  # the new process never saw the modal
+    submit = await h.fake.submit_modal(
+        callback.json["data"]["custom_id"], {"prompt": "a grey fox"}, message=message
+    )
+    job = await h.job_for(submit)
+    assert job.kind == JobKind.VARIATION and job.prompt == "a grey fox" and job.parent_index == 3
+    assert await credits_used(h, h.fake.user.id) == 2
+    # Accepted: the V3 button turns blue, as after a press without the editor.
+    await h.fake.wait_for_message(
+        lambda m: m["id"] == message["id"] and styles(m).get(f"mj:v:{grid.id}:3") == 1
+    )
+
+
+async def test_remix_set_in_a_guild_applies_to_buttons_in_a_dm(tmp_path: Path, sqlite_url: str) -> None:
+    async with bot_harness(tmp_path, sqlite_url, FakeDispatcher(), allow_dms=True) as dm_h:
+        await finish_grid(dm_h, "a harbour")  # the guild account DM jobs are charged to
+        await remix_on(dm_h)
+        grid, message = await finish_grid(dm_h, "a lighthouse", dm=True)
+        _press, callback = await press_and_wait(dm_h, f"mj:v:{grid.id}:1", message)
+        assert callback.callback_type == MODAL
+        submit = await dm_h.fake.submit_modal(
+            callback.json["data"]["custom_id"], {"prompt": "a lighthouse in fog"}, message=message
+        )
+        job = await dm_h.job_for(submit)
+        assert job.prompt == "a lighthouse in fog" and job.parent_id == grid.id

@@ -1751,11 +1751,20 @@ class FakeDiscord:
             for key, value in values.items()
         ]
         data: dict[str, Any] = {"custom_id": custom_id, "components": rows}
+        stored = (self.get_message(message["id"]) or message) if message is not None else None
+        # A modal opened from a button in a DM is submitted in that DM, as Discord does.
+        dm = stored is not None and stored.get("guild_id") is None
         payload = self._base_interaction(
-            INTERACTION_MODAL_SUBMIT, data, user=user, guild=guild, channel=channel, dm=False, locale=locale
+            INTERACTION_MODAL_SUBMIT,
+            data,
+            user=user,
+            guild=None if dm else guild,
+            channel=None if dm else channel,
+            dm=dm,
+            locale=locale,
         )
-        if message is not None:
-            payload["message"] = copy.deepcopy(self.get_message(message["id"]) or message)
+        if stored is not None:
+            payload["message"] = copy.deepcopy(stored)
         return await self._inject(payload)
 
     # ---------------------------------------------------------------------------- messages
