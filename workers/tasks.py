@@ -17,6 +17,7 @@ child loads its engine in ``worker_process_init`` so the first job does not pay 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -33,6 +34,7 @@ from workers import metrics
 from workers.cancellation import CancelCheck
 from workers.celery_app import ENV_WORKER_POOL, ENV_WORKER_QUEUES
 from workers.describe import describe_outcome
+from workers.gpu_lock import device_lock
 from workers.heartbeat import Heartbeat
 from workers.output import EngineOutput
 from workers.progress import ProgressSink
@@ -129,14 +131,22 @@ def run_job(task: Task, kind: str, raw: Any) -> dict[str, Any]:
         if cancel():
             return _outcome_error(job_id, ErrorCode.CANCELLED, CANCELLED_MESSAGE)
         engine, load_s = runtime.engine(kind)
-        engine_started = time.perf_counter()
-        output = engine.run(request, sink, cancel)
-        engine_s = time.perf_counter() - engine_started
-        if not isinstance(output, EngineOutput):
-            raise TypeError(f"the {kind} engine returned {type(output).__name__}, not EngineOutput")
-        safety_started = time.perf_counter()
-        checker = runtime.safety_checker(kind, str(getattr(engine, "device", "cpu")))
-        verdicts = checker.classify(output.images) if checker is not None else None
+        device = str(getattr(engine, "device", "cpu"))
+        # SDXL holds its device while it generates and classifies, not while it encodes below
+        # (workers.gpu_lock); the OpenAI engine's work is remote.
+        held = device_lock(device) if kind == SDXL else contextlib.nullcontext(0.0)
+        with held as waited_s:
+            if waited_s > 0.5:
+                log.info("job %s waited %.1fs for %s", job_id, waited_s, device)
+            engine_started = time.perf_counter()
+            output = engine.run(request, sink, cancel)
+            engine_s = time.perf_counter() - engine_started
+            if not isinstance(output, EngineOutput):
+                raise TypeError(f"the {kind} engine returned {type(output).__name__}, not EngineOutput")
+            safety_started = time.perf_counter()
+            checker = runtime.safety_checker(kind, device)
+            verdicts = checker.classify(output.images) if checker is not None else None
+            safety_s = time.perf_counter() - safety_started
         result = build_result(
             request,
             output,
@@ -145,7 +155,7 @@ def run_job(task: Task, kind: str, raw: Any) -> dict[str, Any]:
             load_s=load_s,
             options=runtime.encode_options,
             safety=verdicts,
-            safety_s=time.perf_counter() - safety_started,
+            safety_s=safety_s,
         )
         log.info(
             "job %s finished: %s %dx%d %s, generation %.2fs, encode %.2fs, total %.2fs",
