@@ -257,6 +257,34 @@ def _grid_request(steps: int, *, draft: bool = False, job_id: str = "bench") -> 
     )
 
 
+def save_reference(images: list[Any], path: Path) -> None:
+    """The eager engine's grid images (uint8), for the fresh processes to compare against."""
+    import numpy as np
+
+    np.savez(path, *[np.asarray(image.convert("RGB")) for image in images])
+
+
+def compare_to_reference(images: list[Any], path: Path) -> dict[str, Any]:
+    """PSNR (dB) and largest pixel difference of ``images`` against the saved eager grid.
+
+    The quality check for levers that may change pixels (compile within tolerance, FP8's
+    rounding): same seed, same prompt, same steps. Identical images report ``psnr_db`` None.
+    """
+    import numpy as np
+
+    with np.load(path) as saved:
+        reference = [saved[key] for key in sorted(saved.files, key=lambda k: int(k.split("_")[1]))]
+    if len(reference) != len(images):
+        return {"error": f"{len(images)} images against {len(reference)} in the reference"}
+    ours = np.stack([np.asarray(image.convert("RGB")) for image in images]).astype(np.float64)
+    theirs = np.stack(reference).astype(np.float64)
+    mse = float(np.mean((ours - theirs) ** 2))
+    return {
+        "psnr_db": round(10 * np.log10(255.0**2 / mse), 2) if mse > 0 else None,
+        "max_abs_diff": int(np.max(np.abs(ours - theirs))),
+    }
+
+
 def _settings(model_dir: Path, **values: Any) -> WorkerSettings:
     return WorkerSettings(_env_file=None, sdxl_model=str(model_dir), warmup=False, **values)  # type: ignore[call-arg]
 
@@ -491,6 +519,8 @@ def child_main(args: argparse.Namespace) -> int:
         _sync()
         result["first_grid_s"] = round(time.perf_counter() - started, 2)
         result["first_grid_phases_s"] = {k: round(v, 3) for k, v in first.phases.items()}
+        if args.reference and Path(args.reference).exists():
+            result["vs_eager"] = compare_to_reference(first.images, Path(args.reference))
         result["load_plus_first_grid_s"] = round(result["load_s"] + result["first_grid_s"], 2)
         result["notes"] = first.notes
         if args.runs > 0:
@@ -515,6 +545,7 @@ def bench(args: argparse.Namespace, model_dir: Path, rec: Recorder, *, size: int
         )
 
     engine_box: dict[str, Any] = {}
+    reference = Path(args.workdir) / "eager-grid.npz"  # what compiled and FP8 grids are checked against
 
     def load_fast() -> dict[str, Any]:
         started = time.perf_counter()
@@ -523,6 +554,7 @@ def bench(args: argparse.Namespace, model_dir: Path, rec: Recorder, *, size: int
         engine_box["engine"] = engine
         load_s = time.perf_counter() - started
         result = _timed_runs(lambda: engine.run(_grid_request(steps)), args.runs)
+        save_reference(engine.run(_grid_request(steps)).images, reference)
         return {
             "load_s": round(load_s, 2),
             "vae_dtype": _dtype_name(engine.vae.dtype),
@@ -534,7 +566,7 @@ def bench(args: argparse.Namespace, model_dir: Path, rec: Recorder, *, size: int
     rec.section("fast", load_fast, needs_s=per * 5)
 
     cache_dir = Path(args.workdir) / "inductor-cache"
-    child_common = ["--model-dir", str(model_dir), "--steps", str(steps)]
+    child_common = ["--model-dir", str(model_dir), "--steps", str(steps), "--reference", str(reference)]
     modes = [mode for mode in args.compile_modes.split(",") if mode.strip()]
     if modes:
         first_mode = modes[0].strip()
@@ -672,7 +704,7 @@ def print_table(data: dict[str, Any]) -> None:
             for key in (
                 "load_s", "first_call_s", "first_grid_s", "load_plus_first_grid_s", "vae_dtype",
                 "vae_fp32_retries", "tiles", "unet_full", "unet_shallow", "steps", "previews", "reports",
-                "mode", "notes", "fp8", "attention", "attention_ms", "compile_mode",
+                "mode", "notes", "fp8", "attention", "attention_ms", "compile_mode", "vs_eager",
             )
             if key in row and row[key] not in (None, [], "")
         }  # fmt: skip
@@ -712,6 +744,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compile-mode", default="", help=argparse.SUPPRESS)
     parser.add_argument("--cache-dir", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
+    parser.add_argument("--reference", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.threads:

@@ -127,3 +127,22 @@ runpy.run_path({str(BENCH)!r}, run_name="__main__")
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "configuration" in result.stdout
+
+
+def test_the_quality_check_against_the_eager_grid(tmp_path: Path) -> None:
+    import importlib.util
+
+    from PIL import Image
+
+    spec = importlib.util.spec_from_file_location("bench_sdxl", BENCH)
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    grid = [Image.new("RGB", (8, 8), (10 * i, 20, 30)) for i in range(4)]
+    reference = tmp_path / "eager.npz"
+    bench.save_reference(grid, reference)
+    assert bench.compare_to_reference(grid, reference) == {"psnr_db": None, "max_abs_diff": 0}
+    changed = [*grid[:3], Image.new("RGB", (8, 8), (0, 20, 30))]  # the last image 30 levels off in red
+    found = bench.compare_to_reference(changed, reference)
+    assert found["max_abs_diff"] == 30 and 20 < found["psnr_db"] < 60
+    assert "error" in bench.compare_to_reference(grid[:2], reference)
