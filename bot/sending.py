@@ -160,25 +160,20 @@ class Sender:
             allowed_mentions=allowed_mentions_for(job),
         ) as params:
             adapter = async_context.get()
+            sent: dict[str, Any] = {
+                "session": self._session,
+                "payload": params.payload,
+                "multipart": params.multipart,
+                "files": params.files,
+            }
             data: Any
             if job.reply_message_id:
                 data = await adapter.edit_webhook_message(
-                    job.application_id,
-                    job.interaction_token,
-                    job.reply_message_id,
-                    session=self._session,
-                    payload=params.payload,
-                    multipart=params.multipart,
-                    files=params.files,
+                    job.application_id, job.interaction_token, job.reply_message_id, **sent
                 )
             else:
                 data = await adapter.edit_original_interaction_response(
-                    job.application_id,
-                    job.interaction_token,
-                    session=self._session,
-                    payload=params.payload,
-                    multipart=params.multipart,
-                    files=params.files,
+                    job.application_id, job.interaction_token, **sent
                 )
         return int(data["id"]) if isinstance(data, dict) and "id" in data else 0
 
