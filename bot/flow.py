@@ -23,7 +23,6 @@ import discord
 
 from bot import confirm
 from bot.buttons import mark_pressed_at, pressed_button
-from bot.content_rules import channel_is_nsfw
 from bot.interactions import DATABASE_ERRORS, DATABASE_UNAVAILABLE, actor_from, refuse
 from bot.jobs import Created, JobService
 from bot.models import Job
@@ -201,9 +200,6 @@ class JobFlow:
                 await refuse(interaction, DATABASE_UNAVAILABLE)
             return DATABASE_UNAVAILABLE
         job = created.job
-        if channel_is_nsfw(interaction.channel):
-            # Recorded before the job runs: its result is judged in the channel it came from.
-            await self.tracker.results.remember_nsfw_channel(job)
         delivery = self.tracker.delivery
         delivery.remember_limit(job.id, interaction.filesize_limit)
         if job.kind == JobKind.CROP.value:

@@ -8,6 +8,7 @@ from typing import Any
 import discord
 from sqlalchemy.exc import SQLAlchemyError
 
+from bot.content_rules import channel_is_nsfw
 from bot.operations import Actor
 
 log = logging.getLogger(__name__)
@@ -33,6 +34,7 @@ def actor_from(interaction: discord.Interaction[Any]) -> Actor:
         display_name=getattr(user, "display_name", None) or user.name,
         application_id=interaction.application_id,
         interaction_token=interaction.token,
+        channel_nsfw=channel_is_nsfw(interaction.channel),
     )
 
 

@@ -27,6 +27,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from bot import global_defaults, job_stats, quota
 from bot.access import account_guild, check_actor, check_fits
 from bot.banned_words import BannedWordRules, banned_words_message, check_prompt
+from bot.content_rules import CHANNEL_NSFW_KEY
 from bot.dispatch import Dispatcher
 from bot.inputs import attach_inputs
 from bot.lifecycle import ACTIVE, PENDING, Lifecycle, initial_status, release_lock, values_of
@@ -225,7 +226,12 @@ class JobService:
                 parent_id=plan.parent.id if plan.parent else None,
                 parent_index=plan.parent_index,
                 prompt=plan.params.prompt,
-                params={**plan.params.model_dump(mode="json"), **operation.as_dict()},
+                # The channel's age restriction goes in with the job, before any worker can run it.
+                params={
+                    **plan.params.model_dump(mode="json"),
+                    **operation.as_dict(),
+                    **({CHANNEL_NSFW_KEY: True} if actor.channel_nsfw else {}),
+                },
                 seed=plan.seed,
                 engine=plan.engine.value,
                 visibility=plan.visibility.value,

@@ -61,6 +61,7 @@ class Actor:
     interaction_token: str | None = None
     is_admin: bool = False
     reply_message_id: int | None = None  # a follow-up of the interaction to edit, not its original
+    channel_nsfw: bool = False  # asked in an age-restricted channel (the result is judged for it)
 
 
 @dataclass(frozen=True, slots=True)

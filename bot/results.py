@@ -29,7 +29,6 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from bot.content_rules import (
-    CHANNEL_NSFW_KEY,
     SAFETY_KEY,
     SafetyAction,
     SafetyPolicy,
@@ -181,14 +180,6 @@ class Results:
         return await put_image(
             self.store, session, job_id, 0, image.data, ext=image.ext, size=(image.width, image.height)
         )
-
-    async def remember_nsfw_channel(self, job: Job) -> None:
-        """Record that ``job`` was accepted in an age-restricted channel (before it runs)."""
-        async with self.sessions() as session, session.begin():
-            row = await session.get(Job, job.id)
-            if row is not None:
-                row.params = {**(row.params or {}), CHANNEL_NSFW_KEY: True}
-        job.params = {**(job.params or {}), CHANNEL_NSFW_KEY: True}
 
     async def keep_verdicts(
         self, session: AsyncSession, job_id: str, verdicts: Sequence[SafetyVerdict]
