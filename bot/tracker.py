@@ -85,6 +85,7 @@ class Tracker:
         self.delivery = delivery
         self.poll_interval = poll_interval
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False  # stop() asks the loop to end between ticks
         self._wake = asyncio.Event()
         self._inflight: dict[str, asyncio.Task[Any]] = {}
         self._release_task: asyncio.Task[Any] | None = None
@@ -98,16 +99,25 @@ class Tracker:
     def start(self) -> None:
         """Start the tracker (idempotent)."""
         if self._task is None or self._task.done():
+            self._stopping = False
             self._task = asyncio.create_task(self._run(), name="mirage-tracker")
 
     async def stop(self) -> None:
-        """Stop the tracker and wait (bounded) for in-flight job handlers and deliveries."""
+        """Stop the tracker and wait (bounded) for in-flight job handlers and deliveries.
+
+        The loop is asked to stop between ticks rather than cancelled: a cancel that lands inside
+        a database call can strand its connection mid-transaction, and on SQLite that connection
+        then holds the write lock until it is garbage-collected. Cancelling is the fallback.
+        """
         if self._task is not None:
-            self._task.cancel()
-            # Bounded: a loop that missed its cancel must not keep the bot from shutting down.
+            self._stopping = True
+            self.wake()
             done, _ = await asyncio.wait({self._task}, timeout=10)
             if not done:
-                log.error("the tracker loop did not stop within 10 s of its cancel")
+                self._task.cancel()
+                done, _ = await asyncio.wait({self._task}, timeout=10)
+            if not done:
+                log.error("the tracker loop did not stop within 20 s")
             self._task = None
         pending = [task for task in self._inflight.values() if not task.done()]
         if self._release_task and not self._release_task.done():
@@ -116,6 +126,8 @@ class Tracker:
             _done, still = await asyncio.wait(pending, timeout=10)
             for task in still:
                 task.cancel()
+            if still:
+                await asyncio.wait(still, timeout=5)  # their cleanup (rollbacks) before we return
         await self.delivery.stop()
 
     def wake(self) -> None:
@@ -129,7 +141,7 @@ class Tracker:
         except Exception:
             log.exception("could not reclaim interrupted deliveries")
         self._spawn_release()
-        while True:
+        while not self._stopping:
             # Cleared before the tick, so a wake() during the tick triggers the next one at once.
             self._wake.clear()
             try:
@@ -140,9 +152,12 @@ class Tracker:
                 log.exception("tracker tick failed")
             # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancel that
             # lands as the wake event fires, and stop() then waited on this loop forever.
+            if self._stopping:
+                break
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.poll_interval):
                     await self._wake.wait()
+        log.info("tracker stopped")
 
     def _spawn(self, job_id: str, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any] | None:
         """Run a job's handler unless one is already running for it."""

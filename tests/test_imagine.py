@@ -170,10 +170,11 @@ async def test_relax_costs_less_and_turbo_is_released_first(tmp_path: Path, sqli
         tmp_path, sqlite_url, FakeDispatcher(), max_running_per_member=1, relax_cost_factor=0
     ) as h:
         first = await h.job_for(await h.imagine("first --fast"))
+        # Running before the others exist: released later, turbo would be picked over it.
+        await h.dispatcher.wait_sent(1)
         relaxed = await h.job_for(await h.imagine("later --relax"))
         turbo = await h.job_for(await h.imagine("urgent --turbo"))
         assert (first.cost, relaxed.cost, turbo.cost) == (1, 0, 1)
-        await h.dispatcher.wait_sent(1)
         h.dispatcher.succeed(first.id)
         h.bot.tracker.wake()
         await h.wait_job(turbo.id, lambda j: j.status != JobStatus.WAITING)

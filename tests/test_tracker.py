@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -86,11 +87,10 @@ async def test_no_progress_edit_after_another_bot_process_delivered(h: Harness) 
     assert (await h.job(job.id)).progress == 30
 
 
-async def test_the_tracker_stops_when_cancelled_just_as_it_is_woken(
-    h: Harness, caplog: pytest.LogCaptureFixture
-) -> None:
+async def test_the_tracker_loop_ends_when_cancelled_just_as_it_is_woken(h: Harness) -> None:
     # On Python 3.11 asyncio.wait_for swallowed a cancel that came as the wake event fired, so
-    # the tracker loop ran on and the bot's close() waited on it forever.
+    # the loop ran on and a close() that cancelled it waited forever (stop() now asks the loop
+    # to end between ticks, and cancels only as a fallback).
     assert h.bot is not None
     tracker = h.bot.tracker
     loop_task = tracker._task
@@ -103,10 +103,22 @@ async def test_the_tracker_stops_when_cancelled_just_as_it_is_woken(
     await h.settle()
     tracker.wake()
     await asyncio.sleep(0)
-    stopping = asyncio.create_task(tracker.stop())
-    done, _ = await asyncio.wait({stopping}, timeout=30)  # the old loop never stopped at all
-    assert stopping in done and loop_task.done()
-    assert "did not stop" not in caplog.text
+    loop_task.cancel()
+    done, _ = await asyncio.wait({loop_task}, timeout=30)  # the old loop never ended at all
+    assert loop_task in done and loop_task.cancelled()
+
+
+async def test_stop_ends_the_loop_between_ticks_without_cancelling_it(
+    h: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="bot.tracker")
+    assert h.bot is not None
+    loop_task = h.bot.tracker._task
+    assert loop_task is not None
+    await h.settle()
+    await h.bot.tracker.stop()
+    assert loop_task.done() and not loop_task.cancelled()  # no database call was cut short
+    assert "tracker stopped" in caplog.text and "did not stop" not in caplog.text
 
 
 @pytest.mark.parametrize(
