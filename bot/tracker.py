@@ -103,21 +103,17 @@ class Tracker:
             self._task = asyncio.create_task(self._run(), name="mirage-tracker")
 
     async def stop(self) -> None:
-        """Stop the tracker and wait (bounded) for in-flight job handlers and deliveries.
-
-        The loop is asked to stop between ticks rather than cancelled: a cancel that lands inside
-        a database call can strand its connection mid-transaction, and on SQLite that connection
-        then holds the write lock until it is garbage-collected. Cancelling is the fallback.
-        """
+        """Stop the loop between ticks (a cancel inside a database call can strand a SQLite
+        connection holding the write lock; cancelling is the fallback), then wait (bounded) for
+        in-flight job handlers and deliveries."""
         if self._task is not None:
             self._stopping = True
             self.wake()
             done, _ = await asyncio.wait({self._task}, timeout=10)
             if not done:
                 self._task.cancel()
-                done, _ = await asyncio.wait({self._task}, timeout=10)
-            if not done:
-                log.error("the tracker loop did not stop within 20 s")
+                if not (await asyncio.wait({self._task}, timeout=10))[0]:
+                    log.error("the tracker loop did not stop within 20 s")
             self._task = None
         pending = [task for task in self._inflight.values() if not task.done()]
         if self._release_task and not self._release_task.done():
