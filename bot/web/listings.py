@@ -129,26 +129,29 @@ async def entries_page(
     shown_rows = rows[:page_size]
     members = await family_members(session, [row.id for row in shown_rows])
     counts_by_root = await _family_favourites(session, [row.id for row in shown_rows])
-    entries = [
-        Entry(
-            job_id=row.id,
-            prompt=row.prompt or "",
-            params=row.params if isinstance(row.params, dict) else {},
-            seed=row.seed,
-            kind=row.kind,
-            created_at=row.created_at,
-            cover_index=row.cover_index,
-            width=row.width,
-            height=row.height,
-            member_name=row.display_name or "",
-            member_public_id=row.public_id,
-            favourites=counts_by_root.get(row.id, 0),
-            family=members.get(row.id, [])[:FAMILY_PREVIEW],
-            family_size=len(members.get(row.id, [])),
-        )
-        for row in shown_rows
-    ]
+    entries = [_entry(row, counts_by_root.get(row.id, 0), members.get(row.id, [])) for row in shown_rows]
     return Page(entries=entries, number=page, has_next=len(rows) > page_size)
+
+
+def _entry(row: Any, favourites: int, family: list[Thumb] | None = None) -> Entry:
+    """A card from a row of :func:`_entry_select`, with its favourites and family members."""
+    members = family or []
+    return Entry(
+        job_id=row.id,
+        prompt=row.prompt or "",
+        params=row.params if isinstance(row.params, dict) else {},
+        seed=row.seed,
+        kind=row.kind,
+        created_at=row.created_at,
+        cover_index=row.cover_index,
+        width=row.width,
+        height=row.height,
+        member_name=row.display_name or "",
+        member_public_id=row.public_id,
+        favourites=favourites,
+        family=members[:FAMILY_PREVIEW],
+        family_size=len(members),
+    )
 
 
 async def _family_favourites(session: AsyncSession, root_ids: list[str]) -> dict[str, int]:
@@ -179,21 +182,5 @@ async def favourites_page(session: AsyncSession, member_id: int, page: int, page
     rows = (await session.execute(stmt)).all()
     shown_rows = rows[:page_size]
     counts = await job_favourites(session, [row.id for row in shown_rows])
-    entries = [
-        Entry(
-            job_id=row.id,
-            prompt=row.prompt or "",
-            params=row.params if isinstance(row.params, dict) else {},
-            seed=row.seed,
-            kind=row.kind,
-            created_at=row.created_at,
-            cover_index=row.cover_index,
-            width=row.width,
-            height=row.height,
-            member_name=row.display_name or "",
-            member_public_id=row.public_id,
-            favourites=counts.get(row.id, 0),
-        )
-        for row in shown_rows
-    ]
+    entries = [_entry(row, counts.get(row.id, 0)) for row in shown_rows]
     return Page(entries=entries, number=page, has_next=len(rows) > page_size)
