@@ -8,6 +8,7 @@ import os
 import signal
 import socket
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import discord
@@ -29,16 +30,22 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def bot_settings(tmp_path: Path, redis_url: str, **values: Any) -> BotSettings:
+    """Embedded SQLite under ``tmp_path/data``, Redis as broker and backend, a free gallery port."""
+    values.setdefault("web_port", free_port())
+    return make_settings(
+        tmp_path / "data",
+        f"sqlite+aiosqlite:///{tmp_path / 'data' / 'mirage.db'}",
+        broker_url=redis_url,
+        result_backend=redis_url,
+        **values,
+    )
+
+
 async def test_run_serves_and_stops_on_sigterm(tmp_path: Path, redis_url: str) -> None:
     db_file = tmp_path / "data" / "mirage.db"
     port = free_port()
-    settings = make_settings(
-        tmp_path / "data",
-        f"sqlite+aiosqlite:///{db_file}",
-        broker_url=redis_url,
-        result_backend=redis_url,
-        web_port=port,
-    )
+    settings = bot_settings(tmp_path, redis_url, web_port=port)
     async with FakeDiscord(token=FAKE_TOKEN) as fake:
         for _attempt in range(2):
             task = asyncio.create_task(run(settings))
@@ -60,14 +67,7 @@ async def test_run_serves_and_stops_on_sigterm(tmp_path: Path, redis_url: str) -
 
 
 async def test_a_token_discord_refuses_ends_run_with_a_non_zero_exit(tmp_path: Path, redis_url: str) -> None:
-    settings = make_settings(
-        tmp_path / "data",
-        f"sqlite+aiosqlite:///{tmp_path / 'data' / 'mirage.db'}",
-        broker_url=redis_url,
-        result_backend=redis_url,
-        web_port=free_port(),
-        discord_token="a-token-that-was-reset",
-    )
+    settings = bot_settings(tmp_path, redis_url, discord_token="a-token-that-was-reset")
     async with FakeDiscord(token=FAKE_TOKEN) as fake:
         with pytest.raises(ClientStopped, match="refused the token"):
             await asyncio.wait_for(run(settings), 30)
@@ -79,13 +79,7 @@ async def test_an_unreachable_discord_ends_run_with_a_non_zero_exit(
 ) -> None:
     closed = free_port()  # nothing listens there once the probe socket is closed
     monkeypatch.setattr(discord.http.Route, "BASE", f"http://127.0.0.1:{closed}/api/v10")
-    settings = make_settings(
-        tmp_path / "data",
-        f"sqlite+aiosqlite:///{tmp_path / 'data' / 'mirage.db'}",
-        broker_url=redis_url,
-        result_backend=redis_url,
-        web_port=free_port(),
-    )
+    settings = bot_settings(tmp_path, redis_url)
     with pytest.raises(ClientStopped, match="could not be reached"):
         await asyncio.wait_for(run(settings), 30)
 
@@ -113,13 +107,7 @@ async def test_start_logs_no_voice_warnings(
     # discord.py warns once per process; re-arm it so this test sees the first start's warnings.
     monkeypatch.setattr(discord.VoiceClient, "warn_nacl", True)
     monkeypatch.setattr(discord.VoiceClient, "warn_dave", True)
-    settings = make_settings(
-        tmp_path / "data",
-        f"sqlite+aiosqlite:///{tmp_path / 'data' / 'mirage.db'}",
-        broker_url=redis_url,
-        result_backend=redis_url,
-        web_port=free_port(),
-    )
+    settings = bot_settings(tmp_path, redis_url)
     stop = asyncio.Event()
     with caplog.at_level(logging.WARNING):
         async with FakeDiscord(token=FAKE_TOKEN) as fake:

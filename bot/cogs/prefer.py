@@ -51,6 +51,10 @@ class Prefer(commands.GroupCog, group_name="prefer", group_description="Your pro
             guild_id = await account_guild(session, actor)  # in a DM: the account DM jobs use
             return await quota.get_or_create_member(session, guild_id, actor.user_id, actor.display_name)
 
+    async def _update(self, member: Member, **values: object) -> None:
+        async with self.bot.sessions() as session, session.begin():
+            await session.execute(update(Member).where(Member.id == member.id).values(**values))
+
     @app_commands.command(name="suffix", description="Parameters added to the end of every prompt")
     @app_commands.describe(value="Parameters such as --ar 3:2 --stylize 250; leave empty to clear")
     async def suffix(self, interaction: discord.Interaction, value: str | None = None) -> None:
@@ -63,11 +67,7 @@ class Prefer(commands.GroupCog, group_name="prefer", group_description="Your pro
                     f"Your suffix was not saved. {problem}", ephemeral=True
                 )
                 return
-        member = await self._member(interaction)
-        async with self.bot.sessions() as session, session.begin():
-            await session.execute(
-                update(Member).where(Member.id == member.id).values(prompt_suffix=text or None)
-            )
+        await self._update(await self._member(interaction), prompt_suffix=text or None)
         said = f"Every prompt now ends with `{text}`." if text else "Your suffix is cleared."
         await interaction.response.send_message(said, ephemeral=True)
 
@@ -78,8 +78,7 @@ class Prefer(commands.GroupCog, group_name="prefer", group_description="Your pro
         """Toggle Remix mode."""
         member = await self._member(interaction)
         on = not member.remix
-        async with self.bot.sessions() as session, session.begin():
-            await session.execute(update(Member).where(Member.id == member.id).values(remix=on))
+        await self._update(member, remix=on)
         await interaction.response.send_message(remix_text(on), ephemeral=True)
 
     @option.command(name="set", description="Make --name stand for these parameters")
