@@ -307,6 +307,17 @@ def pressed_button(interaction: discord.Interaction[Any]) -> dict[str, Any] | No
     return {"channel_id": message.channel.id, "message_id": message.id, "custom_id": custom_id}
 
 
+async def _turn_blue(message: discord.Message, custom_id: str) -> None:
+    view = pressed_view(message, custom_id)
+    if view is None:
+        return
+    try:
+        await message.edit(view=view)
+    except discord.HTTPException as exc:
+        # Cosmetic only: the job was accepted and runs whatever the old message looks like.
+        log.info("could not mark button %s as pressed: %s", custom_id, exc)
+
+
 async def mark_pressed_at(client: discord.Client, where: dict[str, Any] | None) -> None:
     """Turn a button blue on a message the interaction does not carry (Yes to a question)."""
     if not where:
@@ -314,11 +325,10 @@ async def mark_pressed_at(client: discord.Client, where: dict[str, Any] | None) 
     try:
         channel = client.get_partial_messageable(int(where["channel_id"]))
         message = await channel.fetch_message(int(where["message_id"]))
-        view = pressed_view(message, str(where["custom_id"]))
-        if view is not None:
-            await message.edit(view=view)
     except (discord.HTTPException, KeyError, ValueError) as exc:
-        log.info("could not mark a confirmed press's button: %s", exc)
+        log.info("could not find a confirmed press's button: %s", exc)
+        return
+    await _turn_blue(message, str(where["custom_id"]))
 
 
 async def mark_pressed(interaction: discord.Interaction[Any], *, custom_id: str | None = None) -> None:
@@ -328,13 +338,5 @@ async def mark_pressed(interaction: discord.Interaction[Any], *, custom_id: str 
     """
     message = interaction.message
     custom_id = custom_id or (interaction.data or {}).get("custom_id")
-    if message is None or not isinstance(custom_id, str):
-        return
-    view = pressed_view(message, custom_id)
-    if view is None:
-        return
-    try:
-        await message.edit(view=view)
-    except discord.HTTPException as exc:
-        # Cosmetic only: the job was accepted and runs whatever the old message looks like.
-        log.info("could not mark button %s as pressed: %s", custom_id, exc)
+    if message is not None and isinstance(custom_id, str):
+        await _turn_blue(message, custom_id)
