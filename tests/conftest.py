@@ -70,6 +70,15 @@ def sqlite_url(tmp_path: Path) -> str:
 
 
 @pytest.fixture
+async def h(tmp_path: Path, sqlite_url: str) -> AsyncIterator[Any]:
+    """A bot over SQLite with a fake dispatcher (tests.botutil.Harness)."""
+    from tests.botutil import FakeDispatcher, bot_harness  # the bot stack only where a test needs it
+
+    async with bot_harness(tmp_path, sqlite_url, FakeDispatcher()) as harness:
+        yield harness
+
+
+@pytest.fixture
 def redis_url() -> str:
     """The Redis server's URL (tests use unique keys and queue names on it)."""
     _need(REDIS_URL, 6379, "Redis")

@@ -2,31 +2,19 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
-
 import pytest
 from sqlalchemy import select
 
 from bot.models import Member
 from tests.botutil import (
     EPHEMERAL,
-    FakeDispatcher,
     Harness,
-    bot_harness,
     custom_ids,
     finish_grid,
     reply_of,
 )
 
 pytestmark = pytest.mark.timeout(60)
-
-
-@pytest.fixture
-async def h(tmp_path: Path, sqlite_url: str) -> Any:
-    """A bot over SQLite with a fake dispatcher."""
-    async with bot_harness(tmp_path, sqlite_url, FakeDispatcher()) as harness:
-        yield harness
 
 
 async def test_info_shows_credits_jobs_and_mode(h: Harness) -> None:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import base64
 import io
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 from PIL import Image as PILImage
@@ -15,9 +13,7 @@ from bot.banned_words import BannedWordRules
 from bot.models import JobInput, JobStatus
 from tests.botutil import (
     EPHEMERAL,
-    FakeDispatcher,
     Harness,
-    bot_harness,
     credits_used,
     custom_ids,
     has_result,
@@ -27,12 +23,6 @@ from tests.botutil import (
 from workers.schema import JobKind, nearest_bucket
 
 pytestmark = pytest.mark.timeout(60)
-
-
-@pytest.fixture
-async def h(tmp_path: Path, sqlite_url: str) -> AsyncIterator[Harness]:
-    async with bot_harness(tmp_path, sqlite_url, FakeDispatcher()) as harness:
-        yield harness
 
 
 def sizes(pictures: list[str]) -> list[tuple[int, int]]:

@@ -5,8 +5,6 @@ press, and presses after a restart."""
 from __future__ import annotations
 
 import re
-from pathlib import Path
-from typing import Any
 
 import pytest
 from sqlalchemy import delete
@@ -17,10 +15,8 @@ from bot.views import DYNAMIC_ITEMS, result_view
 from tests.botutil import (
     EPHEMERAL,
     GRID_IDS,
-    FakeDispatcher,
     Harness,
     attachment_bytes,
-    bot_harness,
     credits_used,
     custom_ids,
     finish_grid,
@@ -142,13 +138,6 @@ def test_single_view_layout_square_and_upscale_rules() -> None:
 
 
 # --- presses on the fake Discord ----------------------------------------------------------------
-
-
-@pytest.fixture
-async def h(tmp_path: Path, sqlite_url: str) -> Any:
-    """A bot over SQLite with a fake dispatcher."""
-    async with bot_harness(tmp_path, sqlite_url, FakeDispatcher()) as harness:
-        yield harness
 
 
 async def test_u_button_crops_the_grid_without_generation(h: Harness) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -14,13 +13,6 @@ from tests.botutil import (
 )
 
 pytestmark = pytest.mark.timeout(60)
-
-
-@pytest.fixture
-async def h(tmp_path: Path, sqlite_url: str) -> Any:
-    """A bot over SQLite with a fake dispatcher."""
-    async with bot_harness(tmp_path, sqlite_url, FakeDispatcher()) as harness:
-        yield harness
 
 
 async def test_commands_sync_only_when_changed(h: Harness) -> None:

@@ -16,13 +16,6 @@ from tests.botutil import EPHEMERAL, FakeDispatcher, Harness, bot_harness, credi
 pytestmark = pytest.mark.timeout(90)
 
 
-@pytest.fixture
-async def h(tmp_path: Path, sqlite_url: str) -> Any:
-    """A bot over SQLite with a fake dispatcher."""
-    async with bot_harness(tmp_path, sqlite_url, FakeDispatcher()) as harness:
-        yield harness
-
-
 async def ask(h: Harness, prompt: str) -> dict[str, Any]:
     """Run /imagine and return the private question it was answered with."""
     inter = await h.imagine(prompt)

@@ -4,7 +4,6 @@ the form, a valid submit makes a ZOOM job with that scale and aspect, a bad one 
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,9 +12,7 @@ from bot.custom_zoom import NO_ZOOM, NOTHING_TO_DO, CustomZoomError, form_text, 
 from bot.models import Job, JobStatus
 from tests.botutil import (
     EPHEMERAL,
-    FakeDispatcher,
     Harness,
-    bot_harness,
     finish_grid,
     has_result,
     press_and_wait,
@@ -74,13 +71,6 @@ def test_the_prompt_parser_explains_other_mistakes() -> None:
 
 
 # --- on the fake Discord ------------------------------------------------------------------------
-
-
-@pytest.fixture
-async def h(tmp_path: Path, sqlite_url: str) -> Any:
-    """A bot over SQLite with a fake dispatcher."""
-    async with bot_harness(tmp_path, sqlite_url, FakeDispatcher()) as harness:
-        yield harness
 
 
 async def single_image(h: Harness) -> tuple[Job, dict[str, Any]]:

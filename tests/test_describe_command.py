@@ -9,8 +9,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,10 +20,8 @@ from bot.dispatch import SUCCESS, TaskState
 from bot.models import Job, JobStatus
 from tests.botutil import (
     EPHEMERAL,
-    FakeDispatcher,
     Harness,
     attachment_bytes,
-    bot_harness,
     credits_used,
     custom_ids,
     has_result,
@@ -43,12 +39,6 @@ PROMPTS = [
     "a fox, photograph, shallow depth of field --ar 3:2",
     "minimal illustration of an orange fox on white --ar 3:2",
 ]
-
-
-@pytest.fixture
-async def h(tmp_path: Path, sqlite_url: str) -> AsyncIterator[Harness]:
-    async with bot_harness(tmp_path, sqlite_url, FakeDispatcher()) as harness:
-        yield harness
 
 
 def describe_done(h: Harness, job_id: str, prompts: list[str] = PROMPTS) -> None:

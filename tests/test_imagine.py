@@ -31,13 +31,6 @@ from workers.schema import JobKind
 pytestmark = pytest.mark.timeout(60)
 
 
-@pytest.fixture
-async def h(tmp_path: Path, sqlite_url: str) -> Any:
-    """A bot over SQLite with a fake dispatcher."""
-    async with bot_harness(tmp_path, sqlite_url, FakeDispatcher()) as harness:
-        yield harness
-
-
 async def test_imagine_is_deferred_then_waits(h: Harness) -> None:
     inter = await h.imagine("a red fox in the snow --ar 3:2 --seed 42")
     callback = await inter.callback()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -10,16 +9,9 @@ from sqlalchemy import select
 
 from bot.models import Member
 from bot.prompt_prefs import Prefs, append_suffix, apply_prefs, check_option_name, expand_options
-from tests.botutil import EPHEMERAL, FakeDispatcher, Harness, bot_harness, credits_used, custom_ids, reply_of
+from tests.botutil import EPHEMERAL, Harness, credits_used, custom_ids, reply_of
 
 pytestmark = pytest.mark.timeout(90)
-
-
-@pytest.fixture
-async def h(tmp_path: Path, sqlite_url: str) -> Any:
-    """A bot over SQLite with a fake dispatcher."""
-    async with bot_harness(tmp_path, sqlite_url, FakeDispatcher()) as harness:
-        yield harness
 
 
 async def prefer(h: Harness, subcommand: str, **options: Any) -> dict[str, Any]:

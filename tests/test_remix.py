@@ -25,13 +25,6 @@ pytestmark = pytest.mark.timeout(90)
 MODAL = 9  # the interaction callback type that opens a modal
 
 
-@pytest.fixture
-async def h(tmp_path: Path, sqlite_url: str) -> Any:
-    """A bot over SQLite with a fake dispatcher."""
-    async with bot_harness(tmp_path, sqlite_url, FakeDispatcher()) as harness:
-        yield harness
-
-
 async def remix_on(h: Harness) -> None:
     """``/prefer remix`` once: Remix mode on."""
     inter = await h.fake.slash("prefer", {}, subcommand="remix")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import io
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,10 +18,8 @@ from sqlalchemy import select
 from bot.models import Image, Job, JobStatus
 from bot.results import WRONG_VERSION, ResultRejected, check_result, crop_tile, read_outcome
 from tests.botutil import (
-    FakeDispatcher,
     Harness,
     attachment_bytes,
-    bot_harness,
     finish_grid,
     has_result,
     image_of,
@@ -122,12 +119,6 @@ def test_a_tile_is_one_decode_and_one_encode(monkeypatch: pytest.MonkeyPatch) ->
 
 
 # --- through the bot ----------------------------------------------------------------------------------
-
-
-@pytest.fixture
-async def h(tmp_path: Path, sqlite_url: str) -> Any:
-    async with bot_harness(tmp_path, sqlite_url, FakeDispatcher()) as harness:
-        yield harness
 
 
 async def images_of(h: Harness, job_id: str) -> dict[int, Image]:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import base64
 from datetime import timedelta
-from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -13,9 +11,7 @@ from bot.models import Job, JobStatus, utcnow
 from bot.sending import TOKEN_LIFETIME, fit, preview_jpeg, token_alive
 from tests.botutil import (
     GRID_IDS,
-    FakeDispatcher,
     Harness,
-    bot_harness,
     custom_ids,
     has_result,
     image_of,
@@ -23,13 +19,6 @@ from tests.botutil import (
 )
 
 pytestmark = pytest.mark.timeout(60)
-
-
-@pytest.fixture
-async def h(tmp_path: Path, sqlite_url: str) -> Any:
-    """A bot over SQLite with a fake dispatcher."""
-    async with bot_harness(tmp_path, sqlite_url, FakeDispatcher()) as harness:
-        yield harness
 
 
 async def test_expired_token_delivers_to_the_channel_with_a_mention(h: Harness) -> None:

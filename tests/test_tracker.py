@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from pathlib import Path
-from typing import Any
 
 import pytest
 from sqlalchemy import select, update
@@ -13,9 +11,7 @@ from sqlalchemy import select, update
 from bot.models import CreditEntry, Image, Job, JobStatus
 from tests.botutil import (
     GRID_IDS,
-    FakeDispatcher,
     Harness,
-    bot_harness,
     credits_used,
     custom_ids,
     finish_grid,
@@ -27,13 +23,6 @@ from tests.botutil import (
 from workers.schema import ErrorCode, Progress
 
 pytestmark = pytest.mark.timeout(60)
-
-
-@pytest.fixture
-async def h(tmp_path: Path, sqlite_url: str) -> Any:
-    """A bot over SQLite with a fake dispatcher."""
-    async with bot_harness(tmp_path, sqlite_url, FakeDispatcher()) as harness:
-        yield harness
 
 
 async def test_grid_delivery_and_layout(h: Harness) -> None:
