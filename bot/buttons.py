@@ -214,24 +214,18 @@ async def remix_submitted(interaction: discord.Interaction[Any]) -> None:
     if interaction.type != discord.InteractionType.modal_submit:
         return
     custom_id = str((interaction.data or {}).get("custom_id") or "")
-    parsed = parse_custom_id(custom_id.removeprefix(remix.MODAL_PREFIX))
+    button = custom_id.removeprefix(remix.MODAL_PREFIX)
+    parsed = parse_custom_id(button)
     text = remix.submitted_text(interaction)
-    if not custom_id.startswith(remix.MODAL_PREFIX) or parsed is None or text is None:
+    if button == custom_id or parsed is None or text is None:
         return
     action, job_id, arg = parsed
     source = await load_source(interaction, job_id)
     if source is None:
         return
     operation, index = action.start(arg)
-    button = custom_id.removeprefix(remix.MODAL_PREFIX)
-    await remix.submit(
-        interaction,
-        source,
-        operation,
-        index,
-        text,
-        after=lambda answered: mark_pressed(answered, custom_id=button),
-    )
+    if await remix.submit(interaction, source, operation, index, text):
+        await mark_pressed(interaction, custom_id=button)
 
 
 async def load_job(bot: MirageBot, job_id: str) -> Job | None:

@@ -18,7 +18,6 @@ the button table, so the two stay free of cycles.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import discord
@@ -43,7 +42,6 @@ REMIX_CODES = frozenset({"v", "vary", "r", "zoom", "pan"})
 MODAL_PREFIX = "remix:"
 FIELD_ID = "prompt"
 MAX_FIELD = 4000
-After = Callable[[discord.Interaction[Any]], Awaitable[None]]
 
 
 def remix_source(parent: Job) -> str:
@@ -121,10 +119,8 @@ async def submit(
     operation: Operation,
     index: int | None,
     text: str,
-    *,
-    after: After | None = None,
-) -> None:
-    """Parse the edit like any prompt; refuse privately, or start the button's job with it."""
+) -> bool:
+    """Parse the edit like any prompt; refuse privately, or start the button's job: True if started."""
     bot: MirageBot = interaction.client  # type: ignore[assignment]
     async with bot.sessions() as session:
         guild_id = await account_guild(session, actor_from(interaction))
@@ -135,14 +131,12 @@ async def submit(
         await interaction.response.send_message(
             f"{exc}\nNothing was charged; press the button again to edit.", ephemeral=True
         )
-        return
+        return False
     banned = check_prompt(params.model_prompt, BannedWordRules.from_settings(bot.settings))
     if banned:
         await interaction.response.send_message(banned_words_message(banned), ephemeral=True)
-        return
-    created = await bot.flow.press(interaction, remixed_parent(parent, params), operation, index)
-    if created is not None and after is not None:
-        await after(interaction)
+        return False
+    return await bot.flow.press(interaction, remixed_parent(parent, params), operation, index) is not None
 
 
 async def maybe_open(interaction: discord.Interaction[Any], parent: Job, code: str, *, label: str) -> bool:
