@@ -175,9 +175,13 @@ def make_celery_client(broker_url: str, result_backend: str) -> Celery:
     JSON only on the wire: the bot never unpickles anything a worker produced.
     """
     app = Celery("mirage-bot", broker=broker_url, backend=result_backend, set_as_current=False)
+    transport_options: dict[str, Any] = {"max_retries": 2, "interval_start": 0, "interval_step": 0.5}
     if broker_scheme(broker_url) in AMQP_SCHEMES:
         # Must match the workers' declaration, or RabbitMQ refuses the redeclared queue.
         app.conf.task_queue_max_priority = MAX_PRIORITY
+        # Publisher confirms: RabbitMQ acknowledges a persistent message only once it is on disk,
+        # so a job is marked queued only when a broker crash can no longer lose it.
+        transport_options["confirm_publish"] = True
     app.conf.update(
         task_serializer="json",
         result_serializer="json",
@@ -188,7 +192,7 @@ def make_celery_client(broker_url: str, result_backend: str) -> Celery:
         # A publish that cannot reach the broker must fail fast so the job stays waiting and the
         # release loop retries it, rather than blocking a thread for minutes.
         broker_connection_timeout=5,
-        broker_transport_options={"max_retries": 2, "interval_start": 0, "interval_step": 0.5},
+        broker_transport_options=transport_options,
         result_backend_transport_options={"retry_policy": {"timeout": 5.0}},
         task_publish_retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.5},
     )

@@ -13,7 +13,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
+from urllib.parse import urlparse, urlunparse
 
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
@@ -41,6 +41,16 @@ def _need(url: str, port: int, what: str) -> None:
     if REQUIRE_SERVICES:
         pytest.fail(f"{what} is required (MIRAGE_REQUIRE_SERVICES=1) but {url} is unreachable")
     pytest.skip(f"{what} not reachable at {url}")
+
+
+def fresh_redis_db(db: int) -> str:
+    """The URL of database ``db`` on the shared Redis, emptied (each test module owns one number)."""
+    _need(REDIS_URL, 6379, "Redis")
+    import redis
+
+    url = urlunparse(urlparse(REDIS_URL)._replace(path=f"/{db}"))
+    redis.Redis.from_url(url).flushdb()
+    return url
 
 
 @pytest.fixture

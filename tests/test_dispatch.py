@@ -94,3 +94,13 @@ async def test_status_counts_the_local_worker_on_the_embedded_broker(
         assert status.workers == [f"local SDXL worker (pid {os.getpid()})"]
     finally:
         await dispatcher.close()
+
+
+def test_only_rabbitmq_publishes_with_confirms() -> None:
+    # A job is marked queued when the send returns; on RabbitMQ that must mean "on disk".
+    from bot.dispatch import make_celery_client
+
+    amqp = make_celery_client("amqp://guest:guest@127.0.0.1:5672//", "cache+memory://")
+    redis_app = make_celery_client("redis://127.0.0.1:6379/0", "cache+memory://")
+    assert amqp.conf.broker_transport_options["confirm_publish"] is True
+    assert "confirm_publish" not in redis_app.conf.broker_transport_options

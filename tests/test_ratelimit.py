@@ -7,11 +7,9 @@ for two worker processes. Without Redis these tests skip (fail under MIRAGE_REQU
 from __future__ import annotations
 
 import uuid
-from urllib.parse import urlparse, urlunparse
 
 import pytest
-import redis
-from conftest import REDIS_URL, _need
+from conftest import fresh_redis_db
 
 from workers.openai_engine.ratelimit import (
     RateLimiter,
@@ -27,10 +25,7 @@ LIMIT_DB = 15  # its own: tests/reliability/test_worker_crash.py flushes 14, may
 @pytest.fixture
 def redis_url() -> str:
     """A flushed Redis database of its own."""
-    _need(REDIS_URL, 6379, "Redis")
-    url = urlunparse(urlparse(REDIS_URL)._replace(path=f"/{LIMIT_DB}"))
-    redis.Redis.from_url(url).flushdb()
-    return url
+    return fresh_redis_db(LIMIT_DB)
 
 
 def test_two_limiters_share_one_budget_in_redis(redis_url: str) -> None:

@@ -14,13 +14,12 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlparse, urlunparse
 
 import pytest
 import redis
 from celery import Celery
 from celery.result import AsyncResult
-from conftest import REDIS_URL, _need
+from conftest import fresh_redis_db
 from workerutil import WorkerProcess, client_app, request, wait_for, wait_outcome
 
 from workers.schema import QUEUE_GPU, TASK_SDXL, ErrorCode, JobFailed, JobKind, Progress
@@ -30,13 +29,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
 OBSERVED_DB = 9  # the module's worker: metrics, JSON logs, fast heartbeats
 GATE_DB = 10  # the worker whose model appears late, then is SIGKILLed mid-job
 HEARTBEAT_S = 0.3
-
-
-def _fresh_redis(db: int) -> str:
-    _need(REDIS_URL, 6379, "Redis")
-    url = urlunparse(urlparse(REDIS_URL)._replace(path=f"/{db}"))
-    redis.Redis.from_url(url).flushdb()
-    return url
 
 
 def _free_port() -> int:
@@ -94,7 +86,7 @@ class Observed:
 
 @pytest.fixture(scope="module")
 def observed(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Observed]:
-    url = _fresh_redis(OBSERVED_DB)
+    url = fresh_redis_db(OBSERVED_DB)
     port = _free_port()
     log = tmp_path_factory.mktemp("observed") / "worker.log"
     env = _env(tiny_model_dir, url, WORKER_METRICS_PORT=str(port), LOG_JSON="true")
@@ -200,7 +192,7 @@ def test_a_worker_without_its_model_refuses_jobs_until_it_loads_and_its_heartbea
     """The gate, end to end: no model, no jobs taken (the job waits in the queue, not failed);
     the model appears, the worker loads it on its next try and runs the job, sending heartbeats;
     SIGKILL, and the heartbeat stops advancing."""
-    url = _fresh_redis(GATE_DB)
+    url = fresh_redis_db(GATE_DB)
     late_model = tmp_path / "model-arrives-later"
     worker = WorkerProcess(_env(late_model, url, MODEL_RETRY_S="0.5"), tmp_path / "gate.log").start()
     app = client_app(url, url)

@@ -12,12 +12,11 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlparse, urlunparse
 
 import pytest
 import redis
 from celery import Celery
-from conftest import REDIS_URL, _need
+from conftest import fresh_redis_db
 from workerutil import WorkerProcess, client_app, decoded, png_b64, request, wait_for, wait_outcome
 
 from workers.schema import (
@@ -41,18 +40,6 @@ API_DB = 13  # the threads-pool api worker
 # Long enough to be caught mid-run (every step reports progress), short enough to redo quickly
 # on a busy 2-core CPU.
 LONG_STEPS = 12
-
-
-def _redis_db(db: int) -> str:
-    parsed = urlparse(REDIS_URL)
-    return urlunparse(parsed._replace(path=f"/{db}"))
-
-
-def _fresh_redis(db: int) -> str:
-    _need(REDIS_URL, 6379, "Redis")
-    url = _redis_db(db)
-    redis.Redis.from_url(url).flushdb()
-    return url
 
 
 def _worker_env(model: Path, broker: str, backend: str, **extra: str) -> dict[str, str]:
@@ -101,7 +88,7 @@ class Running:
 @pytest.fixture(scope="module")
 def redis_worker(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
     """One prefork worker (concurrency 1) on Redis, shared by the tests that do not kill it."""
-    url = _fresh_redis(MODULE_DB)
+    url = fresh_redis_db(MODULE_DB)
     log = tmp_path_factory.mktemp("worker") / "worker.log"
     worker = WorkerProcess(_worker_env(tiny_model_dir, url, url), log).start()
     app = client_app(url, url)
@@ -287,7 +274,7 @@ def _crash_and_recover(tiny_model_dir: Path, tmp: Path, broker: str, backend: st
 
 
 def test_a_job_survives_its_worker_being_sigkilled_redis(tiny_model_dir: Path, tmp_path: Path) -> None:
-    url = _fresh_redis(CRASH_DB)
+    url = fresh_redis_db(CRASH_DB)
     job_id, app, logs = _crash_and_recover(tiny_model_dir, tmp_path, url, url)
     try:
         assert _finished_lines(logs, job_id) == 1  # completed exactly once
@@ -335,7 +322,7 @@ def test_a_job_survives_its_worker_being_sigkilled_embedded(tiny_model_dir: Path
 def test_api_worker_on_a_thread_pool_shares_one_engine(tmp_path: Path) -> None:
     # The api queue's worker: threads, one shared OpenAIEngine. Upscales need no API key (Lanczos);
     # generation without a key is a typed ENGINE_UNAVAILABLE, not a crash.
-    url = _fresh_redis(API_DB)
+    url = fresh_redis_db(API_DB)
     env = {"BROKER_URL": url, "RESULT_BACKEND": url, "OPENAI_API_KEY": "", "WARMUP": "1"}
     worker = WorkerProcess(env, tmp_path / "api.log", queues=QUEUE_API, pool="threads", concurrency=4).start()
     app = client_app(url, url)

@@ -89,6 +89,21 @@ def wait_for(predicate: Callable[[], bool], timeout: float, interval: float = 0.
     return predicate()
 
 
+def worker_env(model: Path, broker: str, backend: str) -> dict[str, str]:
+    """Environment for a worker serving ``model`` with production defaults for reliability."""
+    # Production defaults for every reliability setting (visibility timeout, time limits,
+    # heartbeat interval); only the model and the CPU thread count are the test's.
+    return {
+        "SDXL_MODEL": str(model),
+        "DEVICE": "cpu",
+        "BROKER_URL": broker,
+        "RESULT_BACKEND": backend,
+        "WARMUP": "1",
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+    }
+
+
 class WorkerProcess:
     """A real worker in its own process group, logging to a file."""
 

@@ -20,17 +20,15 @@ import secrets
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from urllib.parse import urlparse, urlunparse
 
 import pytest
-import redis
 from sqlalchemy import select
 
 from bot.dispatch import CeleryDispatcher
 from bot.models import CreditEntry, Job, JobStatus
 from tests.botutil import bot_harness, has_result, result_message_ids
-from tests.conftest import RABBITMQ_URL, REDIS_URL, _need
-from tests.workerutil import WorkerProcess
+from tests.conftest import RABBITMQ_URL, _need, fresh_redis_db
+from tests.workerutil import WorkerProcess, worker_env
 from workers.schema import Engine
 
 pytestmark = [pytest.mark.reliability, pytest.mark.slow, pytest.mark.timeout(360)]
@@ -42,10 +40,7 @@ MEASURED: dict[str, float] = {}
 
 
 def redis_db_url() -> str:
-    _need(REDIS_URL, 6379, "Redis")
-    url = urlunparse(urlparse(REDIS_URL)._replace(path=f"/{RESULTS_DB}"))
-    redis.Redis.from_url(url).flushdb()
-    return url
+    return fresh_redis_db(RESULTS_DB)
 
 
 @pytest.fixture(params=["rabbitmq", "redis", "embedded"])
@@ -60,20 +55,6 @@ def urls(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[str, 
         yield name, url, url
     else:
         yield name, f"sqla+sqlite:///{tmp_path / 'broker.db'}", f"db+sqlite:///{tmp_path / 'results.db'}"
-
-
-def worker_env(model: Path, broker: str, backend: str) -> dict[str, str]:
-    # Production defaults for every reliability setting (visibility timeout, time limits,
-    # heartbeat interval); only the model and the CPU thread count are the test's.
-    return {
-        "SDXL_MODEL": str(model),
-        "DEVICE": "cpu",
-        "BROKER_URL": broker,
-        "RESULT_BACKEND": backend,
-        "WARMUP": "1",
-        "HF_HUB_OFFLINE": "1",
-        "OMP_NUM_THREADS": "1",
-    }
 
 
 async def test_a_worker_sigkilled_mid_job_costs_nothing_and_delays_under_two_minutes(
