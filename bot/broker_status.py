@@ -8,19 +8,31 @@ from collections.abc import Iterable
 
 from celery import Celery
 
+from workers.schema import QUEUE_GPU
+
 log = logging.getLogger(__name__)
 
 
-def local_workers() -> list[str]:
+def local_workers(broker_url: str) -> list[str]:
     """Workers on this machine, for the embedded broker, which carries no pings (no broadcast).
 
-    One machine is the embedded broker's whole world, so the SDXL worker's health record (a
-    small file each model load writes; no torch involved) says whether a live worker is there.
+    One machine is the embedded broker's whole world: every worker there leaves a presence file
+    while it runs (``workers.presence``), and the SDXL worker's health record (no torch
+    involved) says whether its model is loaded.
     """
+    from workers.presence import present
     from workers.sdxl.health import health
 
-    state = health()
-    return [f"local SDXL worker (pid {state.get('pid')})"] if state.get("ok") else []
+    sdxl = health()
+    found = []
+    for worker in present(broker_url):
+        line = worker.describe()
+        if QUEUE_GPU in worker.queues:
+            line += "; SDXL model loaded" if sdxl.get("ok") else "; SDXL model not loaded yet"
+        found.append(line)
+    if not found and sdxl.get("ok"):  # a worker that predates presence files
+        found.append(f"local SDXL worker (pid {sdxl.get('pid')})")
+    return found
 
 
 def queue_depths(app: Celery, queues: Iterable[str]) -> dict[str, int | None]:

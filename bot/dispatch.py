@@ -372,7 +372,7 @@ class CeleryDispatcher:
             except Exception:
                 log.warning("worker ping failed", exc_info=True)
             if not status.workers and broker_scheme(str(self.app.conf.broker_url)) == "sqla":
-                status.workers = local_workers()
+                status.workers = local_workers(str(self.app.conf.broker_url))
             status.queue_depths = queue_depths(self.app, queues)
             return status
 

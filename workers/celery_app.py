@@ -22,10 +22,11 @@ from celery.signals import (
     after_setup_task_logger,
     celeryd_init,
     worker_process_shutdown,
+    worker_ready,
     worker_shutdown,
 )
 
-from workers import metrics
+from workers import metrics, presence
 from workers.cancellation import ENV_CANCEL_DIR, CancelRelay, make_cancel_dir, remove_stale_cancel_dirs
 from workers.celery_config import celery_config, prepare_local_storage, worker_broker_url
 from workers.runtime import (
@@ -187,9 +188,24 @@ def _child_exits(pid: int | None = None, **_: Any) -> None:
     metrics.process_exited(pid or os.getpid())
 
 
+@worker_ready.connect
+def _announce(sender: Any = None, **_: Any) -> None:
+    """Embedded broker: leave this worker's presence file for /status (it cannot be pinged)."""
+    app = getattr(sender, "app", None)
+    name = getattr(sender, "hostname", None)
+    if app is None or not name:
+        return
+    queues = list(getattr(app.amqp.queues, "consume_from", None) or app.amqp.queues)
+    presence.announce(str(app.conf.broker_url), str(name), queues)
+
+
 @worker_shutdown.connect
-def _worker_exits(**_: Any) -> None:
+def _worker_exits(sender: Any = None, **_: Any) -> None:
     metrics.remove_multiprocess_dir()
+    app = getattr(sender, "app", None)
+    name = getattr(sender, "hostname", None)
+    if app is not None and name:
+        presence.withdraw(str(app.conf.broker_url), str(name))
 
 
 app = make_celery()

@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from workers.presence import process_alive
+
 ENV_HEALTH_FILE = "SDXL_HEALTH_FILE"
 LOADED = "loaded"
 FAILED = "failed"
@@ -45,16 +47,6 @@ def record(status: str, **facts: Any) -> None:
         pass  # health reporting must never stop a worker
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process: it exists
-        return True
-    return True
-
-
 def health() -> dict[str, Any]:
     """The recorded status, with ``ok`` (model loaded by a live process) and a one-line ``reason``."""
     path = health_file()
@@ -66,7 +58,7 @@ def health() -> dict[str, Any]:
         return {"ok": False, "status": "unknown", "reason": f"unreadable health file {path}: {exc}"}
     status = data.get("status")
     pid = data.get("pid")
-    if status == LOADED and isinstance(pid, int) and not _alive(pid):
+    if status == LOADED and isinstance(pid, int) and not process_alive(pid):
         return {**data, "ok": False, "reason": f"the process that loaded the model ({pid}) is gone"}
     if status == LOADED:
         return {**data, "ok": True, "reason": f"model {data.get('model')} loaded"}
