@@ -13,8 +13,10 @@ GPU, in fp16), saves it with ``save_pretrained`` and loads it back through the e
   previews on the host, each SDPA kernel), draft mode, and the upscale with 4 vs 9 tiles;
 - ``compile_cold``: a fresh process with ``TORCH_COMPILE`` and an empty compile cache (UNet and
   VAE decoder): load, compile and first grid, then timed grids; ``compile_warm_cache``: a second
-  process on the same cache, i.e. a worker restart; optionally FP8 (torchao) and another compile
-  mode, each in its own process.
+  process on the same cache, i.e. a worker restart; ``compile_blocks``: the same with
+  ``COMPILE_SCOPE=blocks`` (only the UNet's transformer blocks, a much shorter compile);
+  optionally FP8 (torchao, compiled with ``--fp8-compile-scope``) and another compile mode, each
+  in its own process.
 
 Every section records its error and the run goes on; the JSON file is rewritten after each
 section, so a run cut short still leaves its numbers. ``--budget-s`` skips what no longer fits.
@@ -506,6 +508,7 @@ def child_main(args: argparse.Namespace) -> int:
             args.model_dir,
             torch_compile=bool(args.compile_mode),
             compile_mode=args.compile_mode or "default",
+            compile_scope=args.compile_scope,
             compile_cache_dir=args.cache_dir,
             fp8=args.fp8,
             compile_warmup_aspects="1:1",
@@ -609,6 +612,28 @@ def bench(args: argparse.Namespace, model_dir: Path, rec: Recorder, *, size: int
             },
             needs_s=60.0 if gpu else 40.0,
         )
+        rec.section(
+            "compile_blocks",
+            lambda: {
+                "mode": first_mode,
+                "compile_scope": "blocks",
+                **run_child(
+                    [
+                        *child_common,
+                        "--compile-mode",
+                        first_mode,
+                        "--compile-scope",
+                        "blocks",
+                        "--cache-dir",
+                        str(Path(args.workdir) / "inductor-cache-blocks"),
+                        "--runs",
+                        str(args.runs),
+                    ],
+                    min(args.child_timeout_s, rec.remaining() - 5),
+                ),
+            },
+            needs_s=90.0 if gpu else 40.0,
+        )
 
     if args.fp8:
         ao_path = args.torchao_path
@@ -623,11 +648,14 @@ def bench(args: argparse.Namespace, model_dir: Path, rec: Recorder, *, size: int
                 child_args += [
                     "--compile-mode",
                     mode,
+                    "--compile-scope",
+                    args.fp8_compile_scope,
                     "--cache-dir",
                     str(Path(args.workdir) / "inductor-cache-fp8"),
                 ]
             return {
                 "compile_mode": mode or None,
+                "compile_scope": args.fp8_compile_scope if mode else None,
                 **run_child(child_args, min(args.child_timeout_s, rec.remaining() - 5), ao_path),
             }
 
@@ -704,7 +732,8 @@ def print_table(data: dict[str, Any]) -> None:
             for key in (
                 "load_s", "first_call_s", "first_grid_s", "load_plus_first_grid_s", "vae_dtype",
                 "vae_fp32_retries", "tiles", "unet_full", "unet_shallow", "steps", "previews", "reports",
-                "mode", "notes", "fp8", "attention", "attention_ms", "compile_mode", "vs_eager",
+                "mode", "notes", "fp8", "attention", "attention_ms", "compile_mode", "compile_scope",
+                "vs_eager",
             )
             if key in row and row[key] not in (None, [], "")
         }  # fmt: skip
@@ -732,6 +761,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--attention", default="measure", help="SDPA kernel for the 'fast' configuration")
     parser.add_argument("--fp8", action="store_true", help="also measure FP8 (torchao) in its own process")
+    parser.add_argument(
+        "--fp8-compile-scope",
+        default="blocks",
+        choices=("full", "blocks"),
+        help="what the FP8 process compiles (a full cold compile of the FP8 UNet took over 4 minutes)",
+    )
     parser.add_argument("--torchao-path", help="a folder holding torchao, added to the FP8 process's path")
     parser.add_argument("--no-plain", action="store_true", help="skip the plain diffusers baseline")
     parser.add_argument("--skip", default="", help="comma-separated sections not to run (e.g. vae_float32)")
@@ -742,6 +777,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--table", type=Path, help="only print the table of an earlier run's JSON")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--compile-mode", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--compile-scope", default="full", help=argparse.SUPPRESS)
     parser.add_argument("--cache-dir", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     parser.add_argument("--reference", help=argparse.SUPPRESS)

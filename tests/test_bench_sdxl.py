@@ -75,6 +75,37 @@ def test_tiny_bench_measures_every_section(tmp_path: Path, tiny_model_dir: Path)
     assert table.returncode == 0 and "x plain" in table.stdout and "upscale_fewest_tiles" in table.stdout
 
 
+@pytest.mark.slow
+def test_tiny_bench_compiles_the_transformer_blocks(tmp_path: Path, tiny_model_dir: Path) -> None:
+    # The compile_blocks section: COMPILE_SCOPE=blocks in its own process, checked against the
+    # eager grid (vs_eager). Everything else is skipped to keep it short.
+    out = tmp_path / "bench.json"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), SDXL_HEALTH_FILE=str(tmp_path / "health.json"))
+    others = (
+        "compile_cold,compile_warm_cache,vae_float32,vae_float16,vae_bfloat16,cpu_postprocess,previews_gpu,"
+        "previews_cpu,attention_flash,attention_efficient,attention_cudnn,draft,upscale_fewest_tiles,"
+        "upscale_base_tiles"
+    )
+    result = subprocess.run(
+        [
+            sys.executable, str(BENCH), "--tiny", "--model-dir", str(tiny_model_dir), "--no-plain",
+            "--runs", "1", "--steps", "2", "--threads", "1", "--compile-modes", "default",
+            "--skip", others, "--json", str(out),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    sections = json.loads(out.read_text())["sections"]
+    row = sections["compile_blocks"]
+    assert "error" not in row, row
+    assert row["compile_scope"] == "blocks" and row["first_grid_s"] > 0 and row["median_s"] > 0
+    assert row["vs_eager"]["max_abs_diff"] <= 2, row["vs_eager"]
+    assert "compile_cold" not in sections or "skipped" in sections["compile_cold"]
+
+
 def test_table_shows_errors_and_skips(tmp_path: Path) -> None:
     path = tmp_path / "partial.json"
     path.write_text(

@@ -341,6 +341,36 @@ def test_compiled_grid_matches_eager(tiny_model_dir: Path, engine: SDXLEngine, t
         assert np.abs(a.astype(int) - b.astype(int)).max() <= 2
 
 
+def test_block_compiled_grid_matches_eager(
+    tiny_model_dir: Path, engine: SDXLEngine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # COMPILE_SCOPE=blocks: only the transformer blocks, whole-graph; short enough to run always.
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))  # restored after the test
+    compiled = SDXLEngine.load(
+        _settings(
+            tiny_model_dir,
+            torch_compile=True,
+            compile_scope="blocks",
+            compile_vae=False,
+            compile_cache_dir=tmp_path,
+        )
+    )
+    blocks = [m for m in compiled.txt2img.unet.modules() if type(m).__name__ == "BasicTransformerBlock"]
+    assert blocks and all(block._compiled_call_impl is not None for block in blocks)
+    assert compiled.txt2img.unet._compiled_call_impl is None  # the rest of the UNet stays eager
+    eager = _pixels(engine.run(_request()).images)
+    got = _pixels(compiled.run(_request()).images)
+    for a, b in zip(eager, got, strict=True):
+        assert np.abs(a.astype(int) - b.astype(int)).max() <= 2
+
+
+def test_an_unknown_compile_scope_is_refused_with_the_choices() -> None:
+    with pytest.raises(ValueError, match=r"full.*blocks"):
+        WorkerSettings(_env_file=None, compile_scope="everything")  # type: ignore[call-arg, arg-type]
+    with pytest.raises(ValueError, match="full, blocks"):
+        loading.enable_compile(types.SimpleNamespace(), None, scope="everything")
+
+
 def test_warmup_covers_the_configured_buckets(tiny_model_dir: Path) -> None:
     def buckets(**values: Any) -> list[tuple[int, int]]:
         fake = types.SimpleNamespace(settings=_settings(tiny_model_dir, **values))

@@ -6,6 +6,7 @@ import logging
 import os
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import AliasChoices, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -91,6 +92,8 @@ class WorkerSettings(BaseSettings):
     preview_every_steps: int = Field(default=4, ge=1)  # latent previews at most this often
     compile_mode: str = "default"  # torch.compile mode: default, max-autotune-no-cudagraphs...
     compile_vae: bool = True  # with TORCH_COMPILE, compile the VAE decoder as well as the UNet
+    # full: the whole UNet; blocks: only its transformer blocks (a much shorter cold compile).
+    compile_scope: Literal["full", "blocks"] = "full"
     # Aspect ratios whose bucket is compiled at start when TORCH_COMPILE is on; "all": every bucket.
     compile_warmup_aspects: str = "1:1,2:3,3:2,3:4,4:3,9:16,16:9"
     attention_backend: str = "measure"  # measure, auto, flash, efficient, cudnn, math (SDPA kernels)

@@ -248,7 +248,11 @@ class SDXLEngine(Operations, Outpainting, Upscaling):
             log.warning("%s", fp8_skipped)
         if settings.torch_compile:
             loading.enable_compile(
-                pipe, settings.compile_cache_dir, mode=settings.compile_mode, vae=settings.compile_vae
+                pipe,
+                settings.compile_cache_dir,
+                mode=settings.compile_mode,
+                vae=settings.compile_vae,
+                scope=settings.compile_scope,
             )
             if refiner is not None:
                 refiner.unet.compile(fullgraph=False, dynamic=False)
