@@ -31,6 +31,12 @@ BLOCKED_MESSAGE = (
     "your prompt and try again."
 )
 
+# Reasons recorded on the job (its ``error``; the member reads the code's sentence below).
+GRID_GONE = "The grid this image comes from is no longer available."
+INPUT_GONE = "The image this job starts from is no longer available."
+STORE_FAILED = "The finished image could not be stored (the media store is unavailable)."
+STORE_DOWN = "The image store could not be reached when the button was pressed."
+
 FAILURE_MESSAGES: dict[ErrorCode, str] = {
     ErrorCode.BAD_INPUT: "The image or settings could not be used (the image may be corrupt, too large "
     "or in an unsupported format). Please try another image or different settings.",
@@ -40,6 +46,8 @@ FAILURE_MESSAGES: dict[ErrorCode, str] = {
     ErrorCode.ENGINE_ERROR: "The image engine failed while making this image. Please try again.",
     ErrorCode.TIMEOUT: "This job took too long and was stopped. Please try again in a while.",
     ErrorCode.CANCELLED: "This job was cancelled.",
+    ErrorCode.STORAGE: "The image store could not be reached, so this image could not be kept or shown. "
+    "Please try again in a moment.",
 }
 
 # Failures where the other engine could do the job; content refusals are deliberately absent.

@@ -5,11 +5,10 @@ and at most ``max_waiting_per_member`` held back here. The broker is FIFO, so a 
 off twenty prompts would otherwise fill the queue ahead of everyone else; holding all but a few
 in the database and releasing the next one only when one of theirs finishes interleaves members
 at the broker. Release runs after a job is created, after each completion, and periodically from
-the tracker (which also covers a broker that was down and a bot that restarted).
+the tracker (which also covers a broker or media store that was down and a bot that restarted).
 
-U# crops never reach the broker: they are a crop of a stored grid and are finished inline by
-``bot.tracker``; they count against neither cap. Every status change goes through
-``bot.lifecycle``.
+U# crops never reach the broker (``bot.tracker`` cuts them from the stored grid) and count against
+neither cap. Every status change goes through ``bot.lifecycle``.
 """
 
 from __future__ import annotations
@@ -29,6 +28,7 @@ from bot.access import account_guild, check_actor, check_fits
 from bot.banned_words import BannedWordRules, banned_words_message, check_prompt
 from bot.content_rules import CHANNEL_NSFW_KEY
 from bot.dispatch import Dispatcher
+from bot.failure_messages import INPUT_GONE
 from bot.inputs import attach_inputs
 from bot.lifecycle import ACTIVE, PENDING, Lifecycle, initial_status, release_lock, values_of
 from bot.logconfig import job_context
@@ -51,7 +51,7 @@ from bot.profiles import Prompting, profile_queues
 from bot.results import Results
 from bot.settings import BotSettings
 from bot.speed import job_cost, release_order
-from bot.storage import MediaNotFound
+from bot.storage import MediaNotFound, MediaStoreError
 from bot.telemetry import record_metric
 from bot.worker_request import build_request
 from workers.schema import (
@@ -68,7 +68,6 @@ log = logging.getLogger(__name__)
 ACTIVE_STATUSES = values_of(ACTIVE)
 PENDING_STATUSES = values_of(PENDING)
 RELEASE_CONCURRENCY = 4  # releases deciding at once; each holds two pooled connections
-INPUT_GONE = "The image this job starts from is no longer available."
 
 
 @dataclass(slots=True)
@@ -255,12 +254,7 @@ class JobService:
         with job_context(job.id, member.id):
             log.info(
                 "accepted job %s (%s, %s) for user %s in guild %s, cost %s",
-                job.id,
-                job.kind,
-                job.engine,
-                actor.user_id,
-                actor.guild_id,
-                job.cost,
+                *(job.id, job.kind, job.engine, actor.user_id, actor.guild_id, job.cost),
             )
         return Created(job=job, position=position, member=member)
 
@@ -371,6 +365,9 @@ class JobService:
         except (MediaNotFound, ValueError) as exc:
             log.warning("job %s cannot start: input image unavailable (%s)", job.id, exc)
             await self.lifecycle.fail(job.id, ErrorCode.BAD_INPUT, INPUT_GONE)
+            return False
+        except MediaStoreError as exc:  # the store is down, not the image gone: wait, as for the broker
+            log.warning("job %s waits: its input image cannot be read now (%s)", job.id, exc)
             return False
         try:
             await self.dispatcher.send(request, Engine(job.engine))

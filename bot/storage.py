@@ -16,14 +16,18 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
     from bot.settings import BotSettings
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 THUMBNAIL_MAX_SIDE = 384
+S3_CONNECT_TIMEOUT_S = 5.0
+S3_READ_TIMEOUT_S = 30.0
 MAX_KEY_LENGTH = 255  # Image.key is a String(255)
 
 # One path segment: starts with a letter, digit, "_" or "-" (so never "." / ".." / a hidden
@@ -216,14 +220,35 @@ class S3MediaStore(MediaStore):
                 import boto3
             except ImportError as exc:  # pragma: no cover - depends on the optional extra
                 raise RuntimeError("the S3 media store needs boto3: pip install 'mirage-bot[s3]'") from exc
+            from botocore.config import Config
+
             self._client = boto3.client(
                 "s3",
                 endpoint_url=self.endpoint_url,
                 region_name=self.region,
                 aws_access_key_id=self._access_key,
                 aws_secret_access_key=self._secret_key,
+                # A store that hangs must not hold a delivery for minutes (botocore waits 60 s
+                # per connect and per read by default): the bot's own paced retries take over.
+                config=Config(
+                    connect_timeout=S3_CONNECT_TIMEOUT_S,
+                    read_timeout=S3_READ_TIMEOUT_S,
+                    retries={"mode": "standard", "max_attempts": 3},
+                ),
             )
         return self._client
+
+    def _call(self, operation: str, key: str, call: Callable[[], T]) -> T:
+        """Run one boto3 call; any failure but a missing object becomes ``MediaStoreError``."""
+        try:
+            return call()
+        except MediaNotFound:
+            raise
+        except Exception as exc:
+            if self._is_missing(exc):
+                raise MediaNotFound(key) from None
+            # One exception type for every backend (botocore's are ClientError, EndpointConnectionError…).
+            raise MediaStoreError(f"S3 {operation} of {key} failed: {type(exc).__name__}: {exc}") from exc
 
     @staticmethod
     def _is_missing(exc: Exception) -> bool:
@@ -236,52 +261,47 @@ class S3MediaStore(MediaStore):
     async def put(self, key: str, data: bytes, content_type: str) -> None:
         """Upload ``data``; a single PUT replaces the object atomically on S3."""
         object_key = self._object_key(key)
-        await asyncio.to_thread(
-            self.client.put_object,
-            Bucket=self.bucket,
-            Key=object_key,
-            Body=data,
-            ContentType=content_type,
-        )
+
+        def _put() -> None:
+            self.client.put_object(Bucket=self.bucket, Key=object_key, Body=data, ContentType=content_type)
+
+        await asyncio.to_thread(self._call, "upload", key, _put)
 
     async def get(self, key: str) -> bytes:
         """Download the object for ``key``."""
         object_key = self._object_key(key)
 
         def _get() -> bytes:
-            try:
-                response = self.client.get_object(Bucket=self.bucket, Key=object_key)
-            except Exception as exc:
-                if self._is_missing(exc):
-                    raise MediaNotFound(key) from None
-                raise
+            response = self.client.get_object(Bucket=self.bucket, Key=object_key)
             body = response["Body"]
             try:
                 return bytes(body.read())
             finally:
                 body.close()
 
-        return await asyncio.to_thread(_get)
+        return await asyncio.to_thread(self._call, "download", key, _get)
 
     async def exists(self, key: str) -> bool:
         """Whether the object exists (a HEAD request)."""
         object_key = self._object_key(key)
 
         def _head() -> bool:
-            try:
-                self.client.head_object(Bucket=self.bucket, Key=object_key)
-            except Exception as exc:
-                if self._is_missing(exc):
-                    return False
-                raise
+            self.client.head_object(Bucket=self.bucket, Key=object_key)
             return True
 
-        return await asyncio.to_thread(_head)
+        try:
+            return await asyncio.to_thread(self._call, "lookup", key, _head)
+        except MediaNotFound:
+            return False
 
     async def delete(self, key: str) -> None:
         """Delete the object; S3 treats a missing key as success already."""
         object_key = self._object_key(key)
-        await asyncio.to_thread(self.client.delete_object, Bucket=self.bucket, Key=object_key)
+
+        def _delete() -> None:
+            self.client.delete_object(Bucket=self.bucket, Key=object_key)
+
+        await asyncio.to_thread(self._call, "delete", key, _delete)
 
 
 def _secret(value: Any) -> str:

@@ -16,10 +16,9 @@ in the dispatcher's thread pool because Celery's result API blocks). For each jo
 U# crops never reach the broker: :meth:`Tracker.run_crop` finishes them at once from the stored
 grid, and the loop finishes any a crashed process left running.
 
-Nothing is lost across restarts: everything the tracker needs is in the database, so a new bot
-process resumes queued/running jobs, re-sends undelivered results and dispatches waiting jobs.
-A crash between committing a delivery claim and recording the sent message's id is healed at
-the next start: such claims are released and sent again.
+Nothing is lost across restarts: from the database alone a new bot process resumes queued and
+running jobs, dispatches waiting ones and re-sends undelivered results (a claim that a crash left
+without its message id is released and sent again).
 """
 
 from __future__ import annotations
@@ -43,6 +42,7 @@ from bot.content_rules import (
 )
 from bot.delivery import Delivery, guarded
 from bot.dispatch import FAILURE, REVOKED, RUNNING_STATES, SUCCESS, Dispatcher, TaskState
+from bot.failure_messages import GRID_GONE, STORE_DOWN, STORE_FAILED
 from bot.jobs import JobService
 from bot.lifecycle import Lifecycle, open_work
 from bot.models import Job, JobStatus, utcnow
@@ -57,8 +57,6 @@ from workers.schema import DescribeResult, ErrorCode, JobFailed, JobKind, JobRes
 log = logging.getLogger(__name__)
 
 CROP_RECOVERY_AGE = timedelta(seconds=30)  # a crop "running" longer than this was orphaned
-GRID_GONE = "The grid this image comes from is no longer available."
-STORE_FAILED = "The finished image could not be stored (the media store is unavailable)."
 
 
 class Tracker:
@@ -244,7 +242,7 @@ class Tracker:
             log.warning("job %s: media store failed (%s); retrying in %.1fs", job.id, exc, delay)
             return False
         log.error("job %s: media store kept failing (%s); failing the job", job.id, exc)
-        await self._fail(job.id, ErrorCode.ENGINE_ERROR, STORE_FAILED)
+        await self._fail(job.id, ErrorCode.STORAGE, STORE_FAILED)
         return True
 
     # --- outcomes ------------------------------------------------------------------------------------
@@ -380,9 +378,12 @@ class Tracker:
             return
         try:
             tile, _data = await self.results.tile(job.parent_id, job.parent_index or 1)
-        except (MediaNotFound, ValueError) as exc:
+        except (MediaNotFound, ValueError, MediaStoreError) as exc:  # gone, corrupt, or the store is down
             log.warning("crop %s: parent image unavailable (%s)", job_id, exc)
-            await self._fail(job_id, ErrorCode.BAD_INPUT, GRID_GONE)
+            if isinstance(exc, MediaStoreError):
+                await self._fail(job_id, ErrorCode.STORAGE, STORE_DOWN)
+            else:
+                await self._fail(job_id, ErrorCode.BAD_INPUT, GRID_GONE)
             return
         verdicts = await self._tile_verdicts(job)
         if screen(job, verdicts, self.safety_policy) is SafetyAction.BLOCK:

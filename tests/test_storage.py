@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import socket
+from collections.abc import AsyncIterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, cast
@@ -13,9 +15,11 @@ from bot.settings import BotSettings
 from bot.storage import (
     LocalMediaStore,
     MediaNotFound,
+    MediaStoreError,
     S3MediaStore,
     make_store,
 )
+from tests.fakes.s3_server import FakeS3Server
 
 # --- LocalMediaStore -----------------------------------------------------------------------
 
@@ -96,72 +100,71 @@ async def test_local_rejects_symlink_escape(tmp_path: Path) -> None:
     assert not (outside / "x.png").exists()
 
 
-# --- S3MediaStore (against a fake client: the real one needs a server) ---------------------
+# --- S3MediaStore: the real boto3 client against a fake S3 server ----------------------------------
 
 
-class _ClientError(Exception):
-    def __init__(self, code: str) -> None:
-        super().__init__(code)
-        self.response = {"Error": {"Code": code}}
+@pytest.fixture
+async def s3() -> AsyncIterator[FakeS3Server]:
+    pytest.importorskip("boto3")
+    async with FakeS3Server() as server:
+        yield server
 
 
-class _Body:
-    def __init__(self, data: bytes) -> None:
-        self._data = data
-
-    def read(self) -> bytes:
-        return self._data
-
-    def close(self) -> None:
-        pass
-
-
-class FakeS3:
-    """Just enough of boto3's S3 client for the store."""
-
-    def __init__(self) -> None:
-        self.objects: dict[tuple[str, str], tuple[bytes, str]] = {}
-
-    def put_object(self, *, Bucket: str, Key: str, Body: bytes, ContentType: str) -> None:
-        self.objects[(Bucket, Key)] = (Body, ContentType)
-
-    def get_object(self, *, Bucket: str, Key: str) -> dict[str, Any]:
-        if (Bucket, Key) not in self.objects:
-            raise _ClientError("NoSuchKey")
-        return {"Body": _Body(self.objects[(Bucket, Key)][0])}
-
-    def head_object(self, *, Bucket: str, Key: str) -> dict[str, Any]:
-        if (Bucket, Key) not in self.objects:
-            raise _ClientError("404")
-        return {}
-
-    def delete_object(self, *, Bucket: str, Key: str) -> None:
-        self.objects.pop((Bucket, Key), None)
+def s3_store(server: FakeS3Server, **kwargs: Any) -> S3MediaStore:
+    return S3MediaStore(
+        "mirage",
+        endpoint_url=server.endpoint_url,
+        region="us-east-1",
+        access_key="test-access-key",
+        secret_key="test-secret-key",
+        **kwargs,
+    )
 
 
-async def test_s3_store_round_trip_with_prefix() -> None:
-    fake = FakeS3()
-    store = S3MediaStore("bucket", prefix="/mirage/", client=fake)
+async def test_s3_store_round_trip_with_prefix(s3: FakeS3Server) -> None:
+    store = s3_store(s3, prefix="/mirage/")
     assert not await store.exists("jobs/a/0.png")
     with pytest.raises(MediaNotFound):
         await store.get("jobs/a/0.png")
-    await store.put("jobs/a/0.png", b"data", "image/png")
-    assert fake.objects[("bucket", "mirage/jobs/a/0.png")] == (b"data", "image/png")
+    await store.put("jobs/a/0.png", b"data" * 1000, "image/png")
+    stored = s3.objects()["mirage/jobs/a/0.png"]
+    assert (stored.data, stored.content_type) == (b"data" * 1000, "image/png")
     assert await store.exists("jobs/a/0.png")
-    assert await store.get("jobs/a/0.png") == b"data"
+    assert await store.get("jobs/a/0.png") == b"data" * 1000
     await store.delete("jobs/a/0.png")
     assert not await store.exists("jobs/a/0.png")
     with pytest.raises(ValueError):
         await store.put("../x", b"x", "image/png")
 
 
-async def test_s3_store_passes_other_errors_through() -> None:
-    class Denied(FakeS3):
-        def head_object(self, *, Bucket: str, Key: str) -> dict[str, Any]:
-            raise _ClientError("AccessDenied")
+async def test_s3_failures_are_media_store_errors_without_secrets(s3: FakeS3Server) -> None:
+    # One exception type for every backend, so the bot retries or waits instead of crashing.
+    store = s3_store(s3)
+    await store.put("jobs/a/0.png", b"data", "image/png")
+    for breakage in (s3.deny, s3.outage):
+        breakage()
+        for call in (
+            store.get("jobs/a/0.png"),
+            store.exists("jobs/a/0.png"),
+            store.put("k/1.png", b"x", "image/png"),
+        ):
+            with pytest.raises(MediaStoreError) as caught:
+                await call
+            assert "test-secret-key" not in str(caught.value) and "test-access-key" not in str(caught.value)
+    s3.restore()
+    assert await store.get("jobs/a/0.png") == b"data"
 
-    with pytest.raises(_ClientError):
-        await S3MediaStore("bucket", client=Denied()).exists("jobs/a/0.png")
+
+async def test_an_unreachable_s3_fails_fast_as_a_media_store_error() -> None:
+    pytest.importorskip("boto3")
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    store = S3MediaStore(
+        "mirage", endpoint_url=f"http://127.0.0.1:{port}", region="us-east-1", access_key="a", secret_key="b"
+    )
+    with pytest.raises(MediaStoreError, match="upload"):
+        await store.put("jobs/a/0.png", b"x", "image/png")
 
 
 def test_make_store(tmp_path: Path) -> None:

@@ -321,6 +321,7 @@ class ErrorCode(StrEnum):
     TIMEOUT = "timeout"
     CANCELLED = "cancelled"
     BLOCKED = "blocked"  # this server's own image safety filter withheld the result
+    STORAGE = "storage_unavailable"  # the bot's media store could not keep or read an image
 
 
 class JobError(BaseModel):
