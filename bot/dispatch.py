@@ -51,6 +51,8 @@ REVOKED = "REVOKED"
 DECODE_ERRORS: tuple[type[Exception], ...] = (DecodeError, ContentDisallowed, UnicodeDecodeError)
 FINAL_STATES = frozenset({SUCCESS, FAILURE, REVOKED})
 RUNNING_STATES = frozenset({RECEIVED, STARTED, PROGRESS, RETRY})
+# What a finished job's stored result is replaced with once the bot has its images (see ``forget``).
+FORGOTTEN = {"forgotten": True}
 
 TASK_FOR_ENGINE: dict[Engine, str] = {Engine.SDXL: TASK_SDXL, Engine.OPENAI: TASK_OPENAI}
 DEFAULT_QUEUES: dict[Engine, str] = {Engine.SDXL: QUEUE_GPU, Engine.OPENAI: QUEUE_API}
@@ -350,10 +352,20 @@ class CeleryDispatcher:
         return True
 
     async def forget(self, job_id: str) -> None:
-        """Delete the stored result (images are large; the bot keeps its own copy)."""
+        """Replace a finished job's stored result with a small ``SUCCESS`` marker.
+
+        Images are large and the bot keeps its own copy, so the payload goes. The marker stays
+        (until ``result_expires``) because a stale copy of the job's message can still come
+        back: Redis and the embedded broker hand out a message again after the visibility
+        timeout when the supervisor already re-sent it. Workers skip a redelivered task whose
+        result says SUCCESS (``worker_deduplicate_successful_tasks``); deleting it made them run
+        the whole job again for nobody.
+        """
 
         def _forget() -> None:
+            # Deleted first: key-value backends never overwrite a stored SUCCESS.
             AsyncResult(job_id, app=self.app).forget()
+            self.app.backend.store_result(job_id, FORGOTTEN, SUCCESS)
 
         try:
             await self._run(_forget)

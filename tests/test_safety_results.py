@@ -64,9 +64,10 @@ async def test_a_flagged_grid_is_blocked_refunded_and_explained(
 ) -> None:
     with caplog.at_level(logging.INFO, logger="bot.delivery"):
         inter, job = await run_grid(harness, "a storm at sea", [SAFE, FLAGGED, SAFE, SAFE])
+        # Inside: "delivered" is the claim, the end is logged just after it, before the send.
+        message = await inter.wait_original(lambda m: "❌" in (m.get("content") or ""))
     assert job.status == JobStatus.FAILED and job.error_code == ErrorCode.BLOCKED
     assert "nsfw" in (job.error or "")  # the label is kept for the logs
-    message = await inter.wait_original(lambda m: "❌" in (m.get("content") or ""))
     assert BLOCKED_MESSAGE in message["content"] and "Your 1 credit was refunded." in message["content"]
     assert "nsfw" not in message["content"]
     assert not message.get("attachments") and not message.get("components")

@@ -351,3 +351,47 @@ def test_api_worker_on_a_thread_pool_shares_one_engine(tmp_path: Path) -> None:
     finally:
         app.close()
         worker.stop()
+
+
+def test_a_stale_copy_of_a_delivered_job_is_skipped_not_run_again(redis_worker: Running) -> None:
+    # Redis hands a message out again after its visibility timeout, even when the bot's
+    # supervisor already re-sent the job and delivered it. The bot's forget() leaves a small
+    # SUCCESS marker in place of the images, so the worker skips the stale copy.
+    import asyncio
+
+    from celery.result import AsyncResult
+    from kombu import Connection
+
+    from bot.dispatch import FORGOTTEN, CeleryDispatcher
+
+    app, url = redis_worker.app, redis_worker.broker
+    job_id = _job_id("stale")
+    assert wait_outcome(_send(app, request(job_id)), timeout=120).result is not None
+
+    async def forget() -> None:
+        dispatcher = CeleryDispatcher.from_urls(url, url)
+        try:
+            await dispatcher.forget(job_id)
+        finally:
+            await dispatcher.close()
+
+    asyncio.run(forget())
+    stored = AsyncResult(job_id, app=app)
+    assert (stored.state, stored.result) == ("SUCCESS", FORGOTTEN)  # the images are gone
+
+    # A long job keeps the worker busy (prefetch 1: it takes nothing else meanwhile) while a copy
+    # of the delivered job's message is taken from the queue and dropped unacknowledged: kombu's
+    # Redis transport puts it back marked redelivered, as after a visibility timeout.
+    busy = _send(app, request(_job_id("busy"), steps=LONG_STEPS))
+    assert wait_for(lambda: busy.state in ("STARTED", "PROGRESS"), 60)
+    _send(app, request(job_id))
+    with Connection(url) as conn:
+        queue = conn.SimpleQueue(QUEUE_GPU, no_ack=False)
+        message = queue.get(timeout=30)
+        assert message.headers["id"] == job_id
+        queue.close()  # unacknowledged: restored to the queue as redelivered
+    wait_outcome(busy, timeout=120)
+    log = redis_worker.worker.log
+    assert wait_for(lambda: f"[{job_id}] Task already completed successfully" in log(), 120), log()[-3000:]
+    assert _finished_lines(log(), job_id) == 1  # the engine ran once, for the real delivery
+    assert AsyncResult(job_id, app=app).result == FORGOTTEN
