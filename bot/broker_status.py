@@ -30,8 +30,6 @@ def local_workers(broker_url: str) -> list[str]:
         if QUEUE_GPU in worker.queues:
             line += "; SDXL model loaded" if sdxl.get("ok") else "; SDXL model not loaded yet"
         found.append(line)
-    if not found and sdxl.get("ok"):  # a worker that predates presence files
-        found.append(f"local SDXL worker (pid {sdxl.get('pid')})")
     return found
 
 

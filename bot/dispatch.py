@@ -125,8 +125,8 @@ class Dispatcher(Protocol):
         """Cancel a task (queued ones are dropped, running ones stopped); False if not delivered."""
         ...
 
-    async def forget(self, job_id: str) -> None:
-        """Drop a finished task's stored result once the bot has saved it."""
+    async def forget(self, job_id: str, *, done: bool = True) -> None:
+        """Drop a task's stored result: once the bot has saved it (``done``), or before a re-send."""
         ...
 
     async def worker_status(self, ping_timeout: float = 1.0) -> WorkerStatus:
@@ -351,21 +351,24 @@ class CeleryDispatcher:
             return False
         return True
 
-    async def forget(self, job_id: str) -> None:
-        """Replace a finished job's stored result with a small ``SUCCESS`` marker.
+    async def forget(self, job_id: str, *, done: bool = True) -> None:
+        """Drop a task's stored result; for a job the bot is ``done`` with, leave a marker.
 
-        Images are large and the bot keeps its own copy, so the payload goes. The marker stays
-        (until ``result_expires``) because a stale copy of the job's message can still come
-        back: Redis and the embedded broker hand out a message again after the visibility
-        timeout when the supervisor already re-sent it. Workers skip a redelivered task whose
-        result says SUCCESS (``worker_deduplicate_successful_tasks``); deleting it made them run
-        the whole job again for nobody.
+        Images are large and the bot keeps its own copy, so the payload goes. For a finished job
+        a small ``SUCCESS`` marker takes its place (until ``result_expires``) because a stale
+        copy of the job's message can still come back: Redis and the embedded broker hand out a
+        message again after the visibility timeout when the supervisor already re-sent it.
+        Workers skip a redelivered task whose result says SUCCESS
+        (``worker_deduplicate_successful_tasks``); with nothing stored they ran the whole job
+        again for nobody. Before a re-send (``done=False``) nothing is left: the job must read
+        as pending, and its new run must not be skipped.
         """
 
         def _forget() -> None:
             # Deleted first: key-value backends never overwrite a stored SUCCESS.
             AsyncResult(job_id, app=self.app).forget()
-            self.app.backend.store_result(job_id, FORGOTTEN, SUCCESS)
+            if done:
+                self.app.backend.store_result(job_id, FORGOTTEN, SUCCESS)
 
         try:
             await self._run(_forget)

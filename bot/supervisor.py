@@ -168,7 +168,7 @@ class Supervisor:
         )
         # The dead run's stale PROGRESS must not be read as the new run's: drop it, so the job
         # reads as pending until a worker starts it again.
-        await self.dispatcher.forget(job.id)
+        await self.dispatcher.forget(job.id, done=False)
         return True
 
     def exhausted(self, job: Job) -> bool:

@@ -105,6 +105,7 @@ class FakeDispatcher:
     sent: list[JobRequest] = field(default_factory=list)
     revoked: list[str] = field(default_factory=list)
     forgotten: list[str] = field(default_factory=list)
+    cleared: list[str] = field(default_factory=list)  # forgotten before a re-send: no marker left
     state: dict[str, TaskState] = field(default_factory=dict)
     queues: dict[Engine, str] = field(default_factory=lambda: {Engine.SDXL: "gpu", Engine.OPENAI: "api"})
     fail_sends: int = 0
@@ -130,9 +131,11 @@ class FakeDispatcher:
         self.revoked.append(job_id)
         self.state[job_id] = TaskState(job_id, REVOKED)
 
-    async def forget(self, job_id: str) -> None:
-        """Record that the bot dropped the result."""
+    async def forget(self, job_id: str, *, done: bool = True) -> None:
+        """Record that the bot dropped the result (``cleared`` too when it was before a re-send)."""
         self.forgotten.append(job_id)
+        if not done:
+            self.cleared.append(job_id)
 
     async def worker_status(self, ping_timeout: float = 1.0) -> WorkerStatus:
         """One imaginary worker, empty queues."""

@@ -116,7 +116,7 @@ async def test_a_job_whose_worker_died_is_sent_again_under_its_id_and_charged_on
     h.clock.now += 46  # type: ignore[attr-defined]  # then nothing for longer than the window
     await h.wait_job(job.id, lambda j: j.resends == 1 and j.status == JobStatus.QUEUED)
     assert [r.job_id for r in h.dispatcher.sent] == [job.id, job.id]  # the same task id
-    assert job.id in h.dispatcher.forgotten  # the dead run's PROGRESS is dropped
+    assert job.id in h.dispatcher.cleared  # the dead run's PROGRESS is dropped, no SUCCESS marker left
     h.dispatcher.succeed(job.id)
     message = await inter.wait_original(has_result)
     assert has_result(message)
