@@ -32,6 +32,7 @@ from workers.schema import (
     JobKind,
     JobRequest,
     Progress,
+    ReferenceRole,
     WorkerError,
     b64encode_bytes,
 )
@@ -392,6 +393,7 @@ def test_compiled_warm_up_runs_every_bucket_and_an_upscale(tiny_model_dir: Path)
         settings=_settings(tiny_model_dir, torch_compile=True, compile_warmup_aspects="1:1,16:9"),
         base_resolution=64,
         run=requests.append,
+        ip_adapter=None,
     )
     fake.warmup_buckets = lambda: SDXLEngine.warmup_buckets(fake)  # type: ignore[arg-type]
     SDXLEngine.warm_up(fake)  # type: ignore[arg-type]
@@ -400,3 +402,9 @@ def test_compiled_warm_up_runs_every_bucket_and_an_upscale(tiny_model_dir: Path)
         (JobKind.IMAGINE, 1344, 768),
     ]
     assert requests[2].kind is JobKind.UPSCALE and requests[2].input_image and len(requests) == 3
+    # With an IP-Adapter loaded its processors compile too: one image prompt grid more.
+    requests.clear()
+    fake.ip_adapter = object()
+    SDXLEngine.warm_up(fake)  # type: ignore[arg-type]
+    assert len(requests) == 4 and requests[3].kind is JobKind.IMAGINE
+    assert len(requests[3].reference_images(ReferenceRole.PROMPT)) == 1

@@ -77,6 +77,7 @@ from workers.schema import (
     JobKind,
     JobRequest,
     Progress,
+    ReferenceRole,
     WorkerError,
     b64encode_bytes,
     nearest_bucket,
@@ -296,8 +297,10 @@ class SDXLEngine(Operations, Outpainting, Upscaling):
         """Short grids through the real job path: allocator, kernel choices and compiles happen now.
 
         One grid at the base size; with ``TORCH_COMPILE`` one per bucket of
-        ``COMPILE_WARMUP_ASPECTS`` and one 2x upscale of a base-size image (its larger tiles and
-        the tiled decode are shapes of their own), so no member's first job waits for a compile.
+        ``COMPILE_WARMUP_ASPECTS``, one 2x upscale of a base-size image (its larger tiles and
+        the tiled decode are shapes of their own) and, with an IP-Adapter loaded, one image
+        prompt grid (its attention processors are a graph of their own), so no member's first
+        job waits for a compile.
         """
         params = GenerationParams(prompt="warm-up", steps=2)
         for width, height in self.warmup_buckets():
@@ -313,6 +316,17 @@ class SDXLEngine(Operations, Outpainting, Upscaling):
                     job_id="warm-up", kind=JobKind.UPSCALE, params=params, seed=0, count=1, input_image=source
                 )
             )
+            if self.ip_adapter is not None:
+                self.run(
+                    JobRequest(
+                        job_id="warm-up",
+                        kind=JobKind.IMAGINE,
+                        params=params,
+                        seed=0,
+                        count=GRID_SIZE,
+                        references={ReferenceRole.PROMPT.value: [source]},
+                    )
+                )
 
     def warmup_buckets(self) -> list[tuple[int, int]]:
         """The 1024-base buckets :meth:`warm_up` runs (the square one first)."""
