@@ -184,6 +184,37 @@ def test_content_and_style_together_use_both_slots(loaded: Loaded) -> None:
     assert np.isfinite(image).all() and image.shape == (64, 64, 3)
 
 
+def test_folded_scales_give_the_same_images(loaded: Loaded) -> None:
+    # Under TORCH_COMPILE the scales ride in the value weights; the pictures must not change.
+    pipe, adapter = loaded.pipe, loaded.adapter
+    inputs = [
+        ImageInputs((reference((0, 255, 0)),), iw=2),
+        ImageInputs((reference((0, 0, 255)),), iw=0.5),
+        ImageInputs(
+            prompt_images=(reference((0, 90, 200)),), style_images=(reference((250, 200, 0)),), sw=300
+        ),
+    ]
+    with adapter.active():
+        plain = [generate(pipe, **ip_adapter_kwargs(pipe, one)) for one in inputs]
+    adapter.fold = True
+    try:
+        folded = []
+        for one in [*inputs, inputs[0]]:  # back to the first scale: rewritten from the original
+            with adapter.active():
+                kwargs = ip_adapter_kwargs(pipe, one)
+                adapter.fold_scales()
+                scales = {
+                    s for proc in pipe.unet.attn_processors.values() for s in getattr(proc, "scale", [])
+                }
+                folded.append(generate(pipe, **kwargs))
+            assert scales <= {0.0, 1.0}  # nothing left for a compiler to bake in but on and off
+    finally:
+        adapter.fold = False
+        adapter.unfold()  # the module's other tests get the adapter's own weights back
+    for a, b in zip([*plain, plain[0]], folded, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
 def test_weight_mappings() -> None:
     assert [iw_scale(w) for w in (0, 1, 2, 3)] == [0.0, 0.5, 0.8, 1.0]
     assert iw_scale(None) == 0.5 and iw_scale(1.5) == 0.65

@@ -342,20 +342,18 @@ def test_compiled_grid_matches_eager(tiny_model_dir: Path, engine: SDXLEngine, t
         assert np.abs(a.astype(int) - b.astype(int)).max() <= 2
 
 
+def _block_compiled(model: Path, cache: Path, monkeypatch: pytest.MonkeyPatch, **values: Any) -> SDXLEngine:
+    """The tiny engine with COMPILE_SCOPE=blocks (UNet blocks only), its Inductor cache in ``cache``."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(cache))  # restored after the test
+    values.update(torch_compile=True, compile_scope="blocks", compile_vae=False, compile_cache_dir=cache)
+    return SDXLEngine.load(_settings(model, **values))
+
+
 def test_block_compiled_grid_matches_eager(
     tiny_model_dir: Path, engine: SDXLEngine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # COMPILE_SCOPE=blocks: only the transformer blocks, whole-graph; short enough to run always.
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))  # restored after the test
-    compiled = SDXLEngine.load(
-        _settings(
-            tiny_model_dir,
-            torch_compile=True,
-            compile_scope="blocks",
-            compile_vae=False,
-            compile_cache_dir=tmp_path,
-        )
-    )
+    compiled = _block_compiled(tiny_model_dir, tmp_path, monkeypatch)
     blocks = [m for m in compiled.txt2img.unet.modules() if type(m).__name__ == "BasicTransformerBlock"]
     assert blocks and all(block._compiled_call_impl is not None for block in blocks)
     assert compiled.txt2img.unet._compiled_call_impl is None  # the rest of the UNet stays eager
@@ -363,6 +361,38 @@ def test_block_compiled_grid_matches_eager(
     got = _pixels(compiled.run(_request()).images)
     for a, b in zip(eager, got, strict=True):
         assert np.abs(a.astype(int) - b.astype(int)).max() <= 2
+
+
+def test_a_new_image_weight_does_not_compile_the_unet_again(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The IP-Adapter's scales ride in its value weights under TORCH_COMPILE, so --iw 0.5, 0.75
+    # and 1.5 share one compiled graph (without folding: one new graph per value).
+    import torch._dynamo.utils as dynamo_utils
+
+    from workers.tiny_extras import TINY_IP_SUBFOLDER, TINY_IP_WEIGHT_NAME, make_tiny_ip_adapter
+
+    adapter_dir = make_tiny_ip_adapter(tmp_path / "ip", tiny_model_dir)
+    compiled = _block_compiled(
+        tiny_model_dir,
+        tmp_path / "cache",
+        monkeypatch,
+        ip_adapter_model=str(adapter_dir),
+        ip_adapter_subfolder=TINY_IP_SUBFOLDER,
+        ip_adapter_weight_name=TINY_IP_WEIGHT_NAME,
+    )
+    picture = b64encode_bytes(encode_png(Image.new("RGB", (64, 64), (90, 30, 200))))
+
+    def graphs_after(iw: float) -> int:
+        params = GenerationParams(prompt="a fox", steps=2, image_weight=iw)
+        request = JobRequest(
+            job_id="iw", kind=JobKind.IMAGINE, params=params, seed=1, references={"prompt": [picture]}
+        )
+        assert len(compiled.run(request).images) == 4
+        return int(dynamo_utils.counters["stats"]["unique_graphs"])
+
+    first = graphs_after(1.0)
+    assert [graphs_after(iw) for iw in (0.5, 0.75, 1.5)] == [first] * 3
 
 
 def test_an_unknown_compile_scope_is_refused_with_the_choices() -> None:

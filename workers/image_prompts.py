@@ -21,6 +21,14 @@ Loaded, the adapter stays switched off (the UNet's attention processors are the 
 before), so every other job runs exactly as without it; :meth:`IPAdapter.active` switches it on
 around one generation.
 
+Under ``TORCH_COMPILE`` the scales move into the weights (:meth:`IPAdapter.fold_scales`): a
+processor's scale is a Python float, which the compiler bakes into its graph, so every new
+``--iw``/``--sw`` value used to compile the UNet again (measured on the tiny model: one new graph
+per value). Attention is linear in its values, so ``scale * attention(q, k, v)`` equals
+``attention(q, k, scale * v)``: the value projection's weight is set to its original times the
+scale and the processor's own scale to 1 (0 stays 0, which diffusers skips). Only those two
+graphs remain, whatever the weights.
+
 Without ``IP_ADAPTER_MODEL``, image prompts fall back to img2img from the first image (several
 images are averaged first) with the denoising strength ``fallback_strength(--iw)``, and
 ``--sref`` / ``--cref`` / ``--oref`` are noted as ignored: see :func:`fallback_plan`.
@@ -194,6 +202,47 @@ class IPAdapter:
     projection: Any
     source: str
     is_active: bool = field(default=True)
+    fold: bool = False  # scales into the value weights (set when the UNet is compiled)
+    # The value projections' own weights (kept on the host) and the scale each now carries.
+    _originals: dict[tuple[str, int], Any] = field(default_factory=dict, repr=False)
+    _folded: dict[tuple[str, int], float] = field(default_factory=dict, repr=False)
+
+    def fold_scales(self) -> None:
+        """After ``set_ip_adapter_scale``: carry each scale in its ``to_v_ip`` weight instead.
+
+        A no-op unless :attr:`fold` is set. Weights are rewritten only where the scale changed
+        since the last job, from a host copy of the original, so nothing drifts.
+        """
+        if not self.fold:
+            return
+        import torch
+
+        for name, processor in self.ip_processors.items():
+            scales = getattr(processor, "scale", None)
+            values = getattr(processor, "to_v_ip", None)
+            if not isinstance(scales, list) or values is None:
+                continue
+            for slot, (scale, linear) in enumerate(zip(scales, values, strict=False)):
+                if isinstance(scale, list) or scale == 0:
+                    continue  # per-mask scales are not used here; 0 is skipped by diffusers
+                key = (name, slot)
+                if key not in self._originals:
+                    self._originals[key] = linear.weight.detach().to("cpu", copy=True)
+                if self._folded.get(key, 1.0) != float(scale):
+                    with torch.no_grad():
+                        linear.weight.copy_(self._originals[key].to(linear.weight.device) * float(scale))
+                    self._folded[key] = float(scale)
+                scales[slot] = 1.0
+
+    def unfold(self) -> None:
+        """Put the original value weights back (the scales are the processors' own again)."""
+        import torch
+
+        with torch.no_grad():
+            for (name, slot), original in self._originals.items():
+                weight = self.ip_processors[name].to_v_ip[slot].weight
+                weight.copy_(original.to(weight.device))
+        self._folded.clear()
 
     def activate(self) -> None:
         """Install the adapter's attention processors and image projection in the UNet."""

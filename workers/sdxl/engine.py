@@ -271,6 +271,7 @@ class SDXLEngine(Operations, Outpainting, Upscaling):
         engine.upscaler = upscaler
         if ip_adapter is not None:
             ip_adapter.share_with(engine.img2img, engine.inpaint)
+            ip_adapter.fold = settings.torch_compile  # no recompile per --iw value
             engine.ip_adapter = ip_adapter
         if settings.fp8:
             engine.fp8_status = fp8_skipped or "applied"
