@@ -352,16 +352,13 @@ class CeleryDispatcher:
         return True
 
     async def forget(self, job_id: str, *, done: bool = True) -> None:
-        """Drop a task's stored result; for a job the bot is ``done`` with, leave a marker.
+        """Drop a task's stored result (the bot keeps its own copy of the images).
 
-        Images are large and the bot keeps its own copy, so the payload goes. For a finished job
-        a small ``SUCCESS`` marker takes its place (until ``result_expires``) because a stale
-        copy of the job's message can still come back: Redis and the embedded broker hand out a
-        message again after the visibility timeout when the supervisor already re-sent it.
-        Workers skip a redelivered task whose result says SUCCESS
-        (``worker_deduplicate_successful_tasks``); with nothing stored they ran the whole job
-        again for nobody. Before a re-send (``done=False``) nothing is left: the job must read
-        as pending, and its new run must not be skipped.
+        For a job the bot is ``done`` with a small ``SUCCESS`` marker stays (``result_expires``):
+        Redis and the embedded broker hand a message out again after the visibility timeout even
+        when the supervisor re-sent it, and workers skip a redelivered task whose result says
+        SUCCESS (``worker_deduplicate_successful_tasks``) instead of running it for nobody.
+        Before a re-send (``done=False``) nothing stays: the new run must not be skipped.
         """
 
         def _forget() -> None:

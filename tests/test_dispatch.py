@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -75,11 +74,12 @@ async def test_an_unreachable_result_store_reads_as_no_state_never_as_failure(
         await dispatcher.close()
 
 
-async def test_status_counts_the_local_worker_on_the_embedded_broker(
+async def test_status_shows_the_local_gpu_worker_and_its_model_on_the_embedded_broker(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The embedded SQL transport carries no pings: /status reads the local worker's health record."""
+    """The embedded SQL transport carries no pings: /status reads presence files and the model record."""
     from bot import dispatch
+    from workers import presence
     from workers.sdxl import health
 
     monkeypatch.setenv(health.ENV_HEALTH_FILE, str(tmp_path / "health.json"))
@@ -89,9 +89,12 @@ async def test_status_counts_the_local_worker_on_the_embedded_broker(
     )
     try:
         assert (await dispatcher.worker_status(ping_timeout=0.2)).workers == []
-        health.record(health.LOADED, model="tiny")  # this (live) process loaded a model
+        presence.announce(broker, "gpu-1@box", ["gpu"])  # this (live) process is the worker
         status = await dispatcher.worker_status(ping_timeout=0.2)
-        assert status.workers == [f"local SDXL worker (pid {os.getpid()})"]
+        assert status.workers == ["gpu-1@box (queues gpu); SDXL model not loaded yet"]
+        health.record(health.LOADED, model="tiny")
+        status = await dispatcher.worker_status(ping_timeout=0.2)
+        assert status.workers == ["gpu-1@box (queues gpu); SDXL model loaded"]
     finally:
         await dispatcher.close()
 
