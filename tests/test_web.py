@@ -25,6 +25,7 @@ from bot.models import Favourite, Job, JobStatus, Member
 from bot.settings import BotSettings
 from bot.storage import LocalMediaStore, S3MediaStore
 from bot.web import PAGE_SIZE, create_app
+from tests.fakes.s3_server import FakeS3Server
 
 HOSTILE_PROMPT = '<script>alert("pwned")</script><img src=x onerror=alert(1)> "quoted" & more'
 HOSTILE_NAME = "<b onmouseover=alert(2)>Mallory</b>"
@@ -726,58 +727,41 @@ async def test_images_are_files_with_etag_and_ranges(client: TestClient[Any, Any
         assert part.headers["Content-Range"] == f"bytes 0-7/{len(data)}"
 
 
-class NoSuchKey(Exception):
-    """What botocore raises for a missing object, as far as the store looks at it."""
-
-    response = {"Error": {"Code": "NoSuchKey"}}  # noqa: RUF012
-
-
-class FakeS3:
-    """The boto3 S3 calls the store and the gallery make, over a dict."""
-
-    def __init__(self) -> None:
-        self.objects: dict[str, bytes] = {}
-
-    def put_object(self, Bucket: str, Key: str, Body: bytes, ContentType: str) -> None:
-        self.objects[Key] = Body
-
-    def get_object(self, Bucket: str, Key: str) -> dict[str, Any]:
-        if Key not in self.objects:
-            raise NoSuchKey(Key)
-        return {"Body": io.BytesIO(self.objects[Key])}
-
-    def head_object(self, Bucket: str, Key: str) -> None:
-        if Key not in self.objects:
-            raise NoSuchKey(Key)
-
-    def delete_object(self, Bucket: str, Key: str) -> None:
-        self.objects.pop(Key, None)
-
-    def generate_presigned_url(self, operation: str, Params: dict[str, str], ExpiresIn: int) -> str:
-        assert operation == "get_object" and ExpiresIn <= 3600
-        return f"https://media.example/{Params['Bucket']}/{Params['Key']}?signature=test"
-
-
 async def test_s3_images_redirect_to_presigned_urls(
     sessions: async_sessionmaker[AsyncSession], tmp_path: Path
 ) -> None:
-    s3 = S3MediaStore("pics", prefix="mirage", client=FakeS3())
-    seed = await seed_gallery(sessions, s3)  # type: ignore[arg-type]
-    settings = BotSettings(_env_file=None, media_dir=tmp_path / "media")
-    async with TestClient(TestServer(create_app(sessions, s3, settings))) as s3_client:
-        response = await s3_client.get(f"/i/{seed.grid}/0.png", allow_redirects=False)
-        assert response.status == 302
-        assert response.headers["Location"].startswith(
-            f"https://media.example/pics/mirage/jobs/{seed.grid}/0.png?"
-        )
-        thumb = await s3_client.get(f"/t/{seed.grid}/1.webp", allow_redirects=False)
-        assert thumb.status == 302 and "/mirage/thumbs/384/" in thumb.headers["Location"]
-        # The pages may load images from the bucket's origin, and from nowhere else.
-        page = await s3_client.get("/")
-        assert "img-src 'self' https://media.example;" in page.headers["Content-Security-Policy"]
-        # Hidden jobs never get a URL.
-        hidden = await s3_client.get(f"/i/{seed.stealth}/0.png", allow_redirects=False)
-        assert hidden.status == 404 and "Location" not in hidden.headers
+    pytest.importorskip("boto3")
+    async with FakeS3Server(buckets=("pics",)) as server:
+        s3 = S3MediaStore(
+            "pics", endpoint_url=server.endpoint_url, region="us-east-1", access_key="a", secret_key="b",
+            prefix="mirage",
+        )  # fmt: skip
+        seed = await seed_gallery(sessions, s3)  # type: ignore[arg-type]
+        settings = BotSettings(_env_file=None, media_dir=tmp_path / "media")
+        async with TestClient(TestServer(create_app(sessions, s3, settings))) as s3_client:
+            before = len(server.requests)
+            response = await s3_client.get(f"/i/{seed.grid}/0.png", allow_redirects=False)
+            assert response.status == 302
+            location = response.headers["Location"]
+            assert location.startswith(f"{server.endpoint_url}/pics/mirage/jobs/{seed.grid}/0.png?")
+            assert "Signature=" in location and len(server.requests) == before  # signed locally
+            thumb = await s3_client.get(f"/t/{seed.grid}/1.webp", allow_redirects=False)
+            assert thumb.status == 302 and "/mirage/thumbs/384/" in thumb.headers["Location"]
+            assert "mirage/thumbs/384/jobs/" + seed.grid + "/1.webp" in server.objects("pics")
+            # The pages may load images from the bucket's origin, and from nowhere else.
+            page = await s3_client.get("/")
+            assert f"img-src 'self' {server.endpoint_url};" in page.headers["Content-Security-Policy"]
+            # Hidden jobs never get a URL.
+            hidden = await s3_client.get(f"/i/{seed.stealth}/0.png", allow_redirects=False)
+            assert hidden.status == 404 and "Location" not in hidden.headers
+            # The bucket down: a thumbnail not made yet is "try again" (503), not an error page;
+            # full images still redirect (signing needs no request).
+            server.outage()
+            down = await s3_client.get(f"/t/{seed.grid}/2.webp", allow_redirects=False)
+            assert down.status == 503 and down.headers["Retry-After"] == "30"
+            assert "try again" in await down.text()
+            full = await s3_client.get(f"/i/{seed.grid}/2.png", allow_redirects=False)
+            assert full.status == 302
 
 
 async def test_static_assets_are_served_locally(client: TestClient[Any, Any]) -> None:

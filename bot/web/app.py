@@ -85,13 +85,12 @@ async def error_pages(request: web.Request, handler: Handler) -> web.StreamRespo
         if exc.status < 400:
             raise
         message = NOT_FOUND if exc.status == 404 else exc.reason
-        detail = BAD_LINK_DETAIL if exc.status == 403 else ""
+        detail = {403: BAD_LINK_DETAIL, 503: exc.text or ""}.get(exc.status, "")
         context = {"title": message, "status": exc.status, "message": message, "detail": detail}
         response = pages.render(request, "error.html", context, status=exc.status)
-        if exc.status == 405:
-            allow = exc.headers.get("Allow")
-            if allow:
-                response.headers["Allow"] = allow
+        for name in ("Allow", "Retry-After"):  # what a 405 or a 503 tells the client to do next
+            if name in exc.headers:
+                response.headers[name] = exc.headers[name]
         return response
     except Exception:
         log.exception("unhandled error serving %s", request.path)

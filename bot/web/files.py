@@ -15,7 +15,7 @@ from aiohttp import web
 
 from bot.media import thumbnail
 from bot.signing import PURPOSE_JOB, Claims
-from bot.storage import LocalMediaStore, MediaNotFound, S3MediaStore, thumbnail_key
+from bot.storage import LocalMediaStore, MediaNotFound, MediaStoreError, S3MediaStore, thumbnail_key
 from bot.web import queries
 from bot.web.common import (
     IMAGE_CACHE,
@@ -33,6 +33,7 @@ from bot.web.common import (
 log = logging.getLogger(__name__)
 
 PRESIGNED_TTL_S = 3600
+STORE_RETRY_AFTER_S = 30  # what a 503 asks the browser to wait while the media store is down
 
 
 async def presigned_url(store: S3MediaStore, key: str, content_type: str) -> str:
@@ -70,7 +71,18 @@ async def serve_key(
     except MediaNotFound:
         log.warning("image row without stored bytes: %s", key)
         raise not_found() from None
+    except MediaStoreError as exc:
+        raise store_down(exc) from None
     return web.Response(body=data, headers=headers)
+
+
+def store_down(exc: MediaStoreError) -> web.HTTPServiceUnavailable:
+    """A 503 that tells the browser to come back: the store is unreachable, the image is not gone."""
+    log.warning("media store unreachable: %s", exc)
+    return web.HTTPServiceUnavailable(
+        text="The image store cannot be reached right now. Please try again in a moment.",
+        headers={"Retry-After": str(STORE_RETRY_AFTER_S)},
+    )
 
 
 async def thumbnail_of(request: web.Request, key: str) -> str:
@@ -80,6 +92,8 @@ async def thumbnail_of(request: web.Request, key: str) -> str:
     except MediaNotFound:
         log.warning("image row without stored bytes: %s", key)
         raise not_found() from None
+    except MediaStoreError as exc:
+        raise store_down(exc) from None
     return thumbnail_key(key)
 
 
