@@ -30,6 +30,8 @@ async def test_fairness_caps_running_and_waiting(tmp_path: Path, db_url: str) ->
         # Interactions are handled concurrently; the queue order is the order they were accepted.
         jobs = sorted([await h.job_for(i) for i in inters], key=lambda j: (j.created_at, j.id))
         await dispatcher.wait_sent(2)
+        for request in dispatcher.sent[:2]:  # marked queued just after the broker took them
+            await h.wait_job(request.job_id, lambda j: j.status == JobStatus.QUEUED.value)
         refused = await h.imagine("one too many", user=alice)
         refusal = await h.fake.wait_for_request(
             lambda r: r.interaction_token == refused.token and r.route == "webhook_execute"
