@@ -47,7 +47,7 @@ import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -55,7 +55,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from workers.schema import GenerationParams, JobKind, JobRequest, b64encode_bytes  # noqa: E402
-from workers.settings import WorkerSettings  # noqa: E402
+from workers.settings import CompileScope, WorkerSettings  # noqa: E402
 
 PROMPT = "a lighthouse on a cliff at dusk, dramatic clouds, photograph"
 CHILD_MARK = "BENCH_CHILD_RESULT "
@@ -570,70 +570,27 @@ def bench(args: argparse.Namespace, model_dir: Path, rec: Recorder, *, size: int
 
     cache_dir = Path(args.workdir) / "inductor-cache"
     child_common = ["--model-dir", str(model_dir), "--steps", str(steps), "--reference", str(reference)]
-    modes = [mode for mode in args.compile_modes.split(",") if mode.strip()]
+    modes = [mode.strip() for mode in args.compile_modes.split(",") if mode.strip()]
+
+    def compiled(mode: str, cache: Path, runs: int, scope: str = "full") -> Callable[[], dict[str, Any]]:
+        """A section: a fresh process that compiles (``mode``, ``scope``) on the Inductor cache ``cache``."""
+
+        def run() -> dict[str, Any]:
+            child = [*child_common, "--compile-mode", mode, "--compile-scope", scope]
+            child += ["--cache-dir", str(cache), "--runs", str(runs)]
+            limit = min(args.child_timeout_s, rec.remaining() - 5)
+            return {"mode": mode, "compile_scope": scope, **run_child(child, limit)}
+
+        return run
+
     if modes:
-        first_mode = modes[0].strip()
-        compile_need = 150.0 if gpu else 120.0
-        rec.section(
-            "compile_cold",
-            lambda: {
-                "mode": first_mode,
-                **run_child(
-                    [
-                        *child_common,
-                        "--compile-mode",
-                        first_mode,
-                        "--cache-dir",
-                        str(cache_dir),
-                        "--runs",
-                        str(args.runs),
-                    ],
-                    min(args.child_timeout_s, rec.remaining() - 5),
-                ),
-            },
-            needs_s=compile_need,
-        )
-        rec.section(
-            "compile_warm_cache",
-            lambda: {
-                "mode": first_mode,
-                **run_child(
-                    [
-                        *child_common,
-                        "--compile-mode",
-                        first_mode,
-                        "--cache-dir",
-                        str(cache_dir),
-                        "--runs",
-                        "1",
-                    ],
-                    min(args.child_timeout_s, rec.remaining() - 5),
-                ),
-            },
-            needs_s=60.0 if gpu else 40.0,
-        )
-        rec.section(
-            "compile_blocks",
-            lambda: {
-                "mode": first_mode,
-                "compile_scope": "blocks",
-                **run_child(
-                    [
-                        *child_common,
-                        "--compile-mode",
-                        first_mode,
-                        "--compile-scope",
-                        "blocks",
-                        "--cache-dir",
-                        str(Path(args.workdir) / "inductor-cache-blocks"),
-                        "--runs",
-                        str(args.runs),
-                    ],
-                    min(args.child_timeout_s, rec.remaining() - 5),
-                ),
-            },
-            needs_s=90.0 if gpu else 40.0,
-        )
+        first_mode = modes[0]
+        cold, warm = compiled(first_mode, cache_dir, args.runs), compiled(first_mode, cache_dir, 1)
+        rec.section("compile_cold", cold, needs_s=150.0 if gpu else 120.0)
+        # A second process on the cache the first one left: a worker restart.
+        rec.section("compile_warm_cache", warm, needs_s=60.0 if gpu else 40.0)
+        blocks = compiled(first_mode, Path(args.workdir) / "inductor-cache-blocks", args.runs, "blocks")
+        rec.section("compile_blocks", blocks, needs_s=90.0 if gpu else 40.0)
 
     if args.fp8:
         ao_path = args.torchao_path
@@ -642,7 +599,7 @@ def bench(args: argparse.Namespace, model_dir: Path, rec: Recorder, *, size: int
             if importlib.util.find_spec("torchao") is None and not (ao_path and Path(ao_path).is_dir()):
                 return {"skipped": "torchao is not installed; FP8 not measured"}
             # Compiled when a compile still fits, else eager (FP8's quantize step costs extra there).
-            mode = modes[0].strip() if modes and rec.remaining() > (200 if gpu else 120) else ""
+            mode = modes[0] if modes and rec.remaining() > (200 if gpu else 120) else ""
             child_args = [*child_common, "--fp8", "--runs", str(args.lever_runs)]
             if mode:
                 child_args += [
@@ -669,26 +626,8 @@ def bench(args: argparse.Namespace, model_dir: Path, rec: Recorder, *, size: int
         _free()
 
     for mode in modes[1:]:
-        mode = mode.strip()
-        rec.section(
-            f"compile_{mode}",
-            lambda mode=mode: {
-                "mode": mode,
-                **run_child(
-                    [
-                        *child_common,
-                        "--compile-mode",
-                        mode,
-                        "--cache-dir",
-                        str(Path(args.workdir) / f"cache-{mode}"),
-                        "--runs",
-                        str(args.lever_runs),
-                    ],
-                    min(args.child_timeout_s, rec.remaining() - 5),
-                ),
-            },
-            needs_s=200.0 if gpu else 60.0,
-        )
+        cache = Path(args.workdir) / f"cache-{mode}"
+        rec.section(f"compile_{mode}", compiled(mode, cache, args.lever_runs), needs_s=200.0 if gpu else 60.0)
 
 
 # -------------------------------------------------------------------------------- report
@@ -764,7 +703,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--fp8-compile-scope",
         default="blocks",
-        choices=("full", "blocks"),
+        choices=get_args(CompileScope),
         help="what the FP8 process compiles (a full cold compile of the FP8 UNet took over 4 minutes)",
     )
     parser.add_argument("--torchao-path", help="a folder holding torchao, added to the FP8 process's path")

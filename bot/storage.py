@@ -242,8 +242,6 @@ class S3MediaStore(MediaStore):
         """Run one boto3 call; any failure but a missing object becomes ``MediaStoreError``."""
         try:
             return call()
-        except MediaNotFound:
-            raise
         except Exception as exc:
             if self._is_missing(exc):
                 raise MediaNotFound(key) from None

@@ -188,24 +188,26 @@ def _child_exits(pid: int | None = None, **_: Any) -> None:
     metrics.process_exited(pid or os.getpid())
 
 
+def _node(sender: Any) -> tuple[Celery, str] | None:
+    """The app and node name of a worker signal's sender (the consumer or the worker)."""
+    app, name = getattr(sender, "app", None), getattr(sender, "hostname", None)
+    return (app, str(name)) if app is not None and name else None
+
+
 @worker_ready.connect
 def _announce(sender: Any = None, **_: Any) -> None:
     """Embedded broker: leave this worker's presence file for /status (it cannot be pinged)."""
-    app = getattr(sender, "app", None)
-    name = getattr(sender, "hostname", None)
-    if app is None or not name:
-        return
-    queues = list(getattr(app.amqp.queues, "consume_from", None) or app.amqp.queues)
-    presence.announce(str(app.conf.broker_url), str(name), queues)
+    if (node := _node(sender)) is not None:
+        app, name = node
+        queues = list(getattr(app.amqp.queues, "consume_from", None) or app.amqp.queues)
+        presence.announce(str(app.conf.broker_url), name, queues)
 
 
 @worker_shutdown.connect
 def _worker_exits(sender: Any = None, **_: Any) -> None:
     metrics.remove_multiprocess_dir()
-    app = getattr(sender, "app", None)
-    name = getattr(sender, "hostname", None)
-    if app is not None and name:
-        presence.withdraw(str(app.conf.broker_url), str(name))
+    if (node := _node(sender)) is not None:
+        presence.withdraw(str(node[0].conf.broker_url), node[1])
 
 
 app = make_celery()

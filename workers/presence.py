@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -39,11 +40,9 @@ class LocalWorker:
 
 def presence_dir(broker_url: str) -> Path | None:
     """The folder of presence files for an embedded broker URL; None for a broker server."""
-    from workers.celery_config import sqlite_path, url_scheme  # here: the health check imports this module
+    from workers.celery_config import sqlite_path  # here: the health check imports this module
 
-    if url_scheme(broker_url) not in ("sqla", "sqlalchemy", "mirage-sqla"):
-        return None
-    database = sqlite_path(broker_url)
+    database = sqlite_path(broker_url)  # the embedded broker is a SQLite file; servers have none
     return None if database is None else database.parent / FOLDER
 
 
@@ -69,14 +68,19 @@ def announce(broker_url: str, name: str, queues: Iterable[str], *, pid: int | No
         "started_at": time.time(),
     }
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}")
-        tmp.write_text(json.dumps(payload))
-        tmp.replace(path)
+        write_json(path, payload)
     except OSError as exc:
         log.warning("could not record this worker's presence in %s: %s", folder, exc)
         return None
     return path
+
+
+def write_json(path: Path, payload: dict[str, Any]) -> None:
+    """Replace ``path`` with ``payload`` as JSON in one rename, so a reader never sees half of it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(json.dumps(payload, default=str))
+    tmp.replace(path)
 
 
 def withdraw(broker_url: str, name: str) -> None:

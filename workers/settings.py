@@ -13,6 +13,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from workers.schema import ImageFormat
 
+CompileScope = Literal["full", "blocks"]  # what TORCH_COMPILE compiles (workers.sdxl.loading)
+
 log = logging.getLogger(__name__)
 
 # Old setting names still read, each with its current name; a line at start says to rename it.
@@ -93,7 +95,7 @@ class WorkerSettings(BaseSettings):
     compile_mode: str = "default"  # torch.compile mode: default, max-autotune-no-cudagraphs...
     compile_vae: bool = True  # with TORCH_COMPILE, compile the VAE decoder as well as the UNet
     # full: the whole UNet; blocks: only its transformer blocks (a much shorter cold compile).
-    compile_scope: Literal["full", "blocks"] = "full"
+    compile_scope: CompileScope = "full"
     # Aspect ratios whose bucket is compiled at start when TORCH_COMPILE is on; "all": every bucket.
     compile_warmup_aspects: str = "1:1,2:3,3:2,3:4,4:3,9:16,16:9"
     attention_backend: str = "measure"  # measure, auto, flash, efficient, cudnn, math (SDPA kernels)

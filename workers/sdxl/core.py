@@ -176,6 +176,8 @@ class EngineCore:
             reporter.step(index, pipeline.num_timesteps, tensors.get("latents"))
             return {}
 
+        if self.ip_adapter is not None and self.ip_adapter.is_active and not refiner:
+            self.ip_adapter.fold_scales()  # whatever set this call's scales (a no-op unless compiled)
         draft = job.draft and not refiner
         with self._phase(job, "denoise"), contextlib.ExitStack() as stack:
             cache = stack.enter_context(deep_cache(pipe)) if draft else None

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from workers.presence import process_alive
+from workers.presence import process_alive, write_json
 
 ENV_HEALTH_FILE = "SDXL_HEALTH_FILE"
 LOADED = "loaded"
@@ -39,10 +39,7 @@ def record(status: str, **facts: Any) -> None:
     path = health_file()
     payload = {"status": status, "pid": os.getpid(), "time": time.time(), **facts}
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}")
-        tmp.write_text(json.dumps(payload, default=str))
-        tmp.replace(path)
+        write_json(path, payload)
     except OSError:
         pass  # health reporting must never stop a worker
 

@@ -11,12 +11,12 @@ import logging
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import torch
 
 from workers.schema import ErrorCode, WorkerError
-from workers.settings import WorkerSettings
+from workers.settings import CompileScope, WorkerSettings
 
 log = logging.getLogger(__name__)
 
@@ -270,7 +270,7 @@ def _share_fused_storage(attention: Any) -> None:
 COMPILE_CACHE_LIMIT = 64  # graphs per compiled function: above the 41 aspect buckets
 
 
-COMPILE_SCOPES = ("full", "blocks")
+COMPILE_SCOPES: tuple[str, ...] = get_args(CompileScope)
 
 
 def enable_compile(

@@ -141,7 +141,6 @@ class Operations(EngineCore):
         scale = iw_scale(params.image_weight) if params.image_weight is not None else BLEND_SCALE
         with self.ip_adapter.active():
             kwargs.update(blend_adapter_kwargs(pipe, pictures, scale, guidance=job.guidance > 1.0))
-            self.ip_adapter.fold_scales()
             return self._decode(job, self._denoise(pipe, job, kwargs, count=count))
 
     def _region(self, job: Job) -> list[Image.Image]:
@@ -191,7 +190,6 @@ class Operations(EngineCore):
             return
         with self.ip_adapter.active():
             kwargs.update(ip_adapter_kwargs(pipe, inputs))
-            self.ip_adapter.fold_scales()
             job.info["ip_adapter"] = {"content": inputs.content_scale(), "style": bool(inputs.style_images)}
             yield
 
