@@ -19,6 +19,7 @@ import asyncio
 import io
 import ipaddress
 import logging
+import re
 import socket
 import warnings
 from collections.abc import Collection, Iterable, Sequence
@@ -478,6 +479,14 @@ def _is_link(value: str) -> bool:
     return value.strip().lower().startswith(("http://", "https://"))
 
 
+_WEIGHT_SUFFIX = re.compile(r"::-?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)$")
+
+
+def reference_link(reference: str) -> str:
+    """The link of a ``--sref`` reference without its ``::2`` weight, which is no part of the URL."""
+    return _WEIGHT_SUFFIX.sub("", reference.strip())
+
+
 async def fetch_references(
     params: GenerationParams,
     *,
@@ -491,7 +500,7 @@ async def fetch_references(
     ``--sref image 1 (…)``, ``--cref image 1 (…)``, ``--oref image (…)``. All links are fetched
     concurrently; the first failure is raised as :class:`ImageInputError`.
     """
-    style_links = [ref for ref in params.style_refs if _is_link(ref)]
+    style_links = [reference_link(ref) for ref in params.style_refs if _is_link(ref)]
     groups: list[list[tuple[str, str]]] = [
         [(url, image_label(i, url)) for i, url in enumerate(params.image_prompts, start=1)],
         [(url, f"--sref {image_label(i, url)}") for i, url in enumerate(style_links, start=1)],

@@ -23,11 +23,22 @@ MIN_EMPHASIS, MAX_EMPHASIS = 0.0, 3.0
 _NUMBER = r"[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)"
 _SEPARATOR = re.compile(rf"::({_NUMBER})?")
 _EMPHASIS = re.compile(rf"\(([^()]*?):\s*({_NUMBER})\s*\)")
+_LINK = re.compile(r"https?://\S+", re.IGNORECASE)
+
+
+def _separators(text: str) -> list[re.Match[str]]:
+    # A link's "::" (an IPv6 host, a path) belongs to the link: split there, "::0" would drop text.
+    links = [match.span() for match in _LINK.finditer(text)]
+    return [
+        match
+        for match in _SEPARATOR.finditer(text)
+        if not any(start <= match.start() < end for start, end in links)
+    ]
 
 
 def has_multiprompt_syntax(text: str) -> bool:
     """Whether ``text`` uses ``::`` weights or ``(word:1.3)`` emphasis."""
-    return "::" in text or _EMPHASIS.search(text) is not None
+    return bool(_separators(text)) or _EMPHASIS.search(text) is not None
 
 
 def split_emphasis(text: str, problems: list[PromptProblem]) -> tuple[str, tuple[tuple[str, float], ...]]:
@@ -91,7 +102,7 @@ def split_multiprompt(text: str, problems: list[PromptProblem]) -> tuple[PromptP
         return ()
     raw: list[tuple[str, Decimal]] = []
     position = 0
-    for match in _SEPARATOR.finditer(text):
+    for match in _separators(text):
         raw.append((text[position : match.start()], _weight(match.group(1), problems)))
         position = match.end()
     raw.append((text[position:], Decimal(1)))

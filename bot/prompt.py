@@ -7,11 +7,13 @@ Grammar:
   turn ``--ar`` into prose and the prompt is always storable text.
 - ``{a, b}`` permutations are expanded before anything else (:mod:`bot.permutations`); every
   prompt that comes out is parsed on its own, and ``--repeat N`` repeats it N times.
-- Image URLs at the very start (``https://…`` or ``<https://…>``) are image prompts.
+- Image URLs at the very start (``https://…`` or ``<https://…>``), at most ten, are image prompts.
 - Everything up to the first parameter is the prompt text, with ``::`` multi-prompt weights and
   ``(word:1.3)`` emphasis (:mod:`bot.multiprompt`). A parameter is ``--name`` (also ``—name`` /
   ``–name``, because phones turn ``--`` into a dash) at the start or after whitespace, with
-  ``name`` starting with an ASCII letter. ``a cat—dog`` and ``-- 5`` are plain text.
+  ``name`` starting with an ASCII letter. ``a cat—dog`` and ``-- 5`` are plain text, but a
+  glued ``a cat--ar 16:9`` that would parse as a parameter is an error (it is never meant as
+  prose), as is a bare ``--`` ending a prompt after its parameters.
 - A parameter's value runs until the next parameter, so ``--no red, blue --ar 3:2`` works.
   Text left after a flag or a one-word value (``--tile a cat``) is an error that tells the
   member to put the prompt first, rather than silently dropping words.
@@ -80,6 +82,12 @@ _DASHES = "—–―"
 _PARAM_RE = re.compile(
     rf"(?:^|(?<=\s))(?P<marker>--+|-*[{_DASHES}][-{_DASHES}]*)(?P<name>[A-Za-z]\S*)",
 )
+# The same marker glued to the word before it (``cat--ar``): prose by the grammar, checked anyway.
+_GLUED_RE = re.compile(
+    rf"(?<=[^\s{_DASHES}-])(?P<marker>--+|-*[{_DASHES}][-{_DASHES}]*)(?P<name>[A-Za-z]\S*)",
+)
+# A marker with no name, ending the text: a parameter begun and never finished.
+_TRAILING_RE = re.compile(rf"(?:^|(?<=\s))(?:--+|-*[{_DASHES}][-{_DASHES}]*)\s*$")
 _INT_RE = re.compile(r"[0-9]+")
 _DECIMAL_RE = re.compile(r"[0-9]+(?:\.[0-9]*)?|\.[0-9]+")
 _ASPECT_RE = re.compile(r"([0-9]+):([0-9]+)")
@@ -205,7 +213,7 @@ def _url(text: str) -> str:
 def _style_reference(text: str) -> str:
     # "url::2" weighs one reference against the others; the weight stays with the reference.
     reference, _, weight = text.partition("::")
-    if weight and not _DECIMAL_RE.fullmatch(weight.lstrip("-")):
+    if weight and not _DECIMAL_RE.fullmatch(weight.removeprefix("-")):
         raise _Invalid()
     if reference.lower() == "random":
         return "random" + (f"::{weight}" if weight else "")
@@ -392,8 +400,9 @@ def _suggest_name(typed: str) -> str:
     lowered = typed.lower()
     for alias in sorted(_BY_ALIAS, key=len, reverse=True):
         rest = lowered[len(alias) :]
-        if lowered.startswith(alias) and rest[:1] in set("0123456789.:"):
-            return f"--{alias} {typed[len(alias) :].lstrip(':')}"
+        # "--ar16:9", "--v6.1", and "--seed=5" from command-line habits.
+        if lowered.startswith(alias) and rest[:1] in set("0123456789.:="):
+            return f"--{alias} {typed[len(alias) :].lstrip(':=')}"
     close = difflib.get_close_matches(lowered, _BY_ALIAS, n=1, cutoff=0.75)
     return f"--{close[0]}" if close else ""
 
@@ -563,12 +572,43 @@ def _image_prompts(text: str) -> tuple[tuple[str, ...], str]:
     urls: list[str] = []
     words = text.split(" ")
     while words:
-        match = _URL_RE.fullmatch(words[0])
+        # "https://…/a.png, a castle": Discord leaves the comma out of the link, and so do we.
+        match = _URL_RE.fullmatch(words[0].rstrip(","))
         if not match:
             break
         urls.append(match.group(1))
         words.pop(0)
     return tuple(urls), " ".join(words)
+
+
+def _glued_parameters(parser: _Parser, text: str) -> None:
+    """Report parameters glued to the word before them (``a cat--ar 16:9``) in prompt or ``--no`` text.
+
+    The grammar reads them as prose (``a cat—dog``), so ``--ar 16:9`` would silently land in the
+    prompt. One is reported only when it would parse as that parameter with its value, so prose
+    such as ``a man—stop sign`` stays prose; ``--no`` never is, since any text is a valid ``--no``.
+    """
+    glued = list(_GLUED_RE.finditer(text))
+    for index, match in enumerate(glued):
+        name = match.group("name").lower()
+        spec = _BY_ALIAS.get(name)
+        if spec is None or spec.kind == TEXT:
+            continue
+        end = glued[index + 1].start() if index + 1 < len(glued) else len(text)
+        value = _collapse(text[match.end() : end])
+        trial = _Parser(parser.styles)
+        trial.parameter(name, value)
+        if trial.problems:
+            continue
+        word = text[: match.start()].split()[-1]
+        fixed = " ".join(filter(None, (word, f"--{name}", value)))
+        parser.problem(
+            f"`{show(word + match.group() + (' ' + value if value else ''))}` has no space before "
+            f"`--{name}`, so it would be read as prompt text; write `{show(fixed)}`.",
+            spec.name,
+            value or None,
+            f"a space before `--{name}`",
+        )
 
 
 def analyse_prompt(text: str, *, styles: Mapping[str, StylePreset] | None = None) -> ParsedPrompt:
@@ -588,9 +628,27 @@ def analyse_prompt(text: str, *, styles: Mapping[str, StylePreset] | None = None
             f"--{match.group(2).lower()} without a space",
         )
     matches = list(_PARAM_RE.finditer(text))
+    trailing = _TRAILING_RE.search(text)
+    if matches and trailing and trailing.start() > matches[0].start():
+        # Left on, it would become the last parameter's value: "`--ar 16:9 --` has more than one
+        # value", or silently part of a `--no` list.
+        marker = trailing.group().strip()
+        parser.problem(
+            f"The prompt ends with `{marker}` without a parameter name after it; "
+            "remove it or finish the parameter, e.g. `--seed 5`.",
+            "prompt",
+            marker,
+            "a parameter name right after the dashes, e.g. `--seed 5`",
+        )
+        text = text[: trailing.start()]
+    _glued_parameters(parser, text[: matches[0].start()] if matches else text)
     for index, match in enumerate(matches):
         end = matches[index + 1].start() if index + 1 < len(matches) else len(text)
-        parser.parameter(match.group("name"), _collapse(text[match.end() : end]))
+        raw = _collapse(text[match.end() : end])
+        spec = _BY_ALIAS.get(match.group("name").lower())
+        if spec is not None and spec.kind == TEXT:
+            _glued_parameters(parser, raw)
+        parser.parameter(match.group("name"), raw)
     images, prompt = _image_prompts(_collapse(text[: matches[0].start()] if matches else text))
     params = _build(parser, prompt, images)
     if parser.problems:
@@ -608,6 +666,14 @@ def _check_text(parser: _Parser, prompt: str, images: tuple[str, ...], negative:
             "prompt",
             None,
             "some text before the parameters",
+        )
+    if len(images) > MAX_REFERENCES:
+        # Each link is downloaded before the job is accepted, like --sref's and --cref's.
+        parser.problem(
+            f"The prompt starts with {len(images)} image URLs; the limit is {MAX_REFERENCES}.",
+            "prompt",
+            str(len(images)),
+            f"at most {MAX_REFERENCES} image URLs",
         )
     if len(prompt) > MAX_PROMPT_LENGTH:
         parser.problem(
@@ -658,6 +724,10 @@ def _conflicts(parser: _Parser) -> None:
         )
 
 
+# The parser cannot see /imagine's attachment, which is an image prompt too: the command drops this.
+IW_WITHOUT_IMAGE = "`--iw` has no effect without an image URL at the start of the prompt."
+
+
 def _notes(parser: _Parser, images: tuple[str, ...]) -> None:
     values = parser.values
     for weight, needs, what in (
@@ -668,7 +738,7 @@ def _notes(parser: _Parser, images: tuple[str, ...]) -> None:
         if weight in values and needs not in values:
             parser.note(f"`--{weight}` has no effect without `--{needs}` ({what}).")
     if "iw" in values and not images:
-        parser.note("`--iw` has no effect without an image URL at the start of the prompt.")
+        parser.note(IW_WITHOUT_IMAGE)
 
 
 def _build(parser: _Parser, prompt: str, images: tuple[str, ...]) -> GenerationParams | None:

@@ -33,6 +33,7 @@ from bot.imagefetch import (
     read_attachment,
     validate_image,
 )
+from bot.prompt import parse_prompt
 from bot.settings import BotSettings
 from workers.schema import GenerationParams
 
@@ -278,6 +279,15 @@ async def test_fetch_references_groups_pictures_by_role(host: Host) -> None:
     assert [(i.width, i.height) for i in refs.character_images] == [(40, 30)]
     assert [(i.width, i.height) for i in refs.omni_images] == [(32, 48)]
     assert refs.style_codes == ("1234567", "random")
+
+
+async def test_weighted_style_references_are_fetched_without_their_weight(host: Host) -> None:
+    # "--sref url::2" keeps its weight in the parsed reference; the download must not carry it.
+    params = parse_prompt(f"a fox --sref {host.origin}/png::2 {host.origin}/photo.jpg::-0.5")
+    assert params.style_refs == (f"{host.origin}/png::2", f"{host.origin}/photo.jpg::-0.5")
+    refs = await fetch_references(params, allow_addresses=host.allow)
+    assert [(i.width, i.height) for i in refs.style_images] == [(40, 30), (32, 48)]
+    assert sorted(host.hits[-2:]) == ["/photo.jpg", "/png"]
 
 
 async def test_fetch_references_names_the_parameter_of_a_bad_picture(host: Host) -> None:

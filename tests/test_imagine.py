@@ -141,6 +141,16 @@ async def test_an_attachment_becomes_the_jobs_stored_input_and_reference(h: Harn
     assert PILImage.open(io.BytesIO(base64.b64decode(reference))).size == (32, 24)
 
 
+async def test_iw_with_an_attachment_is_not_noted_as_without_effect(h: Harness) -> None:
+    # The attachment is an image prompt, so --iw weighs it; only the --sw note applies.
+    picture = h.fake.upload_attachment("cat.png", png_bytes(32, 24))
+    inter = await h.fake.slash("imagine", {"prompt": "a cat --iw 2 --sw 100", "image": picture})
+    [request] = await h.dispatcher.wait_sent(1)
+    assert request.params.image_weight == 2
+    note = (await private_followup(h, inter))["content"]
+    assert "`--sw` has no effect" in note and "--iw" not in note
+
+
 async def test_an_attachment_that_is_not_an_image_is_refused_by_name_and_free(h: Harness) -> None:
     notes = h.fake.upload_attachment("notes.txt", b"just text", "text/plain")
     refusal = await refused_for_free(h, "imagine", {"prompt": "a cat", "image": notes})

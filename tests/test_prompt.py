@@ -313,6 +313,51 @@ def test_dashes_in_prose_stay_in_the_prompt(text: str) -> None:
     assert params.model_prompt == params.prompt
 
 
+@pytest.mark.parametrize(
+    ("text", "parameter", "fixed"),
+    [
+        ("a cat--ar 16:9", "ar", "cat --ar 16:9"),
+        ("a cat—ar 16:9 --seed 5", "ar", "cat --ar 16:9"),  # a phone's "--" glued to the word
+        ("a cat--tile", "tile", "cat --tile"),
+        ("a castle --no people--ar 3:2", "ar", "people --ar 3:2"),  # inside --no, too
+    ],
+)
+def test_parameter_glued_to_a_word_is_reported_not_dropped(text: str, parameter: str, fixed: str) -> None:
+    # Read as prose, "--ar 16:9" would land in the prompt and a 1:1 image be made (and charged).
+    exc = error(text)
+    assert exc.parameter == parameter and "no space before" in str(exc) and f"`{fixed}`" in str(exc)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "rain—no umbrella",  # --no takes any text: a glued "no" stays prose
+        "a man—stop sign",  # not a valid --stop value
+        "wild—chaos everywhere",
+        "fire--raw power",
+    ],
+)
+def test_glued_words_that_are_not_valid_parameters_stay_prose(text: str) -> None:
+    assert parse_prompt(text).prompt == text
+
+
+@pytest.mark.parametrize(
+    ("text", "field", "value"),
+    [
+        ("a cat --ar 16:9 --", "aspect", (16, 9)),
+        ("a cat --no dogs —", "negative_prompt", "dogs"),
+        ("a cat --p abc --", "personalize", ("abc",)),
+        ("a cat --tile —-", "tile", True),
+    ],
+)
+def test_trailing_dashes_after_the_parameters_are_named(text: str, field: str, value: Any) -> None:
+    exc = error(text)
+    assert len(exc.problems) == 1 and "without a parameter name" in str(exc)
+    assert "more than one value" not in str(exc) and "takes no value" not in str(exc)
+    marker = text.split()[-1]
+    assert getattr(parse_prompt(text[: -len(marker)]), field) == value
+
+
 def test_unknown_parameter_names_it_and_lists_the_known_ones() -> None:
     exc = error("x --zork 3")
     assert exc.parameter == "zork" and exc.value == "3"

@@ -148,6 +148,7 @@ def test_bad_niji() -> None:
         ("x --cref 12345", "cref"),
         ("x --oref https://e.com/a.png https://e.com/b.png", "oref"),
         ("x --p bad!code", "p"),
+        ("x --sref 123::--1", "sref"),
     ],
 )
 def test_bad_references(text: str, parameter: str) -> None:
@@ -258,6 +259,8 @@ def test_long_lists_of_problems_stay_under_discords_limit() -> None:
         ("x -- ar 16:9", "`--ar`"),
         ("x — stylize 100", "`--stylize`"),
         ("x --style cinematik", "`--style cinematic`"),
+        ("x --seed=5", "`--seed 5`"),  # the command-line habit
+        ("x --ar=16:9", "`--ar 16:9`"),
     ],
 )
 def test_did_you_mean(text: str, suggestion: str) -> None:
@@ -319,6 +322,20 @@ def test_two_images_need_no_text_but_one_does() -> None:
     assert exc.parameter == "prompt" and "second image" in str(exc)
 
 
+def test_image_prompts_are_bounded() -> None:
+    # Every link is downloaded before the job is accepted: the count is capped like --sref's.
+    ten = " ".join(f"https://e.com/{n}.png" for n in range(10))
+    assert len(parse_prompt(ten).image_prompts) == 10
+    exc = error(ten + " https://e.com/10.png a castle")
+    assert exc.parameter == "prompt" and "11 image URLs" in str(exc) and "limit is 10" in str(exc)
+
+
+def test_a_comma_after_an_image_url_is_not_part_of_the_link() -> None:
+    params = parse_prompt("https://e.com/a.png, <https://e.com/b.png>, a castle")
+    assert params.image_prompts == ("https://e.com/a.png", "https://e.com/b.png")
+    assert params.prompt == "a castle"
+
+
 def test_urls_after_the_text_are_words() -> None:
     params = parse_prompt("a poster like https://e.com/a.png")
     assert params.image_prompts == () and params.prompt == "a poster like https://e.com/a.png"
@@ -360,6 +377,15 @@ def test_weights_must_add_up_to_more_than_zero() -> None:
 
 def test_zero_weight_parts_are_dropped() -> None:
     assert weights(parse_prompt("a::0 b::1")) == [("b", 1.0)]
+
+
+def test_colons_inside_a_link_are_not_multiprompt_separators() -> None:
+    params = parse_prompt("a poster like https://e.com/w/a::0/b.png")  # "::0" would drop the text
+    assert params.parts == () and params.model_prompt == params.prompt
+    assert weights(parse_prompt("fox::3 like https://e.com/a::b.png")) == [
+        ("fox", 0.75),
+        ("like https://e.com/a::b.png", 0.25),
+    ]
 
 
 def test_emphasis_is_parsed_into_token_weights() -> None:

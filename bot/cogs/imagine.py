@@ -26,7 +26,7 @@ from bot.inputs import InputKeys, fetch_inputs, keys_payload, store_inputs
 from bot.interactions import DATABASE_ERRORS, DATABASE_UNAVAILABLE, actor_from, refuse
 from bot.operations import resolve_engine
 from bot.pricing import needs_confirmation
-from bot.prompt import PromptError, PromptPlan, plan_prompts
+from bot.prompt import IW_WITHOUT_IMAGE, PromptError, PromptPlan, plan_prompts
 from bot.prompt_prefs import Prefs, apply_prefs, load_prefs
 from bot.settings import BotSettings
 from workers.schema import GenerationParams, JobKind
@@ -104,7 +104,7 @@ class Imagine(commands.Cog):
         if banned:
             await refuse(interaction, banned_words_message(banned))
             return
-        notes = list(plan.notes)
+        notes = [note for note in plan.notes if not (image is not None and note == IW_WITHOUT_IMAGE)]
         for params in plan.params:
             notes += [note for note in prompting.notes(params) if note not in notes]
         cost = sum(
