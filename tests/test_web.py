@@ -568,6 +568,13 @@ async def test_odd_search_input_is_just_text(client: TestClient[Any, Any], seede
     assert job_links(body) == []
 
 
+async def test_a_nul_in_a_search_separates_words(client: TestClient[Any, Any], seeded: Seed) -> None:
+    # PostgreSQL text cannot hold a NUL: passed on to the database, the search answered a 500.
+    body = await fetch(client, "/?q=lighthouse%00dusk")
+    assert job_links(body) == [seeded.grid]
+    assert "\x00" not in body and 'value="lighthouse dusk"' in body
+
+
 async def test_search_pages_keep_the_query(
     client: TestClient[Any, Any], sessions: async_sessionmaker[AsyncSession], store: LocalMediaStore
 ) -> None:

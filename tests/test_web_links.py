@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
+import json
 import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -28,8 +30,8 @@ from bot.signing import (
     private_job_url,
     region_editor_url,
 )
-from bot.storage import LocalMediaStore
-from bot.web import REGION_JOB_KEY, create_app
+from bot.storage import LocalMediaStore, MediaStoreError
+from bot.web import REGION_JOB_KEY, create_app, editor, queries
 from bot.web.app import RegionRefused
 
 ALICE, BOB = 1, 2  # Discord user ids of the seeded members
@@ -321,6 +323,40 @@ async def test_bad_requests_are_refused(env: Env) -> None:
     assert env.calls.received == []
 
 
+async def test_a_submit_that_arrives_in_pieces_is_read_whole(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A body is read as it arrives: one read may return only its first part.
+    token = env.signer.sign(PURPOSE_REGION, ALICE, env.seed.stealth, 2, REGION_TTL)
+    mask = base64.b64encode(mask_png()).decode()
+    body = json.dumps({"prompt": "a koi", "mask": mask}).encode()
+
+    async def pieces(data: bytes) -> AsyncIterator[bytes]:
+        for start in range(0, len(data), 100):
+            yield data[start : start + 100]
+            await asyncio.sleep(0.005)
+
+    json_type = {"Content-Type": "application/json"}
+    response = await env.client.post(f"/edit/{token}", data=pieces(body), headers=json_type)
+    assert (response.status, await response.json()) == (200, {"message": SUBMITTED})
+    # Without a Content-Length, the bound still holds while reading.
+    monkeypatch.setattr(editor, "MAX_EDIT_BODY", len(body) - 1)
+    response = await env.client.post(f"/edit/{token}", data=pieces(body), headers=json_type)
+    assert response.status == 413
+    assert len(env.calls.received) == 1
+
+
+async def test_json_nested_too_deep_is_a_bad_request(env: Env) -> None:
+    token = env.signer.sign(PURPOSE_REGION, ALICE, env.seed.stealth, 2, REGION_TTL)
+    deep = b"[" * 100_000 + b"]" * 100_000
+    response = await env.client.post(
+        f"/edit/{token}", data=deep, headers={"Content-Type": "application/json"}
+    )
+    assert response.status == 400
+    assert "not valid JSON" in (await response.json())["error"]
+    assert env.calls.received == []
+
+
 async def test_submit_with_a_bad_token_is_refused(env: Env) -> None:
     token = env.signer.sign(PURPOSE_REGION, ALICE, env.seed.stealth, 2, REGION_TTL)
     for bad in (forge(token), env.signer.sign(PURPOSE_JOB, ALICE, env.seed.stealth, 2, PRIVATE_JOB_TTL)):
@@ -342,6 +378,29 @@ async def test_refusals_and_failures_of_the_callback_keep_no_mask(env: Env) -> N
     assert status == 500 and "nothing was charged" in answer["error"]
     for *_, key in env.calls.received:
         assert not await env.store.exists(key)
+
+
+async def test_a_store_outage_is_a_json_retry_and_never_changes_a_refusal(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    token = env.signer.sign(PURPOSE_REGION, ALICE, env.seed.stealth, 2, REGION_TTL)
+
+    async def unreachable(*_args: Any, **_kwargs: Any) -> None:
+        raise MediaStoreError("the bucket is unreachable")
+
+    # The mask cannot be stored: nothing reaches the callback, and the editor gets JSON it can show.
+    monkeypatch.setattr(env.store, "put", unreachable)
+    response = await env.client.post(
+        f"/edit/{token}", json={"prompt": "a koi", "mask": base64.b64encode(mask_png()).decode()}
+    )
+    assert response.status == 503 and response.headers["Retry-After"]
+    assert "nothing was charged" in (await response.json())["error"] and not env.calls.received
+    # Stored, then refused, and the clean-up delete fails: the member still reads the refusal.
+    monkeypatch.undo()
+    monkeypatch.setattr(env.store, "delete", unreachable)
+    env.calls.refuse = "You have no credits left this week."
+    status, answer = await submit(env.client, token, mask_png())
+    assert (status, answer) == (409, {"error": "You have no credits left this week."})
 
 
 async def test_without_a_callback_submit_says_so(
@@ -400,3 +459,18 @@ async def test_access_log_never_holds_a_link_token(
     assert all(token not in line and edit not in line for line in lines)
     assert '"GET /p/<token>" 200' in lines[0] and '"GET /p/<token>/i/0.png" 200' in lines[1]
     assert '"GET /edit/<token>" 200' in lines[2] and '"GET /" 200' in lines[3]
+
+
+async def test_the_error_log_never_holds_a_link_token(
+    env: Env, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def broken(*args: Any) -> None:
+        raise RuntimeError("the database fell over")
+
+    monkeypatch.setattr(queries, "owned_job_view", broken)
+    token = env.signer.sign(PURPOSE_JOB, ALICE, env.seed.stealth, 0, PRIVATE_JOB_TTL)
+    with caplog.at_level("ERROR", logger="bot.web.app"):
+        body = await fetch(env.client, f"/p/{token}", 500)
+    assert "Something went wrong" in body and "fell over" not in body
+    assert "unhandled error serving /p/<token>" in caplog.text
+    assert token not in caplog.text

@@ -93,7 +93,8 @@ async def error_pages(request: web.Request, handler: Handler) -> web.StreamRespo
                 response.headers[name] = exc.headers[name]
         return response
     except Exception:
-        log.exception("unhandled error serving %s", request.path)
+        # Redacted like the access log: the error log must not hand out signed links either.
+        log.exception("unhandled error serving %s", redact_path(request.path))
         return pages.render(
             request,
             "error.html",

@@ -20,6 +20,7 @@ from aiohttp import web
 from PIL import Image as PILImage
 
 from bot.signing import PURPOSE_REGION, BadToken
+from bot.storage import MediaStore, MediaStoreError
 from bot.web import pages, queries
 from bot.web.common import (
     BAD_LINK,
@@ -36,6 +37,7 @@ from bot.web.common import (
     not_found,
 )
 from bot.web.files import (
+    STORE_RETRY_AFTER_S,
     owned_image_or_404,
     serve_key,
 )
@@ -127,10 +129,14 @@ async def _read_body(request: web.Request, limit: int) -> bytes:
     # body with a larger, explicit bound.
     if request.content_length is not None and request.content_length > limit:
         raise ValueError("too large")
-    body = await request.content.read(limit + 1)
-    if len(body) > limit or not request.content.at_eof():
-        raise ValueError("too large")
-    return body
+    # read(n) returns what has arrived so far, not n bytes: a body that comes in several
+    # pieces is read piece by piece, up to one byte past the bound.
+    body = bytearray()
+    while chunk := await request.content.read(limit + 1 - len(body)):
+        body += chunk
+        if len(body) > limit:
+            raise ValueError("too large")
+    return bytes(body)
 
 
 async def editor_submit(request: web.Request) -> web.Response:
@@ -152,7 +158,7 @@ async def editor_submit(request: web.Request) -> web.Response:
         return _json_error(413, "The mask is too large.")
     try:
         payload = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: nested too deep
         return _json_error(400, "The request is not valid JSON.")
     if not isinstance(payload, dict) or not isinstance(payload.get("mask"), str):
         return _json_error(400, "The request has no mask.")
@@ -178,14 +184,30 @@ async def editor_submit(request: web.Request) -> web.Response:
 
     store = request.app[STORE_KEY]
     mask_key = f"masks/{claims.job_id}/{claims.index}-{secrets.token_hex(8)}.png"
-    await store.put(mask_key, mask, "image/png")
+    try:
+        await store.put(mask_key, mask, "image/png")
+    except MediaStoreError as exc:
+        log.warning("media store unreachable for a region mask: %s", exc)
+        response = _json_error(
+            503, "The image store cannot be reached right now; nothing was charged. Try again."
+        )
+        response.headers["Retry-After"] = str(STORE_RETRY_AFTER_S)
+        return response
     try:
         message = await callback(claims.user_id, claims.job_id, claims.index, prompt, mask_key)
     except RegionRefused as exc:
-        await store.delete(mask_key)
+        await _forget_mask(store, mask_key)
         return _json_error(409, str(exc) or "The edit was refused.")
     except Exception:
         log.exception("region job callback failed for job %s", claims.job_id)
-        await store.delete(mask_key)
+        await _forget_mask(store, mask_key)
         return _json_error(500, "Something went wrong; nothing was charged. Try again.")
     return web.json_response({"message": message}, headers={"Cache-Control": "no-store"})
+
+
+async def _forget_mask(store: MediaStore, key: str) -> None:
+    # An unused mask left behind costs a few kilobytes; the member's answer must not change for it.
+    try:
+        await store.delete(key)
+    except MediaStoreError as exc:
+        log.warning("could not delete the unused mask %s: %s", key, exc)

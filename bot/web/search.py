@@ -40,8 +40,9 @@ def include_in_autogenerate(name: str | None, type_: str, parent_names: dict[str
 
 
 def normalise_query(raw: str) -> str:
-    """The query as searched: whitespace collapsed and length bounded."""
-    return " ".join(raw.split())[:MAX_QUERY_CHARS]
+    """The query as searched: whitespace collapsed, NULs made spaces and length bounded."""
+    # PostgreSQL text cannot hold a NUL: passed on to websearch_to_tsquery, it fails the query.
+    return " ".join(raw.replace("\x00", " ").split())[:MAX_QUERY_CHARS]
 
 
 def terms(query: str) -> list[tuple[str, bool]]:
