@@ -83,6 +83,23 @@ def test_pan_sides_are_multiples_and_capped() -> None:
     assert (left, top) == (0, 0) and right < image.width and bottom == image.height
 
 
+@pytest.mark.parametrize("bucket", [(1536, 640), (1792, 576), (2048, 512)])
+@pytest.mark.parametrize("direction", [Direction.RIGHT, Direction.UP])
+def test_capped_pan_keeps_the_picture_shape(bucket: tuple[int, int], direction: Direction) -> None:
+    # Wide buckets panned sideways (and tall ones upwards) exceed max_side and are shrunk first;
+    # rounding both sides to 64 on its own squashed the kept original by up to 6 %.
+    size = bucket if direction is Direction.RIGHT else bucket[::-1]
+    image, mask = canvas.pan_canvas(_pattern(*size), direction, multiple=64, max_side=2048)
+    assert image.width % 64 == 0 and image.height % 64 == 0 and max(image.size) <= 2048
+    left, top, right, bottom = _zero_box(mask)
+    width, height = right - left, bottom - top
+    assert abs(width - height * size[0] / size[1]) <= 1 and abs(height - width * size[1] / size[0]) <= 1
+    if direction is Direction.RIGHT:  # the original fills the height and starts at the left edge
+        assert (left, top, bottom) == (0, 0, image.height) and right < image.width
+    else:  # it fills the width and ends at the bottom edge
+        assert (left, right, bottom) == (0, image.width, image.height) and top > 0
+
+
 def test_square_centres_a_wide_image() -> None:
     source = _pattern(64, 32)
     image, mask = canvas.square_canvas(source, multiple=16)

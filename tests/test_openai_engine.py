@@ -199,15 +199,23 @@ def test_default_model_is_dalle3(fake: FakeOpenAIServer) -> None:
         ((5, 4), (1024, 1024), (1536, 1024)),  # 1.29 is nearer 1.5 than 1, but not 1.75
         ((4, 5), (1024, 1024), (1024, 1536)),
         ((4, 1), (1792, 1024), (1536, 1024)),
+        ((4, 3), (1792, 1024), (1536, 1024)),  # ln 1.33 is 0.27 from ln 1.75, 0.29 from ln 1
+        ((3, 4), (1024, 1792), (1024, 1536)),
+        ((16, 13), (1024, 1024), (1536, 1024)),  # its bucket 1088x896 made gpt-image square
     ],
 )
 def test_aspect_maps_to_nearest_allowed_size(
-    aspect: tuple[int, int], dalle3: tuple[int, int], gpt: tuple[int, int]
+    fake: FakeOpenAIServer, aspect: tuple[int, int], dalle3: tuple[int, int], gpt: tuple[int, int]
 ) -> None:
-    w, h = nearest_bucket(*aspect)
-    assert nearest_size(model_spec("dall-e-3").sizes, w, h) == dalle3
-    assert nearest_size(model_spec("gpt-image-1").sizes, w, h) == gpt
-    assert nearest_size(model_spec("dall-e-2").sizes, w, h) == (1024, 1024)
+    assert nearest_size(model_spec("dall-e-3").sizes, *aspect) == dalle3
+    assert nearest_size(model_spec("gpt-image-1").sizes, *aspect) == gpt
+    assert nearest_size(model_spec("dall-e-2").sizes, *aspect) == (1024, 1024)
+    # The request is sized from the --ar itself, not from the SDXL bucket it also picked:
+    # 4:3's bucket (1152x896, 1.29) is on the other side of dall-e-3's square/wide boundary.
+    engine = make_engine(fake)
+    for model, expected in (("dall-e-3", dalle3), ("gpt-image-1", gpt)):
+        engine.run(job(model=model, aspect=aspect, count=1))
+        assert fake.image_requests()[-1].fields["size"] == f"{expected[0]}x{expected[1]}"
 
 
 def test_wide_dalle3_grid_end_to_end(fake: FakeOpenAIServer) -> None:

@@ -234,3 +234,30 @@ def test_zoom_layout_widens_to_the_new_aspect() -> None:
     assert (layout.width, layout.height, layout.left, layout.top) == (300, 150, 100, 25)
     with pytest.raises(WorkerError):
         zoom_layout((100, 100), 1.0, (1, 1))
+
+
+# ------------------------------------------------------------------- prompt-less follow-ups
+
+
+@pytest.mark.parametrize(
+    ("kind", "fields"),
+    [
+        (JobKind.ZOOM, {"scale": 2.0}),
+        (JobKind.PAN, {"direction": "right"}),
+        (JobKind.SQUARE, {}),
+        (JobKind.REGION, {"mask_image": _mask((1024, 1024), (0, 0, 512, 512))}),
+    ],
+)
+@pytest.mark.parametrize("model", ["gpt-image-1", "dall-e-2"])
+def test_follow_ups_of_a_blend_send_a_prompt(
+    fake: FakeOpenAIServer, kind: JobKind, fields: dict[str, Any], model: str
+) -> None:
+    # A /blend result has no words, but images.edit requires a prompt: the job must not fail.
+    size = (1536, 1024) if kind is JobKind.SQUARE else (1024, 1024)
+    result = engine(fake).run(
+        job(kind, model=model, params={"prompt": ""}, input_image=png(size), count=1, **fields)
+    )
+    (request,) = fake.image_requests()
+    assert request.endpoint == "edits" and request.status == 200
+    assert request.fields["prompt"].strip()
+    assert len(result.images) == 1

@@ -56,6 +56,10 @@ ROLE_INSTRUCTIONS: dict[str, str] = {
     ReferenceRole.CHARACTER.value: "keep the character from {which}: the same face, hair and clothes",
     ReferenceRole.OMNI.value: "include the subject of {which} as it is",
 }
+# images.edit requires a prompt, and a /blend result has no words: its zooms, pans, squares and
+# regions say what to paint instead of failing.
+OUTPAINT_INSTRUCTION = "Fill the transparent area so that it continues the picture seamlessly."
+REGION_INSTRUCTION = "Repaint the transparent area so that it fits the rest of the picture."
 ROLE_FLAGS = {
     ReferenceRole.PROMPT.value: "image prompts",
     ReferenceRole.STYLE.value: "--sref",
@@ -166,6 +170,11 @@ def edit_options(
     return generate_options(spec, params, size, prompt_text(params, spec, instruction))
 
 
+def wordless(params: GenerationParams, instruction: str) -> str | None:
+    """``instruction`` when the prompt has no words (a /blend result), else None: the prompt will do."""
+    return None if params.model_prompt.strip() else instruction
+
+
 def references(request: JobRequest) -> list[tuple[str, Image.Image]]:
     """The job's reference pictures as ``(role, picture)``, in role order (prompt, style, ...)."""
     out = []
@@ -206,7 +215,7 @@ def plan_generate(request: JobRequest, spec: ModelSpec) -> Plan:
     refs = references(request)
     notes = ignored_params(params, spec)
     if refs and spec.family == "gpt-image":
-        size = nearest_size(spec.edit_sizes, params.width, params.height)
+        size = nearest_size(spec.edit_sizes, *params.aspect)
         roles = [role for role, _ in refs]
         options = edit_options(spec, params, size, reference_instruction(roles))
         if ReferenceRole.CHARACTER.value in roles and spec.name == "gpt-image-1":
@@ -216,7 +225,9 @@ def plan_generate(request: JobRequest, spec: ModelSpec) -> Plan:
     if refs:
         flags = sorted({ROLE_FLAGS[role] for role, _ in refs})
         notes.append(f"{spec.name} cannot take {', '.join(flags)}: ignored (GPT image models can use them).")
-    size = nearest_size(spec.sizes, params.width, params.height)
+    # Sized from the --ar itself, not its rounded SDXL bucket (params.width/height): 4:3's
+    # bucket, 1152x896, falls on the square side of dall-e-3's square/wide boundary.
+    size = nearest_size(spec.sizes, *params.aspect)
     options = generate_options(spec, params, size, prompt_text(params, spec))
     if style := style_option(spec, params.stylize, params.raw):
         options["style"] = style
@@ -247,7 +258,7 @@ def plan_blend(request: JobRequest, spec: ModelSpec) -> Plan:
     notes: list[str] = []
     edit_spec = _gpt_image(spec, "blend pictures", notes)
     params = request.params
-    size = nearest_size(edit_spec.edit_sizes, params.width, params.height)
+    size = nearest_size(edit_spec.edit_sizes, *params.aspect)
     instruction = (
         f"Blend the {len(pictures)} attached pictures into one new picture that merges their "
         "subjects, shapes, styles and colours."
@@ -282,7 +293,7 @@ def plan_region(request: JobRequest, spec: ModelSpec) -> Plan:
     image_png, mask_png = imaging.encode_png(picture.convert("RGBA")), imaging.encode_png(api_mask)
     if edit_spec.square_edits and max(len(image_png), len(mask_png)) >= DALLE2_MAX_UPLOAD:
         raise WorkerError(ErrorCode.BAD_INPUT, "The image is too large to send to OpenAI.")
-    options = edit_options(edit_spec, request.params, size, None)
+    options = edit_options(edit_spec, request.params, size, wordless(request.params, REGION_INSTRUCTION))
     mask_upload = ("mask.png", mask_png, "image/png")
     calls = _edit_calls(
         options, ("image.png", image_png, "image/png"), request.count, edit_spec.max_n, mask=mask_upload
@@ -365,7 +376,7 @@ def plan_outpaint(
             break
     else:
         raise WorkerError(ErrorCode.BAD_INPUT, "The image is too large to send to OpenAI.")
-    options = edit_options(edit_spec, request.params, size, None)
+    options = edit_options(edit_spec, request.params, size, wordless(request.params, OUTPAINT_INSTRUCTION))
     upload = ("image.png", image_png, "image/png")
     mask_upload = ("mask.png", mask_png, "image/png")
     calls = [
