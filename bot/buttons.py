@@ -37,7 +37,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import Callable
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -46,7 +47,7 @@ from discord import ui
 from sqlalchemy import select
 
 from bot import remix
-from bot.interactions import refuse
+from bot.interactions import DATABASE_ERRORS, DATABASE_UNAVAILABLE, refuse
 from bot.models import Job, JobStatus
 from bot.operations import Operation
 from workers.schema import Direction, JobKind, Visibility
@@ -69,6 +70,7 @@ UPSCALE_FACTOR = 2.0
 ZOOM_SCALES = {"2": 2.0, "1.5": 1.5}
 PAN_DIRECTIONS = {"l": Direction.LEFT, "r": Direction.RIGHT, "u": Direction.UP, "d": Direction.DOWN}
 PAN_EMOJI = {"l": "⬅️", "r": "➡️", "u": "⬆️", "d": "⬇️"}
+PRESSED_MEMORY = 1024  # messages whose pressed buttons this process remembers (most recent)
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,14 +208,45 @@ class JobButton(ui.DynamicItem[ui.Button[Any]], template=TEMPLATE):
             await mark_pressed(interaction)
 
 
+ModalHandler = Callable[[discord.Interaction[Any], re.Match[str]], Awaitable[None]]
+# Forms handled from their custom_id and fields alone: (custom_id pattern, the custom_id of the
+# button that opened one, formatted with the match's groups, handler).
+_MODAL_ROUTES: list[tuple[re.Pattern[str], str, ModalHandler]] = []
+
+
+def on_modal_submit(pattern: str, button: str, handler: ModalHandler) -> None:
+    """Handle submits of forms whose custom_id fully matches ``pattern`` (call once, at import).
+
+    discord.py finds a submitted form only among the modal objects of this process, so a form
+    left open across a restart would get no answer at all; :func:`remix_submitted` routes it.
+    """
+    _MODAL_ROUTES.append((re.compile(pattern), button, handler))
+
+
+def opening_button(custom_id: str) -> str:
+    """The custom_id of the button a form was opened from; a button's own id is returned as is."""
+    button = custom_id.removeprefix(remix.MODAL_PREFIX)
+    if button != custom_id and parse_custom_id(button) is not None:
+        return button
+    for pattern, template, _handler in _MODAL_ROUTES:
+        if match := pattern.fullmatch(custom_id):
+            return template.format(**match.groupdict())
+    return custom_id
+
+
 async def remix_submitted(interaction: discord.Interaction[Any]) -> None:
     """A Remix editor's submit: the button and job come from its custom_id, the edit from its field.
 
-    Handled here rather than by the modal object, which a bot restart forgets.
+    Handled here rather than by the modal object, which a bot restart forgets; so are the forms
+    registered with :func:`on_modal_submit` (Custom Zoom).
     """
     if interaction.type != discord.InteractionType.modal_submit:
         return
     custom_id = str((interaction.data or {}).get("custom_id") or "")
+    for pattern, _button, handler in _MODAL_ROUTES:
+        if match := pattern.fullmatch(custom_id):
+            await handler(interaction, match)
+            return
     button = custom_id.removeprefix(remix.MODAL_PREFIX)
     parsed = parse_custom_id(button)
     text = remix.submitted_text(interaction)
@@ -251,7 +284,13 @@ async def load_source(
     done, _ = await asyncio.wait({lookup}, timeout=LOOKUP_BUDGET_S)
     if not done:
         await interaction.response.defer(thinking=True, ephemeral=private)
-    job = await lookup
+    try:
+        job = await lookup
+    except DATABASE_ERRORS:
+        # Unanswered, the press would read "This interaction failed" with no reason given.
+        log.exception("could not look up job %s for a press", job_id)
+        await refuse(interaction, DATABASE_UNAVAILABLE)
+        return None
     if job is None:
         await refuse(interaction, MISSING_JOB)
         return None
@@ -275,41 +314,61 @@ async def answer_privately(
         await interaction.response.send_message(text, ephemeral=True, view=view or discord.utils.MISSING)
 
 
-def pressed_view(message: discord.Message, custom_id: str) -> ui.View | None:
-    """The message's components with the ``custom_id`` button primary, or None if it already is.
+def pressed_view(message: discord.Message, custom_id: str | set[str]) -> ui.View | None:
+    """The message's components with the ``custom_id`` button(s) primary, or None if they already are.
 
     The view is stopped: it only describes the look, presses are still routed by custom_id.
     """
+    wanted = {custom_id} if isinstance(custom_id, str) else custom_id
     view = ui.View.from_message(message, timeout=None)
     view.stop()
-    found = False
+    changed = False
     for item in view.children:
-        if isinstance(item, ui.Button) and item.custom_id == custom_id:
-            if item.style == discord.ButtonStyle.primary:
-                return None
+        if isinstance(item, ui.Button) and item.custom_id in wanted:
+            changed = changed or item.style != discord.ButtonStyle.primary
             item.style = discord.ButtonStyle.primary
-            found = True
-    return view if found else None
+    return view if changed else None
 
 
 def pressed_button(interaction: discord.Interaction[Any]) -> dict[str, Any] | None:
-    """Where the pressed button is (channel, message, custom_id), for marking it after a question."""
+    """Where the pressed button is (channel, message, custom_id), for marking it after a question.
+
+    For a form's submit, the button is the one that opened the form (the form's id is on no button).
+    """
     message = interaction.message
     custom_id = (interaction.data or {}).get("custom_id")
     if message is None or not isinstance(custom_id, str):
         return None
-    return {"channel_id": message.channel.id, "message_id": message.id, "custom_id": custom_id}
+    button = opening_button(custom_id)
+    return {"channel_id": message.channel.id, "message_id": message.id, "custom_id": button}
+
+
+# Per message: a lock ordering this process's edits, and the buttons it turned blue. A press
+# carries the message as it was when pressed, so an edit built from that alone would undo the
+# blue of a press that landed meanwhile (members press U1 to U4 in quick succession).
+_PRESSED: OrderedDict[int, tuple[asyncio.Lock, set[str]]] = OrderedDict()
+
+
+def _pressed_on(message_id: int) -> tuple[asyncio.Lock, set[str]]:
+    entry = _PRESSED.pop(message_id, None) or (asyncio.Lock(), set())
+    _PRESSED[message_id] = entry  # most recent last
+    while len(_PRESSED) > PRESSED_MEMORY:
+        _PRESSED.popitem(last=False)
+    return entry
 
 
 async def _turn_blue(message: discord.Message, custom_id: str) -> None:
-    view = pressed_view(message, custom_id)
-    if view is None:
-        return
-    try:
-        await message.edit(view=view)
-    except discord.HTTPException as exc:
-        # Cosmetic only: the job was accepted and runs whatever the old message looks like.
-        log.info("could not mark button %s as pressed: %s", custom_id, exc)
+    lock, pressed = _pressed_on(message.id)
+    async with lock:
+        pressed.add(custom_id)
+        view = pressed_view(message, pressed)
+        if view is None:
+            return
+        try:
+            await message.edit(view=view)
+        except discord.HTTPException as exc:
+            # Cosmetic only: the job was accepted and runs whatever the old message looks like.
+            log.info("could not mark button %s as pressed: %s", custom_id, exc)
 
 
 async def mark_pressed_at(client: discord.Client, where: dict[str, Any] | None) -> None:

@@ -171,24 +171,27 @@ class JobService:
 
         Reroll gets a new random seed; everything else keeps the parent's seed so a variation
         of a seeded grid is reproducible too. ``params`` replaces the parent's parameters where
-        the member edited them (Custom Zoom's prompt and ``--ar``, Vary (Region)'s prompt).
+        the member edited them (Remix, Custom Zoom, Vary (Region)); an edited ``--seed`` or
+        ``--model`` wins over the parent's.
         """
         check_fits(parent, operation, parent_index, actor)
         parent_params = params if params is not None else generation_params(parent)
+        seed = parent.seed if params is None or params.seed is None else params.seed
+        engine = Engine(parent.engine) if params is None or params.engine is None else params.engine
 
         def plan(member: Member, settings: BotSettings) -> _Plan:
-            """The parent's prompt and engine; the presser's current visibility mode."""
-            # The member's mode now applies to everything they start, also from their older public
-            # grids; their own stealth grid stays stealth even after they switched back to public.
+            """The presser's mode applies, also to their older public grids; their own stealth grid
+            stays stealth, and so does an edit asking for --stealth (not --public: the form may come
+            prefilled from another member's prompt)."""
             visibility = resolve_visibility(None, member, settings)
-            if parent.user_id == actor.user_id and parent.visibility == Visibility.STEALTH.value:
+            own_stealth = parent.user_id == actor.user_id and parent.visibility == Visibility.STEALTH.value
+            if own_stealth or (params is not None and params.visibility == Visibility.STEALTH):
                 visibility = Visibility.STEALTH
-            seed = random_seed() if operation.kind == JobKind.REROLL else parent.seed
             return _Plan(
                 params=parent_params,
-                engine=Engine(parent.engine),
+                engine=engine,
                 visibility=visibility,
-                seed=seed,
+                seed=random_seed() if operation.kind == JobKind.REROLL else seed,
                 parent=parent,
                 parent_index=parent_index,
             )

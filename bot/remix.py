@@ -26,7 +26,7 @@ from sqlalchemy import select
 
 from bot.access import account_guild
 from bot.banned_words import BannedWordRules, banned_words_message, check_prompt
-from bot.interactions import actor_from
+from bot.interactions import actor_from, refuse
 from bot.models import Job, Member
 from bot.operations import Operation, generation_params
 from bot.prompt import PromptError, parse_prompt, prompt_text
@@ -99,13 +99,13 @@ class RemixModal(ui.Modal):
         self.add_item(self.prompt)
 
 
-def submitted_text(interaction: discord.Interaction[Any]) -> str | None:
-    """The editor's field as submitted (rows of inputs, or labels holding one), or None."""
+def submitted_text(interaction: discord.Interaction[Any], field_id: str = FIELD_ID) -> str | None:
+    """A form's field as submitted (rows of inputs, or labels holding one), or None."""
     pending: list[Any] = [interaction.data or {}]
     while pending:
         node = pending.pop()
         if isinstance(node, dict):
-            if node.get("custom_id") == FIELD_ID and isinstance(node.get("value"), str):
+            if node.get("custom_id") == field_id and isinstance(node.get("value"), str):
                 return str(node["value"])
             pending.extend(node.get("components") or [])
             if isinstance(node.get("component"), dict):
@@ -128,15 +128,19 @@ async def submit(
     try:
         params = parse_prompt(expand_options(text, prefs.options), styles=bot.jobs.prompting.presets)
     except PromptError as exc:
-        await interaction.response.send_message(
-            f"{exc}\nNothing was charged; press the button again to edit.", ephemeral=True
-        )
+        # refuse(): a slow lookup of the parent may have deferred the submit already.
+        await refuse(interaction, f"{exc}\nNothing was charged; press the button again to edit.")
         return False
     banned = check_prompt(params.model_prompt, BannedWordRules.from_settings(bot.settings))
     if banned:
-        await interaction.response.send_message(banned_words_message(banned), ephemeral=True)
+        await refuse(interaction, banned_words_message(banned))
         return False
-    return await bot.flow.press(interaction, remixed_parent(parent, params), operation, index) is not None
+    # ``params`` too: an edit costly enough to ask first is rebuilt on Yes from the stored parent
+    # and these, so without them Yes would start the unedited prompt.
+    created = await bot.flow.press(
+        interaction, remixed_parent(parent, params), operation, index, params=params
+    )
+    return created is not None
 
 
 async def maybe_open(interaction: discord.Interaction[Any], parent: Job, code: str, *, label: str) -> bool:

@@ -5,11 +5,15 @@ press, and presses after a restart."""
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import pytest
 from sqlalchemy import delete
+from sqlalchemy.exc import OperationalError
 
+from bot import buttons
 from bot.buttons import ACTIONS, TEMPLATE, JobButton, parse_custom_id
+from bot.interactions import DATABASE_UNAVAILABLE
 from bot.models import Job, JobStatus
 from bot.views import DYNAMIC_ITEMS, result_view
 from tests.botutil import (
@@ -321,3 +325,36 @@ async def test_a_refused_press_does_not_turn_blue(h: Harness) -> None:
     await h.settle()
     assert set(styles(h.fake.get_message(message["id"]) or {}).values()) == {2}
     assert h.fake.find_requests(route="channel_message_edit") == []
+
+
+async def test_quick_presses_on_one_message_all_stay_blue(h: Harness) -> None:
+    # A member pressing U1..U4 in a row: each press carries the message as it was when pressed,
+    # before the earlier presses' edits landed. No press may undo an earlier one's blue.
+    job, message = await finish_grid(h, "four quick presses")
+    presses = [await h.fake.press(f"mj:u:{job.id}:{n}", message) for n in range(1, 5)]
+    for press in presses:
+        await press.wait_original(has_result)
+    wanted = {f"mj:u:{job.id}:{n}" for n in range(1, 5)}
+
+    def blue(m: dict[str, Any]) -> set[str]:
+        return {cid for cid, style in styles(m).items() if style == 1}
+
+    await h.fake.wait_for_message(lambda m: m["id"] == message["id"] and blue(m) == wanted, timeout=5)
+    await h.settle()
+    assert blue(h.fake.get_message(message["id"]) or {}) == wanted
+
+
+async def test_a_press_while_the_database_is_down_is_answered(
+    h: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    job, message = await finish_grid(h, "no database")
+
+    async def unreachable(_bot: object, _job_id: str) -> Job:
+        raise OperationalError("SELECT", {}, ConnectionRefusedError("database down"))
+
+    monkeypatch.setattr(buttons, "load_job", unreachable)
+    for custom_id in (f"mj:v:{job.id}:1", f"mj:u:{job.id}:2"):
+        _press, callback = await press_and_wait(h, custom_id, message)
+        assert callback.callback_type == 4 and callback.message_payload["flags"] & EPHEMERAL
+        assert callback.message_payload["content"] == DATABASE_UNAVAILABLE
+    assert len(h.dispatcher.sent) == 1

@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from bot import buttons
 from bot.models import JobStatus
 from tests.botutil import (
     EPHEMERAL,
@@ -17,6 +18,7 @@ from tests.botutil import (
     finish_grid,
     has_result,
     press_and_wait,
+    private_followup,
     styles,
 )
 from workers.schema import JobKind
@@ -132,3 +134,61 @@ async def test_remix_set_in_a_guild_applies_to_buttons_in_a_dm(tmp_path: Path, s
         )
         job = await dm_h.job_for(submit)
         assert job.prompt == "a lighthouse in fog" and job.parent_id == grid.id
+
+
+def yes_id(question: dict[str, Any]) -> str:
+    """The Yes button of a private "This costs N credits" question."""
+    ids = [c["custom_id"] for row in question["components"] for c in row["components"]]
+    [found] = [cid for cid in ids if cid.startswith("mj:confirm:") and cid.endswith(":yes")]
+    return found
+
+
+async def test_an_edit_costly_enough_to_ask_starts_the_edited_job_on_yes(h: Harness) -> None:
+    # 100 steps is four times the base work: the edit costs 4 credits and asks first. Yes must
+    # start what was asked about (the edited prompt), and turn the button that opened it blue.
+    grid, message = await finish_grid(h, "a red fox")
+    await remix_on(h)
+    _press, callback = await press_and_wait(h, f"mj:v:{grid.id}:1", message)
+    submit = await h.fake.submit_modal(
+        callback.json["data"]["custom_id"], {"prompt": "a blue fox --steps 100 --seed 77"}, message=message
+    )
+    question = await submit.wait_original()
+    assert question["flags"] & EPHEMERAL and "costs 4 credits" in question["content"]
+    assert await h.job_count() == 1
+    yes, _ = await press_and_wait(h, yes_id(question), question)
+    job = await h.job_for(yes)
+    assert job.kind == JobKind.VARIATION and job.parent_id == grid.id and job.parent_index == 1
+    assert job.prompt == "a blue fox" and job.params["steps"] == 100 and job.cost == 4
+    assert job.seed == 77  # the edited seed, not the parent's
+    assert await credits_used(h, h.fake.user.id) == 5
+    await h.fake.wait_for_message(
+        lambda m: m["id"] == message["id"] and styles(m).get(f"mj:v:{grid.id}:1") == 1
+    )
+
+
+async def test_a_bad_edit_after_a_slow_lookup_is_still_refused_privately(
+    h: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A slow database makes the submit defer before the edit is read: the refusal must still
+    # reach the member (and the "thinking…" go away) rather than fail on the answered response.
+    grid, message = await finish_grid(h, "a red fox")
+    await remix_on(h)
+    _press, callback = await press_and_wait(h, f"mj:r:{grid.id}", message)
+    monkeypatch.setattr(buttons, "LOOKUP_BUDGET_S", 0.0)
+    submit = await h.fake.submit_modal(
+        callback.json["data"]["custom_id"], {"prompt": "a red fox --chaos 500"}, message=message
+    )
+    refusal = await private_followup(h, submit)
+    assert "chaos" in refusal["content"] and "Nothing was charged" in refusal["content"]
+    assert await h.job_count() == 1 and await credits_used(h, h.fake.user.id) == 1
+
+
+async def test_stealth_typed_in_an_edit_makes_a_stealth_job(h: Harness) -> None:
+    # A public-mode member remixing a public grid asks for privacy: the result must not be public.
+    grid, message = await finish_grid(h, "a red fox")
+    assert grid.visibility == "public"
+    await remix_on(h)
+    _press, callback = await press_and_wait(h, f"mj:v:{grid.id}:1", message)
+    modal = callback.json["data"]
+    submit = await h.fake.submit_modal(modal["custom_id"], {"prompt": "a red fox --stealth"}, message=message)
+    assert (await h.job_for(submit)).visibility == "stealth"
