@@ -7,7 +7,8 @@
   account in the guild of their most recent guild job (:func:`account_guild`), so DM and guild
   jobs draw on the same credits. A member who never used the bot in a guild is charged to a
   DM-only account (guild 0). The DM job itself keeps guild 0, so it is delivered to the DM.
-- Members: an owner can ban a member (in one guild, or everywhere with guild 0).
+- Members: an owner can ban a member (in one guild, or everywhere with guild 0). A ban in the
+  guild that pays for a member's DM jobs refuses those too.
 - Credits power: ``/quota`` needs Manage Server in an *approved* guild (listed or approved by an
   owner, even when any guild may generate), or ``ADMIN_USER_IDS`` / ``OWNER_USER_IDS``; inviting
   the bot to one's own server gives no power over credits.
@@ -85,17 +86,23 @@ async def guild_may_generate(session: AsyncSession, settings: BotSettings, guild
 
 
 async def check_actor(session: AsyncSession, settings: BotSettings, actor: Actor) -> None:
-    """Refuse a job from a DM (unless allowed), an unapproved or banned guild, or a banned member."""
+    """Refuse a job from a DM (unless allowed), an unapproved or banned guild, or a banned member.
+
+    A member is banned here, everywhere (guild 0), or, for a DM, in the guild that pays for it.
+    """
     if actor.guild_id == DM_GUILD:
         if not settings.allow_dms:
             raise AccessRefused(DMS_REFUSED)
     elif not await guild_may_generate(session, settings, actor.guild_id):
         row = await guild_row(session, actor.guild_id)
         raise AccessRefused(GUILD_BANNED if row is not None and row.banned else GUILD_NOT_APPROVED)
+    # A DM job pays from the account of the member's last guild: a ban there holds in DMs too,
+    # or a member banned in one guild could keep spending that guild's credits from a DM.
+    payer = await account_guild(session, actor)
     banned = await session.scalar(
         select(Member.id).where(
             Member.user_id == actor.user_id,
-            Member.guild_id.in_((actor.guild_id, DM_GUILD)),
+            Member.guild_id.in_((actor.guild_id, payer, DM_GUILD)),
             Member.banned.is_(True),
         )
     )

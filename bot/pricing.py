@@ -12,6 +12,7 @@ steps × pixels, which is what the formula counts. OpenAI images are priced per 
 provider, not by steps, so their step factor is 1. A job with a non-zero base never costs less
 than 1 credit; a free kind (the U# crop) stays free. Rounding is half up, so a job a few percent
 above the base (a 2x upscale's 4.2 MP output against four 1 MP tiles) keeps the base price.
+A relaxed job (``--relax``) then pays ``RELAX_COST_FACTOR`` of that price, rounded down.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import math
 from dataclasses import dataclass
 
 from bot.settings import BotSettings
-from bot.speed import job_cost
+from bot.speed import job_cost, speed_cost
 from workers.schema import BASE_RESOLUTION, GRID_SIZE, Engine, GenerationParams, JobKind
 
 __all__ = ["PriceBase", "Work", "job_price", "needs_confirmation", "price", "work_of"]
@@ -90,12 +91,16 @@ def job_price(
     *,
     scale: float | None = None,
 ) -> int:
-    """A job's cost: its configured base (speed class included, ``bot.speed``) scaled by its work."""
-    base = job_cost(settings, kind, engine, params.speed)
+    """A job's cost: its configured base scaled by its work, then its speed class (``bot.speed``)."""
     if kind not in GENERATIONS:
-        return base
+        return job_cost(settings, kind, engine, params.speed)
     reference = PriceBase(
         settings.price_base_steps, settings.price_base_megapixels, settings.price_base_images
     )
     work = work_of(kind, engine, params, scale=scale)
-    return price(base, work, reference, per_step=Engine(engine) != Engine.OPENAI)
+    # --relax pays a fraction of what the work costs: applied to the 1-credit base first, the
+    # rounding down would make every relaxed SDXL job free however many steps or pixels it asks.
+    priced = price(
+        job_cost(settings, kind, engine), work, reference, per_step=Engine(engine) != Engine.OPENAI
+    )
+    return speed_cost(priced, params.speed, settings.relax_cost_factor)

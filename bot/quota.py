@@ -10,7 +10,8 @@ Accounting model, per member:
 - ``credits_used`` counts the period allowance spent since ``period_start``; the allowance is the
   member's ``credit_limit``, else the guild's, else :class:`QuotaDefaults` (the period resolves
   the same way, independently). Periods start at 00:00 UTC: every day, every Monday, or on the
-  first of the month.
+  first of the month. ``period_start`` is when the counted usage began: its period's start, or
+  the instant of a later admin reset (``bot.quota_admin.reset_usage``).
 - ``bonus_credits`` are granted by admins, spent only once the allowance is gone, and survive
   period resets.
 - The ledger (``credit_entries``) has one ``reserve`` row and at most one ``refund`` row per job,
@@ -259,9 +260,9 @@ async def refund(session: AsyncSession, job_id: str, now: datetime | None = None
 
     Returns True when this call refunded, False when the job was never reserved or was already
     refunded (also when another transaction refunds it concurrently: the UNIQUE(job_id, kind)
-    insert decides). Allowance credits go back to the period they were charged in: to the current
-    usage (never below 0: an admin reset may have cleared it) while that period lasts, nowhere once
-    a new period has started, so a refund after midnight never adds to the new day's allowance.
+    insert decides). Allowance credits go back to the usage they were counted in: to the current
+    usage (never below 0) while it lasts, nowhere once a new period has started or an admin reset
+    cleared it, so a refund after midnight or after a reset never enlarges the fresh allowance.
     Bonus credits go back to the bonus balance. Does not commit.
     """
     now = _utc(now)
@@ -297,8 +298,9 @@ async def refund(session: AsyncSession, job_id: str, now: datetime | None = None
         return False
 
     used = MEMBERS.c.credits_used
-    # The usage row counts the period that started at period_start; a charge made before that
-    # belonged to a period that is over, and giving it back would enlarge the new one.
+    # The usage row counts from period_start; a charge made before that belonged to usage that is
+    # over (an earlier period, or cleared by an admin reset), and giving it back would enlarge
+    # the usage counted since.
     charged_in_old_period = MEMBERS.c.period_start > literal(_utc(charged_at), UTCDateTime())
     after = (
         await session.execute(

@@ -79,6 +79,30 @@ async def test_a_member_banned_here_or_everywhere_is_refused(sessions: Sessions)
     assert await refusal(sessions, settings(), actor(guild_id=11, user_id=8)) == MEMBER_BANNED
 
 
+async def test_a_dm_is_refused_when_the_member_is_banned_in_the_guild_that_pays_for_it(
+    sessions: Sessions,
+) -> None:
+    """A DM job is charged to the member's last guild account; a ban there must hold in DMs too."""
+    async with sessions() as session, session.begin():
+        member = await quota.get_or_create_member(session, 10, 7, "someone")
+        member.banned = True
+        session.add(
+            Job(
+                id="earlier",
+                member_id=member.id,
+                user_id=7,
+                guild_id=10,
+                channel_id=1,
+                kind=JobKind.IMAGINE.value,
+                engine="sdxl",
+                visibility="public",
+            )
+        )
+    assert await refusal(sessions, settings(allow_dms=True), actor(guild_id=0, user_id=7)) == MEMBER_BANNED
+    # A member banned nowhere keeps using DMs.
+    assert await refusal(sessions, settings(allow_dms=True), actor(guild_id=0, user_id=8)) is None
+
+
 async def test_credits_power_needs_an_approved_guild_even_when_any_guild_may_generate(
     sessions: Sessions,
 ) -> None:

@@ -88,6 +88,25 @@ async def test_admin_manages_quotas(h: Harness) -> None:
     assert "7 credits per month" in (await reply_of(h, inter))["content"]
 
 
+async def test_quota_on_a_bot_is_refused(h: Harness) -> None:
+    admin_role = h.fake.add_role(h.fake.guild, "mods", permissions=1 << 5)  # MANAGE_GUILD
+    admin = h.fake.add_member(h.fake.guild, "modsy", roles=[admin_role])
+    other_bot = h.fake.add_member(h.fake.guild, h.fake.add_user("helper", bot=True)).user
+    for target in (h.fake.bot_user, other_bot):
+        for sub, options in (
+            ("grant", {"user": target, "amount": 5}),
+            ("set", {"user": target, "limit": 3}),
+            ("show", {"user": target}),
+            ("reset", {"user": target}),
+        ):
+            inter = await h.fake.slash("quota", options, subcommand=sub, user=admin)
+            answer = await reply_of(h, inter)
+            assert answer["flags"] & EPHEMERAL and "is a bot" in answer["content"]
+    async with h.sessions() as session:
+        rows = (await session.scalars(select(Member.user_id))).all()
+    assert h.fake.bot_user.id not in rows and other_bot.id not in rows
+
+
 async def test_admin_by_configured_id_sees_status(tmp_path: Path, sqlite_url: str) -> None:
     async with bot_harness(tmp_path, sqlite_url, FakeDispatcher(), start=False) as h:
         h.settings.admin_user_ids = [h.fake.user.id]

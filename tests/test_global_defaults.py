@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from sqlalchemy import select, update
 
-from bot.cogs.owner import NOT_OWNER
+from bot.cogs.owner import NOT_OWNER, Owner
 from bot.models import GlobalDefaults, Guild, Member
 from tests.botutil import EPHEMERAL, FakeDispatcher, Harness, bot_harness, reply_of
 
@@ -89,3 +89,15 @@ async def test_imagine_prices_its_question_with_the_global_engine(h: Harness) ->
     )
     assert "2 credits" in str(question.message_payload["content"])
     assert await h.job_count() == 0
+
+
+async def test_a_server_default_without_a_period_names_the_period_that_applies(h: Harness) -> None:
+    await defaults(h, period="week")
+    inter = await h.fake.slash("quota", {"limit": 7}, subcommand="default")
+    assert "7 credits per week" in (await reply_of(h, inter))["content"]
+
+
+def test_the_global_credit_limit_fits_the_database_column() -> None:
+    """GlobalDefaults.credit_limit is a 32-bit integer on PostgreSQL: Discord must not send more."""
+    param = Owner.defaults.get_parameter("credit_limit")
+    assert param is not None and param.max_value is not None and param.max_value <= 2**31 - 1

@@ -78,3 +78,15 @@ async def test_imagine_in_dms_is_refused_by_default(h: Harness) -> None:
     inter = await h.imagine("in private", dm=True)
     assert DMS_REFUSED in (await reply_of(h, inter))["content"]
     assert await job_count(h) == 0
+
+
+async def test_a_server_id_that_is_not_one_gets_a_clear_answer(h: Harness) -> None:
+    for bad in ("abc", "-5", "0", "1" * 30):
+        for sub, options in (
+            ("guild approve", {"guild_id": bad}),
+            ("member ban", {"user": h.fake.user, "guild_id": bad}),
+        ):
+            text = await answer(await h.fake.slash("mirage", options, subcommand=sub))
+            assert "guild_id" in text and "numeric" in text and "Nothing changed" in text
+    async with h.sessions() as session:
+        assert [g.id for g in (await session.scalars(select(Guild))).all() if g.approved] == []

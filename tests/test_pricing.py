@@ -64,3 +64,15 @@ def test_work_of_an_upscale_is_one_image_at_the_scaled_size() -> None:
 def test_expensive_jobs_ask_first() -> None:
     assert not needs_confirmation(3, 4)
     assert needs_confirmation(4, 4)
+
+
+def test_relax_pays_the_factor_of_the_priced_job_not_of_the_base() -> None:
+    """--relax halves what the work costs; it must not round the base to 0 before the work counts."""
+    config = settings(relax_cost_factor=0.5)
+    relaxed = GenerationParams(prompt="x", speed="relax")
+    assert job_price(config, JobKind.IMAGINE, Engine.SDXL, relaxed) == 0  # today's relaxed grid
+    quality = GenerationParams(prompt="x", quality=2, speed="relax")
+    assert job_price(config, JobKind.IMAGINE, Engine.SDXL, quality) == 1  # 2 credits of work, half
+    slow = GenerationParams(prompt="x", steps=150, speed="relax")
+    assert job_price(config, JobKind.UPSCALE, Engine.SDXL, slow, scale=2.0) == 3  # 6 credits, half
+    assert job_price(config, JobKind.IMAGINE, Engine.OPENAI, relaxed) == 1

@@ -8,7 +8,7 @@ import pytest
 
 from bot.models import LedgerKind
 from bot.quota import get_or_create_member, refund, reserve
-from bot.quota_admin import grant, reset_usage, set_guild_default, set_member_limit
+from bot.quota_admin import MAX_CREDITS, grant, reset_usage, set_guild_default, set_member_limit
 from bot.settings import Period
 from tests.quotautil import DAILY, GUILD, NOW, USER, Sessions, get_report, ledger, new_member, try_reserve
 
@@ -124,7 +124,7 @@ async def test_reset_usage(sessions: Sessions) -> None:
         await grant(session, member_id, 2, actor_id=7)
     assert await try_reserve(sessions, member_id, "a", 6)
     async with sessions() as session, session.begin():
-        assert await reset_usage(session, member_id, actor_id=7) == 5
+        assert await reset_usage(session, member_id, 7, DAILY, now=NOW + timedelta(minutes=1)) == 5
     rep = await get_report(sessions, member_id)
     assert (rep.used, rep.bonus, rep.remaining) == (0, 1, 6)
     # Refunding a job reserved before the reset gives back its bonus part; usage stays at 0.
@@ -136,7 +136,56 @@ async def test_reset_usage(sessions: Sessions) -> None:
     assert [(r.amount, r.actor_id) for r in resets] == [(-5, 7)]
     async with sessions() as session, session.begin():
         with pytest.raises(LookupError):
-            await reset_usage(session, 999, actor_id=7)
+            await reset_usage(session, 999, actor_id=7, defaults=DAILY)
+
+
+async def test_a_refund_of_a_job_charged_before_a_reset_does_not_enlarge_the_fresh_allowance(
+    sessions: Sessions,
+) -> None:
+    """The reset already forgave what was used before it; refunding that again would overspend."""
+    member_id = await new_member(sessions)
+    assert await try_reserve(sessions, member_id, "before", 3)
+    async with sessions() as session, session.begin():
+        cleared = await reset_usage(session, member_id, 7, DAILY, now=NOW + timedelta(minutes=1))
+    assert cleared == 3
+    later = NOW + timedelta(minutes=2)
+    assert await try_reserve(sessions, member_id, "after", 5, now=later)
+    async with sessions() as session, session.begin():
+        assert await refund(session, "before", now=later)
+    rep = await get_report(sessions, member_id, now=later)
+    assert (rep.used, rep.remaining) == (5, 0)
+    assert not await try_reserve(sessions, member_id, "more", 1, now=later)
+    # A job charged after the reset still comes back in full.
+    async with sessions() as session, session.begin():
+        assert await refund(session, "after", now=later)
+    assert (await get_report(sessions, member_id, now=later)).used == 0
+
+
+async def test_reset_clears_only_usage_of_the_current_period(sessions: Sessions) -> None:
+    """Yesterday's usage has expired already: a reset today clears nothing and says so."""
+    member_id = await new_member(sessions)
+    assert await try_reserve(sessions, member_id, "yesterday", 3)
+    async with sessions() as session, session.begin():
+        cleared = await reset_usage(session, member_id, 7, DAILY, now=NOW + timedelta(days=1))
+    assert cleared == 0
+    assert [r.amount for r in await ledger(sessions, LedgerKind.RESET)] == [0]
+
+
+async def test_limits_and_grants_stay_within_the_database_integer(sessions: Sessions) -> None:
+    """PostgreSQL stores credits as 32-bit integers: too much is refused, nothing overflows."""
+    member_id = await new_member(sessions)
+    async with sessions() as session, session.begin():
+        assert await grant(session, member_id, MAX_CREDITS, actor_id=7) == MAX_CREDITS
+    async with sessions() as session, session.begin():
+        with pytest.raises(ValueError, match="at most"):
+            await grant(session, member_id, 1, actor_id=7)
+        with pytest.raises(ValueError, match="at most"):
+            await grant(session, member_id, 2**31, actor_id=7)
+        with pytest.raises(ValueError, match="at most"):
+            await set_member_limit(session, member_id, 2**31, None)
+        with pytest.raises(ValueError, match="at most"):
+            await set_guild_default(session, GUILD, 2**31, None)
+    assert (await get_report(sessions, member_id)).bonus == MAX_CREDITS
 
 
 async def test_loaded_member_object_follows_the_account(sessions: Sessions) -> None:

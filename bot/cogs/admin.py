@@ -15,7 +15,7 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot import global_defaults, quota, quota_admin
-from bot.checks import admin_only
+from bot.checks import Refused, admin_only
 from bot.models import JobStatus, utcnow
 from bot.settings import Period
 from bot.telemetry import record_metric
@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 
 PeriodName = Literal["day", "week", "month"]
 PING_TIMEOUT_S = 1.0
+# Must stay within quota_admin.MAX_CREDITS (PostgreSQL stores credits as 32-bit integers).
+MAX_OPTION = 1_000_000
 
 
 def describe(report: quota.CreditReport) -> str:
@@ -54,6 +56,10 @@ class Admin(commands.Cog):
         self.bot = bot
 
     async def _member_id(self, interaction: discord.Interaction, user: discord.abc.User) -> int:
+        # Bots never start jobs: an account for one would only hide an admin's slip ("Granted 5
+        # to @Mirage") behind a success message.
+        if user.bot:
+            raise Refused(f"{user.mention} is a bot: bots have no credits. Nothing changed.")
         async with self.bot.sessions() as session, session.begin():
             member = await quota.get_or_create_member(
                 session, interaction.guild_id or 0, user.id, getattr(user, "display_name", "") or user.name
@@ -81,7 +87,7 @@ class Admin(commands.Cog):
         self,
         interaction: discord.Interaction,
         user: discord.User,
-        limit: app_commands.Range[int, 0, 1_000_000],
+        limit: app_commands.Range[int, 0, MAX_OPTION],
         period: PeriodName | None = None,
     ) -> None:
         """Give the member their own allowance (kept until changed)."""
@@ -100,7 +106,7 @@ class Admin(commands.Cog):
         self,
         interaction: discord.Interaction,
         user: discord.User,
-        amount: app_commands.Range[int, -1_000_000, 1_000_000],
+        amount: app_commands.Range[int, -MAX_OPTION, MAX_OPTION],
         note: app_commands.Range[str, 0, 200] = "",
     ) -> None:
         """Bonus credits survive period resets until spent."""
@@ -126,7 +132,8 @@ class Admin(commands.Cog):
         await interaction.response.defer(ephemeral=True, thinking=True)
         member_id = await self._member_id(interaction, user)
         async with self.bot.sessions() as session, session.begin():
-            cleared = await quota_admin.reset_usage(session, member_id, interaction.user.id)
+            _settings, defaults = await global_defaults.current(session, self.bot.settings)
+            cleared = await quota_admin.reset_usage(session, member_id, interaction.user.id, defaults)
         report = await self._report(member_id)
         await interaction.followup.send(
             f"Cleared {cleared} used credits for {user.mention}: {describe(report)}", ephemeral=True
@@ -140,7 +147,7 @@ class Admin(commands.Cog):
     async def quota_default(
         self,
         interaction: discord.Interaction,
-        limit: app_commands.Range[int, 0, 1_000_000],
+        limit: app_commands.Range[int, 0, MAX_OPTION],
         period: PeriodName | None = None,
     ) -> None:
         """The server-wide allowance."""
@@ -149,7 +156,9 @@ class Admin(commands.Cog):
             await quota_admin.set_guild_default(
                 session, interaction.guild_id or 0, limit, Period(period) if period else None
             )
-        shown = period or self.bot.settings.credit_period.value
+            # Without a period the one below the guild applies: the owners' global default, if set.
+            _settings, defaults = await global_defaults.current(session, self.bot.settings)
+        shown = period or defaults.period.value
         await interaction.followup.send(f"Server default set to {limit} credits per {shown}.", ephemeral=True)
 
     @app_commands.command(name="status", description="Queue depth, workers online and recent jobs (admins)")

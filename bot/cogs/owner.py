@@ -30,10 +30,28 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 NOT_OWNER = "Only the bot's owners can use this command."
+MAX_SNOWFLAKE = 2**63 - 1  # Discord ids are 64-bit; the database stores them as BIGINT
+# /mirage defaults credit_limit: as /quota allows (GlobalDefaults.credit_limit is a 32-bit integer).
+MAX_CREDIT_LIMIT = 1_000_000
 PUBLIC_WARNING = (
     "ALLOWED_GUILD_IDS is empty and the application is public: anyone who invites the bot can "
     "generate images on their server (credits admin still needs an owner's approval)"
 )
+
+
+def parse_guild_id(text: str) -> int:
+    """A server id typed as text (options carry ids as strings: they exceed JSON's safe integers).
+
+    Raises :class:`~bot.checks.Refused` with an answer naming the problem for anything else, so a
+    typo is explained instead of failing the command (or overflowing the database column).
+    """
+    value = text.strip()
+    if value.isascii() and value.isdigit() and 0 < int(value) <= MAX_SNOWFLAKE:
+        return int(value)
+    raise Refused(
+        f"guild_id must be a server's numeric id (like 123456789012345678: right-click the server, "
+        f"Copy Server ID), not {text!r}. Nothing changed."
+    )
 
 
 def owner_only() -> Any:
@@ -78,38 +96,42 @@ class Owner(commands.Cog):
     @app_commands.describe(guild_id="The server's id")
     async def guild_approve(self, interaction: discord.Interaction, guild_id: str) -> None:
         """Approve a guild (and lift a ban)."""
-        await set_guild(self.bot, int(guild_id), approved=True, banned=False)
-        await self._answer(interaction, f"Server {int(guild_id)} approved.")
+        server = parse_guild_id(guild_id)
+        await set_guild(self.bot, server, approved=True, banned=False)
+        await self._answer(interaction, f"Server {server} approved.")
 
     @guild_group.command(name="revoke", description="Withdraw a server's approval")
     @owner_only()
     @app_commands.describe(guild_id="The server's id")
     async def guild_revoke(self, interaction: discord.Interaction, guild_id: str) -> None:
         """Withdraw an approval (a listed guild stays allowed by the settings)."""
-        await set_guild(self.bot, int(guild_id), approved=False)
-        await self._answer(interaction, f"Server {int(guild_id)} is no longer approved.")
+        server = parse_guild_id(guild_id)
+        await set_guild(self.bot, server, approved=False)
+        await self._answer(interaction, f"Server {server} is no longer approved.")
 
     @guild_group.command(name="ban", description="Refuse a server everything, whatever the settings list")
     @owner_only()
     @app_commands.describe(guild_id="The server's id", leave="Also leave the server")
     async def guild_ban(self, interaction: discord.Interaction, guild_id: str, leave: bool = False) -> None:
         """Ban a guild; optionally leave it."""
-        await set_guild(self.bot, int(guild_id), banned=True, approved=False)
-        guild = self.bot.get_guild(int(guild_id))
+        server = parse_guild_id(guild_id)
+        await set_guild(self.bot, server, banned=True, approved=False)
+        guild = self.bot.get_guild(server)
         if leave and guild is not None:
             await guild.leave()
-        await self._answer(interaction, f"Server {int(guild_id)} banned{' and left' if leave else ''}.")
+        await self._answer(interaction, f"Server {server} banned{' and left' if leave else ''}.")
 
     @guild_group.command(name="unban", description="Lift a server's ban")
     @owner_only()
     @app_commands.describe(guild_id="The server's id")
     async def guild_unban(self, interaction: discord.Interaction, guild_id: str) -> None:
         """Lift a guild ban."""
-        await set_guild(self.bot, int(guild_id), banned=False)
-        await self._answer(interaction, f"Server {int(guild_id)} unbanned.")
+        server = parse_guild_id(guild_id)
+        await set_guild(self.bot, server, banned=False)
+        await self._answer(interaction, f"Server {server} unbanned.")
 
     async def _ban_member(self, user: discord.abc.User, guild_id: str | None, banned: bool) -> str:
-        where = int(guild_id) if guild_id else 0
+        where = parse_guild_id(guild_id) if guild_id else 0
         async with self.bot.sessions() as session, session.begin():
             member = await quota.get_or_create_member(session, where, user.id)
             await session.execute(update(Member).where(Member.id == member.id).values(banned=banned))
@@ -151,7 +173,7 @@ class Owner(commands.Cog):
     async def defaults(
         self,
         interaction: discord.Interaction,
-        credit_limit: app_commands.Range[int, -1] | None = None,
+        credit_limit: app_commands.Range[int, -1, MAX_CREDIT_LIMIT] | None = None,
         period: str | None = None,
         engine: str | None = None,
         visibility: str | None = None,
