@@ -155,7 +155,8 @@ class Delivery:
             if job.id in self._finalized or not token_alive(job):
                 return
             # The in-process mark misses a result another bot process delivered: ask the database.
-            if not await self.lifecycle.record_progress(job.id, progress.percent):
+            # Shielded: the final send may cancel this edit, never halfway through a transaction.
+            if not await asyncio.shield(self.lifecycle.record_progress(job.id, progress.percent)):
                 return
             try:
                 await self.sender.edit_original(
@@ -201,6 +202,11 @@ class Delivery:
 
     async def _send_final(self, job: Job) -> int | None:
         limit = self._limits.get(job.id, DEFAULT_FILESIZE_LIMIT)
+        running = self._progress_tasks.get(job.id)
+        if running is not None and not running.done():
+            # A progress edit in flight holds the job's lock, and discord.py sleeps out a 429 or
+            # a 5xx inside it (up to five tries): a stale percentage must not hold back the result.
+            running.cancel()
         async with self._lock(job.id):
             self._finalized.add(job.id)
             if job.status != JobStatus.DONE.value:

@@ -19,34 +19,70 @@ from bot.models import Job
 from bot.operations import Operation, generation_params, job_notes
 from bot.prompt import parameter_line
 from bot.speed import speed_of
-from workers.schema import JobKind
+from workers.schema import GenerationParams, JobKind
 
+# The bold prompt line at most, escapes included. Discord refuses a message over MAX_CONTENT
+# characters whole, result and all: the rest is room for whatever follows the line.
 MAX_PROMPT_SHOWN = 1500
+MAX_CONTENT = 2000
 MAX_NOTES_SHOWN = 5
 MAX_NOTE_LENGTH = 200
 
 
+def cut_escaped(text: str, limit: int) -> str:
+    """Markdown-escaped ``text`` cut to ``limit`` characters with an ellipsis, never mid-escape.
+
+    A backslash left alone at the end would escape the ellipsis or the closing ``**`` after it.
+    """
+    if len(text) <= limit:
+        return text
+    cut = text[: max(0, limit - 1)]
+    if (len(cut) - len(cut.rstrip("\\"))) % 2:
+        cut = cut[:-1]
+    return cut + "…"
+
+
 def shown_prompt(job: Job) -> str:
-    """The prompt as shown in a message: markdown-escaped and bounded."""
-    text = job.prompt or ""
-    if len(text) > MAX_PROMPT_SHOWN:
-        text = text[: MAX_PROMPT_SHOWN - 1] + "…"
-    return discord.utils.escape_markdown(text)
+    """The prompt as shown in a message: markdown-escaped, then bounded with the escapes counted."""
+    return cut_escaped(discord.utils.escape_markdown(job.prompt or ""), MAX_PROMPT_SHOWN - len("****"))
+
+
+def _capped_texts(params: GenerationParams, cap: int) -> GenerationParams:
+    """``params`` with the prompt and the ``--no`` text each cut to ``cap`` characters (``…`` last)."""
+    update = {
+        name: text[: cap - 1] + "…" if cap > 0 else ""
+        for name in ("prompt", "negative_prompt")
+        if len(text := getattr(params, name)) > cap
+    }
+    return params.model_copy(update=update)
 
 
 def prompt_line(job: Job) -> str:
     """``**a red fox --ar 3:2 --seed 7**``: the prompt as typed back, parameters and seed included.
 
-    The prompt text is bounded first so the line stays within a message; a row whose stored
-    parameters no longer validate shows its plain prompt.
+    The line stays within ``MAX_PROMPT_SHOWN`` characters, escapes included: escaping can double
+    the text (each ``_`` shows as ``\\_``) and ``--no`` has 1500 characters of its own, so both
+    texts are cut to the longest common length whose line fits, parameters kept. A row whose
+    stored parameters no longer validate shows its plain prompt.
     """
     try:
         params = generation_params(job)
     except ValueError:
         return f"**{shown_prompt(job)}**"
-    if len(params.prompt) > MAX_PROMPT_SHOWN:
-        params = params.model_copy(update={"prompt": params.prompt[: MAX_PROMPT_SHOWN - 1] + "…"})
-    return parameter_line(params, job.seed)
+    line = parameter_line(params, job.seed)
+    if len(line) > MAX_PROMPT_SHOWN:
+        # A shorter cap never makes a longer line, so a binary search finds the longest that fits.
+        low, high = 0, max(len(params.prompt), len(params.negative_prompt)) - 1
+        while low < high:
+            middle = (low + high + 1) // 2
+            if len(parameter_line(_capped_texts(params, middle), job.seed)) <= MAX_PROMPT_SHOWN:
+                low = middle
+            else:
+                high = middle - 1
+        line = parameter_line(_capped_texts(params, low), job.seed)
+    if len(line) > MAX_PROMPT_SHOWN:  # the rest is parameters (reference URLs): cut the line itself
+        line = f"**{cut_escaped(line[2:-2], MAX_PROMPT_SHOWN - len('****'))}**"
+    return line
 
 
 def operation_label(job: Job) -> str:
@@ -114,8 +150,15 @@ def note_lines(notes: list[str]) -> list[str]:
 
 
 def final_content(job: Job) -> str:
-    """The message carrying the result, with the engine's notes under it."""
-    return "\n".join([f"{job_head(job)} {mode_suffix(job)}", *note_lines(job_notes(job))])
+    """The message carrying the result, with the engine's notes under it (those that fit)."""
+    content = f"{job_head(job)} {mode_suffix(job)}"
+    for line in note_lines(job_notes(job)):
+        # Escaped notes may reach 400 characters each: one that would push the message past
+        # Discord's limit is left out rather than have the result refused.
+        if len(content) + 1 + len(line) > MAX_CONTENT:
+            break
+        content += "\n" + line
+    return content
 
 
 def failure_content(job: Job, *, openai_configured: bool = False) -> str:

@@ -25,7 +25,7 @@ from PIL import Image as PILImage
 
 from bot.content_rules import spoiler_filename
 from bot.models import Job, utcnow
-from bot.render import allowed_mentions_for, file_stem
+from bot.render import MAX_CONTENT, allowed_mentions_for, cut_escaped, file_stem
 from workers.imaging import decode_image, encode_under
 
 log = logging.getLogger(__name__)
@@ -107,9 +107,14 @@ class Sender:
         """Final message: edit the original response, else post to the channel with a mention.
 
         Attachments larger than the limit are re-encoded; a 40005 "too large" answer halves the
-        limit and tries again, so an image is never dropped. ``spoiler`` sends the image as
-        ``SPOILER_<name>``, which Discord blurs until clicked.
+        limit and tries again, so an image is never dropped. Content over Discord's 2000
+        characters is cut, not refused. ``spoiler`` sends the image as ``SPOILER_<name>``, which
+        Discord blurs until clicked.
         """
+        if len(content) > MAX_CONTENT:
+            # Discord refuses the whole message, result included, on every retry: cut it instead.
+            log.warning("message of job %s is %d characters; cut to %d", job.id, len(content), MAX_CONTENT)
+            content = cut_escaped(content, MAX_CONTENT)
         use_token = token_alive(job)
         sent_size = 0
         for _attempt in range(MAX_SEND_ATTEMPTS):
@@ -188,7 +193,7 @@ class Sender:
         """POST the message to the job's channel with the bot token, mentioning the member."""
         channel = self.bot.get_partial_messageable(job.channel_id, guild_id=job.guild_id or None)
         if f"<@{job.user_id}>" not in content:
-            content = f"<@{job.user_id}> {content}"
+            content = cut_escaped(f"<@{job.user_id}> {content}", MAX_CONTENT)
         message = await channel.send(
             content=content,
             files=files or MISSING,

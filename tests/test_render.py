@@ -118,3 +118,40 @@ def test_failure_suggests_openai_only_when_it_is_configured() -> None:
 def test_file_stem_is_safe() -> None:
     assert file_stem(job(prompt="A Fox/../ in *snow*!")) == "a_fox_in_snow_" + "J" * 22
     assert file_stem(job(prompt="???")) == "mirage_" + "J" * 22
+
+
+# Discord refuses a message whose content is over 2000 characters, and with it the whole delivery.
+DISCORD_CONTENT_LIMIT = 2000
+
+
+def test_a_longest_prompt_fits_every_message_escapes_included() -> None:
+    # A 4000-character command: 1500 characters of prompt and 1500 of --no (the parser's limits),
+    # every one of them markdown that the line escapes, so each doubles.
+    params = {"prompt": "_" * 1500, "negative_prompt": "*" * 1500, "aspect": [3, 2], "speed": "relax"}
+    done = job(
+        JobKind.VARIATION, params={**params, "strength": 0.9}, seed=4_294_967_000, visibility="stealth"
+    )
+    notes = {**params, "strength": 0.9, "notes": ["*" * 400] * MAX_NOTES_SHOWN}
+    texts = [
+        final_content(done),
+        final_content(job(JobKind.VARIATION, params=notes, seed=7)),
+        waiting_content(done, 12_345),
+        progress_content(done, 99),
+        failure_content(
+            job(error_code=ErrorCode.ENGINE_ERROR.value, params=params, cost=1000), openai_configured=True
+        ),
+    ]
+    for text in texts:
+        assert len(text) <= DISCORD_CONTENT_LIMIT, len(text)
+    head = job_head(done)
+    # Still one bold line (no escape cut in half), the parameters and the member kept.
+    assert head.startswith("**\\_") and "…" in head and "--seed 4294967000" in head
+    assert head.endswith("** - Variations (Strong) by <@42>")
+
+
+def test_a_plain_prompt_fallback_is_bounded_after_escaping() -> None:
+    # Parameters that no longer validate: the plain prompt is shown, escaped, still bounded.
+    head = job_head(job(params={"prompt": "x", "chaos": 999}, prompt="\\" * 3000))
+    assert len(head) < 1600 and head.endswith("…** - <@42>")
+    shown = head.removeprefix("**").removesuffix("…** - <@42>")
+    assert len(shown) % 2 == 0  # whole "\\" pairs: no half escape to swallow the ellipsis or the **

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import base64
 from datetime import timedelta
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
+from bot.describe_buttons import describe_content
 from bot.models import Job, JobStatus, utcnow
-from bot.sending import TOKEN_LIFETIME, fit, preview_jpeg, token_alive
+from bot.results import DESCRIBE_KEY
+from bot.sending import TOKEN_LIFETIME, Sender, fit, preview_jpeg, token_alive
 from tests.botutil import (
     GRID_IDS,
     Harness,
@@ -51,6 +55,58 @@ async def test_delivery_retries_when_discord_is_down(h: Harness) -> None:
     assert len(custom_ids(message)) == GRID_IDS
     sends = [r for r in inter.requests if r.route == "webhook_message_edit" and r.files]
     assert len([r for r in sends if r.status == 200]) == 1  # delivered exactly once
+
+
+async def test_a_longest_prompt_is_still_delivered(h: Harness) -> None:
+    # 1500 characters of prompt and 1500 of --no, all markdown: escaped, the line would be 6000
+    # characters, and Discord refuses content over 2000 (400/50035) on every retry, for ever.
+    inter = await h.imagine("_" * 1500 + " --no " + "*" * 1500)
+    job = await h.job_for(inter)
+    await h.wait_job(job.id, lambda j: j.status == JobStatus.QUEUED)
+    h.dispatcher.succeed(job.id)
+    message = await inter.wait_original(has_result, timeout=60)
+    assert len(message["content"]) <= 2000 and message["content"].startswith("**\\_")
+    assert not [r for r in inter.requests if r.status == 400]  # the waiting edit fitted too
+
+
+async def test_a_rate_limited_progress_edit_does_not_hold_back_the_result(h: Harness) -> None:
+    inter = await h.imagine("a busy route")
+    job = await h.job_for(inter)
+    await h.wait_job(job.id, lambda j: j.status == JobStatus.QUEUED)
+    await inter.wait_original(lambda m: "(Waiting to start)" in (m.get("content") or ""))
+    # discord.py sleeps out a 429 (or a 5xx: 1+3+5+7+9 s) inside the progress edit, which holds
+    # the job's delivery lock: a courtesy edit of a stale percentage must not keep the result.
+    # An hour's retry_after: the result can only arrive within the wait below if it does not
+    # queue behind that edit.
+    h.fake.fail_next("PATCH", r"^/webhooks/", 429, retry_after=3600)
+    h.dispatcher.start(job.id, 40)
+    await h.fake.wait_for_request(lambda r: r.status == 429, timeout=60)
+    h.dispatcher.succeed(job.id)
+    assert h.bot is not None
+    h.bot.tracker.wake()
+    await inter.wait_original(has_result, timeout=60)
+
+
+async def test_content_over_discords_limit_is_cut_rather_than_refused() -> None:
+    # /describe's four suggestions are bounded to 450 characters each before escaping: a
+    # captioner's underscores and asterisks double, and Discord refuses the whole answer.
+    sent: list[dict[str, Any]] = []
+
+    async def send(**kwargs: Any) -> Any:
+        sent.append(kwargs)
+        return SimpleNamespace(id=7)
+
+    bot: Any = SimpleNamespace(get_partial_messageable=lambda *_args, **_kwargs: SimpleNamespace(send=send))
+    prompts = ["a_b*" * 112] * 4
+    job = Job(
+        id="J" * 22, user_id=42, channel_id=5, kind="describe", params={DESCRIBE_KEY: {"prompts": prompts}}
+    )
+    content = describe_content(job)
+    assert len(content) > 2000
+    assert await Sender(bot).send_final(job, content=content, image=None, view=None) == 7
+    [message] = sent
+    assert len(message["content"]) <= 2000 and message["content"].startswith("**Describe** - <@42>")
+    assert message["content"].endswith("…")
 
 
 # --- pure helpers ------------------------------------------------------------------------------
