@@ -22,7 +22,7 @@ from bot.buttons import JOB_ID_CHARS, MISSING_JOB, load_job
 from bot.interactions import refuse
 from bot.models import Job, JobInput, JobStatus
 from bot.prompt import PromptError, parse_prompt
-from bot.render import job_head
+from bot.render import cut_escaped, job_head
 from bot.results import DESCRIBE_KEY
 from bot.storage import MediaNotFound, MediaStore
 from workers.schema import GenerationParams, JobKind
@@ -50,8 +50,10 @@ def describe_content(job: Job) -> str:
     """``**Describe** - <@member>`` and the numbered suggestions, escaped and bounded."""
     lines = [job_head(job)]
     for number, text in zip(NUMBERS, suggestions(job), strict=False):
-        shown = text if len(text) <= MAX_SHOWN else text[: MAX_SHOWN - 1] + "…"
-        lines.append(f"{number} {discord.utils.escape_markdown(discord.utils.escape_mentions(shown))}")
+        # Bounded after escaping: a caption's underscores double, and four of them must still fit
+        # in one message.
+        escaped = discord.utils.escape_markdown(discord.utils.escape_mentions(text))
+        lines.append(f"{number} {cut_escaped(escaped, MAX_SHOWN)}")
     return "\n".join(lines)
 
 

@@ -924,7 +924,8 @@ def prompt_text(params: GenerationParams, seed: int | None = None) -> str:
     return " ".join(words)
 
 
-_MARKDOWN_RE = re.compile(r"([\\*_~|`])")
+# "[": a member's "[text](url)" would show as a disguised link in the bot's own message.
+_MARKDOWN_RE = re.compile(r"([\\*_~|`\[])")
 _LINK_RE = re.compile(r"(<?https?://[^\s<>]+>?)", re.IGNORECASE)
 
 

@@ -499,6 +499,12 @@ def test_parameter_line_escapes_markdown_but_not_links() -> None:
     )
 
 
+def test_parameter_line_never_makes_a_masked_link() -> None:
+    # The bot's message would show "click here" linking to a site the member chose.
+    line = parameter_line(parse_prompt("[click here](https://evil.example/login) a cat"))
+    assert line == r"**\[click here](https://evil.example/login) a cat**"
+
+
 def test_prompt_text_names_everything() -> None:
     text = (
         "https://e.com/a.png a::2 b --no c --ar 2:1 --chaos 5 --quality .5 --seed 9 --stop 80 "
