@@ -116,6 +116,7 @@ class Sender:
             log.warning("message of job %s is %d characters; cut to %d", job.id, len(content), MAX_CONTENT)
             content = cut_escaped(content, MAX_CONTENT)
         use_token = token_alive(job)
+        use_dm = False
         sent_size = 0
         for _attempt in range(MAX_SEND_ATTEMPTS):
             files: list[discord.File] = []
@@ -127,6 +128,8 @@ class Sender:
             try:
                 if use_token:
                     return await self.edit_original(job, content=content, files=files, view=view)
+                if use_dm:
+                    return await self.send_dm(job, content=content, files=files, view=view)
                 return await self.send_channel(job, content=content, files=files, view=view)
             except discord.HTTPException as exc:
                 if (exc.code == TOO_LARGE_CODE or exc.status == 413) and image is not None:
@@ -138,6 +141,12 @@ class Sender:
                 if use_token and (exc.code in DEAD_TOKEN_CODES or exc.status in (401, 404)):
                     log.info("interaction token of %s is gone (%s); posting to the channel", job.id, exc.code)
                     use_token = False
+                    continue
+                if not use_token and not use_dm and job.guild_id and exc.status in (403, 404):
+                    # The channel is gone or closed to the bot (deleted, permissions taken away,
+                    # thread archived): retrying it for a day would deliver nothing.
+                    log.info("channel of %s refuses the result (%s); sending it by DM", job.id, exc.code)
+                    use_dm = True
                     continue
                 raise
         raise DiscordError(f"could not deliver job {job.id}")
@@ -181,6 +190,24 @@ class Sender:
                     job.application_id, job.interaction_token, **sent
                 )
         return int(data["id"]) if isinstance(data, dict) and "id" in data else 0
+
+    async def send_dm(
+        self,
+        job: Job,
+        *,
+        content: str,
+        files: list[discord.File],
+        view: discord.ui.View | None,
+    ) -> int:
+        """Send the message to the member's DMs, for a channel that no longer takes the bot's posts."""
+        channel = await self.bot.create_dm(discord.Object(id=job.user_id))
+        message = await channel.send(
+            content=content,
+            files=files or MISSING,
+            view=view if view is not None else MISSING,
+            allowed_mentions=discord.AllowedMentions.none(),
+        )
+        return message.id
 
     async def send_channel(
         self,

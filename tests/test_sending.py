@@ -43,6 +43,31 @@ async def test_expired_token_delivers_to_the_channel_with_a_mention(h: Harness) 
     assert job.delivered and job.message_id == int(post.response["id"])
 
 
+async def test_a_channel_closed_to_the_bot_gets_the_result_by_dm(h: Harness) -> None:
+    # A long job outlived its token, and meanwhile the bot lost the right to post in the channel:
+    # the member still gets the result, buttons included, in their DMs.
+    inter = await h.imagine("a job for a closed channel")
+    job = await h.job_for(inter)
+    await h.wait_job(job.id, lambda j: j.status == JobStatus.QUEUED)
+    h.fake.expire_token(inter)
+    h.fake.fail_next(
+        "POST",
+        rf"^/channels/{h.fake.channel.id}/messages",
+        403,
+        {"message": "Missing Permissions", "code": 50013},
+    )
+    h.dispatcher.succeed(job.id)
+    await h.fake.wait_for_request(lambda r: r.route == "create_dm" and r.status == 200, timeout=30)
+    post = await h.fake.wait_for_request(
+        lambda r: r.route == "channel_message_create" and r.status == 200, timeout=30
+    )
+    assert post.path != f"/channels/{h.fake.channel.id}/messages"
+    assert len(post.custom_ids()) == GRID_IDS and post.files
+    assert post.json["allowed_mentions"]["parse"] == []
+    job = await h.wait_job(job.id, lambda j: j.message_id is not None)
+    assert job.delivered and job.message_id == int(post.response["id"])
+
+
 async def test_delivery_retries_when_discord_is_down(h: Harness) -> None:
     inter = await h.imagine("flaky discord")
     job = await h.job_for(inter)
