@@ -128,9 +128,7 @@ class Sender:
             try:
                 if use_token:
                     return await self.edit_original(job, content=content, files=files, view=view)
-                if use_dm:
-                    return await self.send_dm(job, content=content, files=files, view=view)
-                return await self.send_channel(job, content=content, files=files, view=view)
+                return await self.send_channel(job, content=content, files=files, view=view, dm=use_dm)
             except discord.HTTPException as exc:
                 if (exc.code == TOO_LARGE_CODE or exc.status == 413) and image is not None:
                     # The real limit is below what we sent (a restart forgot the interaction's
@@ -191,24 +189,6 @@ class Sender:
                 )
         return int(data["id"]) if isinstance(data, dict) and "id" in data else 0
 
-    async def send_dm(
-        self,
-        job: Job,
-        *,
-        content: str,
-        files: list[discord.File],
-        view: discord.ui.View | None,
-    ) -> int:
-        """Send the message to the member's DMs, for a channel that no longer takes the bot's posts."""
-        channel = await self.bot.create_dm(discord.Object(id=job.user_id))
-        message = await channel.send(
-            content=content,
-            files=files or MISSING,
-            view=view if view is not None else MISSING,
-            allowed_mentions=discord.AllowedMentions.none(),
-        )
-        return message.id
-
     async def send_channel(
         self,
         job: Job,
@@ -216,15 +196,22 @@ class Sender:
         content: str,
         files: list[discord.File],
         view: discord.ui.View | None,
+        dm: bool = False,
     ) -> int:
-        """POST the message to the job's channel with the bot token, mentioning the member."""
-        channel = self.bot.get_partial_messageable(job.channel_id, guild_id=job.guild_id or None)
-        if f"<@{job.user_id}>" not in content:
-            content = cut_escaped(f"<@{job.user_id}> {content}", MAX_CONTENT)
+        """POST the message to the job's channel with the bot token, mentioning the member.
+
+        ``dm``: to the member's DMs instead, for a channel that no longer takes the bot's posts.
+        """
+        if dm:
+            channel: discord.abc.Messageable = await self.bot.create_dm(discord.Object(id=job.user_id))
+        else:
+            channel = self.bot.get_partial_messageable(job.channel_id, guild_id=job.guild_id or None)
+            if f"<@{job.user_id}>" not in content:
+                content = cut_escaped(f"<@{job.user_id}> {content}", MAX_CONTENT)
         message = await channel.send(
             content=content,
             files=files or MISSING,
             view=view if view is not None else MISSING,
-            allowed_mentions=allowed_mentions_for(job),
+            allowed_mentions=discord.AllowedMentions.none() if dm else allowed_mentions_for(job),
         )
         return message.id
