@@ -52,9 +52,11 @@ class UTCDateTime(TypeDecorator[datetime]):
     cache_ok = True
 
     def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
-        if value is not None and value.tzinfo is None:
-            value = value.replace(tzinfo=UTC)
-        return value
+        if value is None:
+            return None
+        # SQLite keeps only the digits: an aware time in another zone must become UTC first, or
+        # it would be read back (and compared) as that wall-clock time in UTC.
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
     def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
         if value is not None and value.tzinfo is None:
@@ -150,6 +152,11 @@ class Job(Base):
         Index("ix_jobs_member_status", "member_id", "status"),
         Index("ix_jobs_status_created", "status", "created_at"),
         Index("ix_jobs_visibility_created", "visibility", "created_at"),
+        # The tracker's poll for finished jobs not yet delivered (twice a second): the statuses
+        # it asks for are nearly every job, so only ``delivered`` narrows it.
+        Index("ix_jobs_delivered_finished", "delivered", "finished_at"),
+        # A DM's paying account: the user's latest guild job (bot.access.account_guild).
+        Index("ix_jobs_user_created", "user_id", "created_at"),
     )
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_token)

@@ -571,6 +571,25 @@ def test_env_example_has_no_inline_comments() -> None:
         assert "#" not in value and value == value.strip(), key
 
 
+def test_bot_paths_in_env_example_are_mounted() -> None:
+    """A file or folder .env.example suggests to the bot lies on a volume of the bot's container.
+
+    The bot reads the whole .env, so an example path an operator uncomments (banned words, styles)
+    must exist in the container, or the bot fails at start; relative paths are from its WORKDIR.
+    """
+    active, commented = env_example()
+    bot = services()["bot"]
+    env = environment(bot)
+    workdir = next(ins.args for ins in dockerfile(BOT_DOCKERFILE) if ins.keyword == "WORKDIR")
+    targets = [str(volume).split(":")[1].rstrip("/") for volume in bot.get("volumes", [])]
+    for key, value in {**active, **commented}.items():
+        if key not in BOT_FIELDS or "Path" not in annotation_text(BotSettings, key) or not value:
+            continue
+        value = env.get(key) or value  # the compose file's own value wins over .env
+        path = value if value.startswith("/") else f"{workdir.rstrip('/')}/{value}"
+        assert any(path == t or path.startswith(t + "/") for t in targets), f"{key}={value}: not on a volume"
+
+
 # --------------------------------------------------------------------------- images
 
 
