@@ -16,6 +16,7 @@ the ``Content-Type`` header, and decompression bombs are refused before any pixe
 from __future__ import annotations
 
 import asyncio
+import functools
 import io
 import ipaddress
 import logging
@@ -23,12 +24,13 @@ import re
 import socket
 import warnings
 from collections.abc import Collection, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
-from PIL import Image, ImageOps
+from PIL import ExifTags, Image
 from yarl import URL
 
 if TYPE_CHECKING:
@@ -46,9 +48,28 @@ DEFAULT_MAX_REDIRECTS = 3
 LABEL_URL_CHARS = 60  # long URLs are shortened in messages so the sentence stays readable
 CHUNK_BYTES = 64 * 1024
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+REDIRECTED_TO_INVALID = "the server redirected to a link that is not valid"
 
 # Pillow format names accepted as image input. Animated GIF/WebP give their first frame.
 ACCEPTED_FORMATS = frozenset({"PNG", "JPEG", "MPO", "WEBP", "GIF", "BMP"})
+# EXIF orientation -> the transpose that shows the picture upright (as ImageOps.exif_transpose).
+ORIENTATIONS = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+# Modes Pillow gives 16-bit greyscale PNGs: their values run to 65535, not 255.
+WIDE_GREY_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N"})
+
+# Decoding is the memory-hungry step (a 64 MP picture takes about a gigabyte while it is
+# converted) and one prompt may carry 31 links, so at most this many pictures are decoded at a
+# time, bot-wide, on threads of their own: waiting here starves no DNS lookup.
+DECODE_THREADS = 2
+_decoder = ThreadPoolExecutor(max_workers=DECODE_THREADS, thread_name_prefix="image-decode")
 
 # Cloud instance-metadata endpoints (AWS, GCP, Azure, OpenStack; AWS's IPv6 one). They are also
 # link-local or ULA, but are named separately so the log says what was attempted.
@@ -244,6 +265,20 @@ def _blocked_cause(exc: BaseException) -> BlockedAddressError | None:
 # --- validation -----------------------------------------------------------------------------
 
 
+def _narrow_grey(img: Image.Image) -> Image.Image:
+    """A 16-bit greyscale picture as 8-bit ``L``, or ``LA`` when its tRNS grey marks transparency.
+
+    ``convert("RGB")`` clips every value above 255 to white instead of scaling it.
+    """
+    wide = img.convert("I")
+    grey = wide.point([value >> 8 for value in range(65536)], "L")
+    key = img.info.get("transparency")
+    if not isinstance(key, int):
+        return grey
+    alpha = wide.point([0 if value == key else 255 for value in range(65536)], "L")
+    return Image.merge("LA", (grey, alpha))
+
+
 def validate_image(data: bytes, label: str, *, max_pixels: int | None = None) -> FetchedImage:
     """Check that ``data`` is a real, reasonably sized picture and re-encode it as a bare PNG.
 
@@ -276,7 +311,12 @@ def validate_image(data: bytes, label: str, *, max_pixels: int | None = None) ->
         try:
             img.seek(0)
             img.load()
-            oriented = ImageOps.exif_transpose(img)
+            # Not ImageOps.exif_transpose: it also rewrites the EXIF block, which is dropped here
+            # anyway, and a malformed block (a SHORT tag stored as text) makes that raise.
+            method = ORIENTATIONS.get(img.getexif().get(ExifTags.Base.Orientation, 1))
+            oriented = img if method is None else img.transpose(method)
+            if oriented.mode in WIDE_GREY_MODES:
+                oriented = _narrow_grey(oriented)
         except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError):
             raise ImageInputError(label, "the image file is damaged or incomplete") from None
         mode = "RGBA" if oriented.mode in ("RGBA", "LA", "PA") or "transparency" in oriented.info else "RGB"
@@ -286,6 +326,12 @@ def validate_image(data: bytes, label: str, *, max_pixels: int | None = None) ->
     out = io.BytesIO()
     clean.save(out, "PNG", compress_level=6)
     return FetchedImage(out.getvalue(), clean.width, clean.height, fmt)
+
+
+async def _validate_off_loop(data: bytes, label: str, max_pixels: int | None) -> FetchedImage:
+    """:func:`validate_image` on the decoding threads, so that few run at once."""
+    call = functools.partial(validate_image, data, label, max_pixels=max_pixels)
+    return await asyncio.get_running_loop().run_in_executor(_decoder, call)
 
 
 # --- Discord attachments --------------------------------------------------------------------
@@ -319,9 +365,12 @@ async def read_attachment(
         raise ImageInputError(label, "it was deleted before the bot could read it") from None
     except discord.HTTPException as exc:
         raise ImageInputError(label, f"Discord did not send it (HTTP {exc.status})") from None
+    except aiohttp.ClientError:
+        # A dropped or cut-off CDN connection is not an HTTP status: discord.py lets it through.
+        raise ImageInputError(label, "Discord did not send it (the connection failed)") from None
     if len(data) > limits.max_bytes:
         raise ImageInputError(label, f"it is larger than {_size_text(limits.max_bytes)}")
-    return await asyncio.to_thread(validate_image, data, label, max_pixels=limits.max_pixels)
+    return await _validate_off_loop(data, label, limits.max_pixels)
 
 
 # --- URLs -----------------------------------------------------------------------------------
@@ -354,8 +403,9 @@ async def _download(
 ) -> bytes:
     url = start
     for hop in range(limits.max_redirects + 1):
-        _check_url(url, label, policy)
+        invalid = "the link is not a valid URL" if hop == 0 else REDIRECTED_TO_INVALID
         try:
+            _check_url(url, label, policy)
             async with session.get(url, allow_redirects=False) as response:
                 if response.status in REDIRECT_STATUSES:
                     location = response.headers.get("Location")
@@ -365,7 +415,10 @@ async def _download(
                         raise ImageInputError(
                             label, f"the link redirects more than {limits.max_redirects} times"
                         )
-                    url = url.join(URL(location))
+                    try:
+                        url = url.join(URL(location))
+                    except ValueError:
+                        raise ImageInputError(label, REDIRECTED_TO_INVALID) from None
                     continue
                 if response.status != 200:
                     raise ImageInputError(label, f"the server answered HTTP {response.status}")
@@ -383,8 +436,12 @@ async def _download(
                 log.info("image fetch refused: %s", blocked)
                 raise ImageInputError(label, blocked.reason) from None
             if isinstance(exc, aiohttp.InvalidURL):
-                raise ImageInputError(label, "the link is not a valid URL") from None
+                raise ImageInputError(label, invalid) from None
             raise ImageInputError(label, "the server could not be reached") from None
+        except ValueError:
+            # The IDNA codec refuses a host name it cannot encode ("a..b", a label over 63
+            # characters) only when it is looked up, and aiohttp does not wrap that UnicodeError.
+            raise ImageInputError(label, invalid) from None
     raise AssertionError("unreachable: the loop returns or raises")
 
 
@@ -427,7 +484,7 @@ async def fetch_image(
             raise ImageInputError(
                 label, f"downloading it took longer than {limits.timeout_s:g} seconds"
             ) from None
-    return await asyncio.to_thread(validate_image, data, label, max_pixels=limits.max_pixels)
+    return await _validate_off_loop(data, label, limits.max_pixels)
 
 
 async def fetch_images(
@@ -493,16 +550,18 @@ async def fetch_references(
     limits: FetchLimits | None = None,
     allow_addresses: Collection[str] = (),
     resolver: AbstractResolver | None = None,
+    first_image_index: int = 1,
 ) -> References:
     """Fetch the image prompts, ``--sref``, ``--cref`` and ``--oref`` links of a parsed prompt.
 
     Messages name each picture as the member wrote it: ``image 2 (…)`` for image prompts,
-    ``--sref image 1 (…)``, ``--cref image 1 (…)``, ``--oref image (…)``. All links are fetched
+    ``--sref image 1 (…)``, ``--cref image 1 (…)``, ``--oref image (…)``. Image prompts are
+    numbered from ``first_image_index`` (2 when an attachment is image 1). All links are fetched
     concurrently; the first failure is raised as :class:`ImageInputError`.
     """
     style_links = [reference_link(ref) for ref in params.style_refs if _is_link(ref)]
     groups: list[list[tuple[str, str]]] = [
-        [(url, image_label(i, url)) for i, url in enumerate(params.image_prompts, start=1)],
+        [(url, image_label(i, url)) for i, url in enumerate(params.image_prompts, start=first_image_index)],
         [(url, f"--sref {image_label(i, url)}") for i, url in enumerate(style_links, start=1)],
         [(url, f"--cref {image_label(i, url)}") for i, url in enumerate(params.character_refs, start=1)],
         [(url, f"--oref {image_label(None, url)}") for url in filter(None, [params.omni_ref])],

@@ -47,7 +47,13 @@ async def fetch_inputs(
     if attachment is not None:
         images["image"].append(await read_attachment(attachment, 1, limits=limits))
     if has_references(params):
-        refs = await fetch_references(params, limits=limits, allow_addresses=allow_addresses)
+        # The attachment is image 1, so the prompt's links are numbered after it, as stored.
+        refs = await fetch_references(
+            params,
+            limits=limits,
+            allow_addresses=allow_addresses,
+            first_image_index=len(images["image"]) + 1,
+        )
         images["image"] += refs.prompt_images
         images["style"] += refs.style_images
         images["character"] += refs.character_images

@@ -12,15 +12,20 @@ import io
 import ipaddress
 import socket
 import struct
+import threading
+import time
 import zlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from urllib.parse import quote
 
+import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.abc import AbstractResolver, ResolveResult
 from PIL import Image
 
+import bot.imagefetch
 from bot.imagefetch import (
     FetchedImage,
     FetchLimits,
@@ -33,6 +38,7 @@ from bot.imagefetch import (
     read_attachment,
     validate_image,
 )
+from bot.inputs import fetch_inputs
 from bot.prompt import parse_prompt
 from bot.settings import BotSettings
 from workers.schema import GenerationParams
@@ -158,6 +164,11 @@ def _app(host: Host) -> web.Application:
     @routes.get("/to")
     async def to(request: web.Request) -> web.Response:
         raise web.HTTPFound(request.query["url"])
+
+    @routes.get("/location")
+    async def location(request: web.Request) -> web.Response:
+        # The Location header exactly as given: web.HTTPFound would refuse the malformed ones.
+        return web.Response(status=302, headers={"Location": request.query["to"]})
 
     @routes.get("/chain/{n}")
     async def chain(request: web.Request) -> web.Response:
@@ -407,6 +418,22 @@ async def test_only_http_and_https_are_fetched(url: str) -> None:
         await fetch_image(url)
 
 
+@pytest.mark.parametrize("url", ["http://a..b/cat.png", "http://" + "a" * 64 + ".example.com/cat.png"])
+async def test_host_name_that_cannot_be_encoded_is_refused(url: str) -> None:
+    # The prompt parser takes these as links; the IDNA codec refuses them when the name is
+    # looked up, which must end as the member-facing error, not as an unhandled UnicodeError.
+    with pytest.raises(ImageInputError, match="not a valid URL"):
+        await fetch_image(url, limits=FetchLimits(timeout_s=5))
+
+
+@pytest.mark.parametrize("location", ["http://[::1", "http://example.com:99999/", "http://a..b/cat.png"])
+async def test_redirect_to_a_malformed_link_is_refused(host: Host, location: str) -> None:
+    url = f"{host.origin}/location?to={quote(location, safe='')}"
+    with pytest.raises(ImageInputError, match="redirected to a link that is not valid"):
+        await fetch_image(url, limits=FetchLimits(timeout_s=5), allow_addresses=host.allow)
+    assert len(host.hits) == 1
+
+
 # --- size, time, content ---------------------------------------------------------------------
 
 
@@ -467,6 +494,77 @@ def test_transparency_is_kept() -> None:
     Image.new("RGBA", (8, 8), (1, 2, 3, 0)).save(out, "PNG")
     image = validate_image(out.getvalue(), "image 1")
     assert Image.open(io.BytesIO(image.data)).mode == "RGBA"
+
+
+def test_orientation_is_applied_despite_a_malformed_exif_block() -> None:
+    # PlanarConfiguration (a SHORT tag) stored as text: Pillow reads it, but exif_transpose's
+    # rewrite of the block it returns raised struct.error, which no caller catches.
+    entries = [struct.pack("<HHII", 0x0112, 3, 1, 6), struct.pack("<HHI2s2x", 0x011C, 2, 2, b"x\0")]
+    ifd = struct.pack("<H", len(entries)) + b"".join(entries) + struct.pack("<I", 0)
+    out = io.BytesIO()
+    exif = b"Exif\0\0II*\0" + struct.pack("<I", 8) + ifd
+    Image.new("RGB", (48, 32), (10, 120, 240)).save(out, "JPEG", exif=exif)
+    image = validate_image(out.getvalue(), "image 1")
+    assert_clean_png(image)
+    assert (image.width, image.height) == (32, 48)
+
+
+def png_grey16(value: int, transparent: int | None = None) -> bytes:
+    """A 4x4 16-bit greyscale PNG of one ``value``, with a tRNS grey when ``transparent`` is set."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    rows = (b"\0" + struct.pack(">H", value) * 4) * 4
+    trns = b"" if transparent is None else chunk(b"tRNS", struct.pack(">H", transparent))
+    ihdr = struct.pack(">IIBBBBB", 4, 4, 16, 0, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + trns
+        + chunk(b"IDAT", zlib.compress(rows))
+        + chunk(b"IEND", b"")
+    )
+
+
+def test_sixteen_bit_grey_is_scaled_not_clipped() -> None:
+    # Pillow opens these as I;16; converting straight to RGB clips, so mid-grey came out white.
+    image = validate_image(png_grey16(0x8000), "image 1")
+    assert Image.open(io.BytesIO(image.data)).getpixel((0, 0)) == (128, 128, 128)
+    dark = validate_image(png_grey16(0x0100), "image 1")
+    assert Image.open(io.BytesIO(dark.data)).getpixel((0, 0)) == (1, 1, 1)
+
+
+def test_sixteen_bit_grey_keeps_its_transparent_grey() -> None:
+    clear = Image.open(io.BytesIO(validate_image(png_grey16(0x8000, 0x8000), "image 1").data))
+    assert clear.mode == "RGBA" and clear.getpixel((0, 0)) == (128, 128, 128, 0)
+    solid = Image.open(io.BytesIO(validate_image(png_grey16(0x8000, 5), "image 1").data))
+    assert solid.getpixel((0, 0))[3] == 255
+
+
+async def test_decoding_runs_a_few_images_at_a_time(host: Host, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A 64 MP picture needs about a gigabyte while it is converted and a prompt may carry 31
+    # links: decoding them all at once would let one prompt exhaust the bot's memory.
+    real = bot.imagefetch.validate_image
+    lock = threading.Lock()
+    running = peak = 0
+
+    def counting(data: bytes, label: str, *, max_pixels: int | None = None) -> FetchedImage:
+        nonlocal running, peak
+        with lock:
+            running += 1
+            peak = max(peak, running)
+        try:
+            time.sleep(0.05)
+            return real(data, label, max_pixels=max_pixels)
+        finally:
+            with lock:
+                running -= 1
+
+    monkeypatch.setattr(bot.imagefetch, "validate_image", counting)
+    images = await fetch_images([f"{host.origin}/png"] * 8, allow_addresses=host.allow)
+    assert len(images) == 8
+    assert peak <= bot.imagefetch.DECODE_THREADS
 
 
 # --- messages --------------------------------------------------------------------------------
@@ -533,3 +631,33 @@ async def test_attachment_declared_as_image_is_still_sniffed() -> None:
     with pytest.raises(ImageInputError, match="not an image"):
         await read_attachment(attachment, 1)  # type: ignore[arg-type]
     assert attachment.reads == 1
+
+
+class BrokenAttachment(FakeAttachment):
+    """An attachment whose download from Discord's CDN breaks off."""
+
+    async def read(self, *, use_cached: bool = False) -> bytes:
+        self.reads += 1
+        raise aiohttp.ClientPayloadError("Response payload is not completed")
+
+
+async def test_attachment_download_failure_is_reported() -> None:
+    attachment = BrokenAttachment(b"", filename="cat.png", content_type="image/png", size=1000)
+    with pytest.raises(ImageInputError, match=r"Image 2 \(cat.png\) can't be used: Discord did not send it"):
+        await read_attachment(attachment, 2)  # type: ignore[arg-type]
+
+
+async def test_link_images_are_numbered_after_the_attachment(host: Host) -> None:
+    # The attachment is image 1 and is stored first; workers number the pictures the same way.
+    attachment = FakeAttachment(png_with_text(), filename="photo.png", content_type="image/png")
+    params = GenerationParams(prompt="a fox", image_prompts=(f"{host.origin}/png", f"{host.origin}/text.png"))
+    with pytest.raises(ImageInputError) as info:
+        await fetch_inputs(params, attachment, FetchLimits(), host.allow)  # type: ignore[arg-type]
+    assert info.value.image_label.startswith(f"image 3 ({host.origin}/text.png")
+    found = await fetch_inputs(
+        params.model_copy(update={"image_prompts": (f"{host.origin}/photo.jpg",)}),
+        attachment,  # type: ignore[arg-type]
+        FetchLimits(),
+        host.allow,
+    )
+    assert [(i.width, i.height) for i in found["image"]] == [(40, 30), (32, 48)]
