@@ -1,9 +1,11 @@
 """``/describe``'s answer: four numbered prompts and the buttons under them.
 
 ``1`` ``2`` ``3`` ``4`` start an ``/imagine`` of that prompt (the picture's ``--ar`` included)
-through the normal accept path, charged like any ``/imagine``; ``🔄`` describes the same picture
-again (a new seed, so new suggestions); ``Imagine all`` asks Yes/No (``bot.confirm``) and then
-starts the four. The buttons carry only the describe job's id, so presses work after a restart.
+through the normal accept path, checked and charged like any ``/imagine`` (banned words first, and
+Yes/No when it costs ``PRICE_CONFIRM_AT`` or more); ``🔄`` describes the same picture again (a new
+seed, so new suggestions); ``Imagine all`` asks Yes/No (``bot.confirm``) and then starts the four.
+A stealth describe's buttons answer only its owner. The buttons carry only the describe job's id,
+so presses work after a restart.
 """
 
 from __future__ import annotations
@@ -17,15 +19,20 @@ from discord import ui
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from bot import confirm
-from bot.buttons import JOB_ID_CHARS, MISSING_JOB, load_job
-from bot.interactions import refuse
-from bot.models import Job, JobInput, JobStatus
+from bot import confirm, global_defaults
+from bot.access import account_guild
+from bot.banned_words import banned_words_message, check_prompt
+from bot.buttons import JOB_ID_CHARS, load_source
+from bot.interactions import DATABASE_ERRORS, DATABASE_UNAVAILABLE, actor_from, refuse
+from bot.models import Job, JobInput
+from bot.operations import resolve_engine
+from bot.pricing import needs_confirmation
 from bot.prompt import PromptError, parse_prompt
+from bot.prompt_prefs import load_prefs
 from bot.render import cut_escaped, job_head
 from bot.results import DESCRIBE_KEY
 from bot.storage import MediaNotFound, MediaStore
-from workers.schema import GenerationParams, JobKind
+from workers.schema import GenerationParams, JobKind, Visibility
 
 if TYPE_CHECKING:
     from bot.client import MirageBot
@@ -95,31 +102,76 @@ class DescribeButton(ui.DynamicItem[ui.Button[Any]], template=TEMPLATE):
     async def callback(self, interaction: discord.Interaction[Any]) -> None:
         """Start the chosen prompt, describe again, or ask about imagining all four."""
         bot: MirageBot = interaction.client  # type: ignore[assignment]
-        job = await load_job(bot, self.job_id)
+        # Refuses missing and unfinished jobs, and someone else's stealth describe: its 🔄 would
+        # show the private picture in the presser's result, its numbers reveal what it shows.
+        job = await load_source(interaction, self.job_id)
         if job is None:
-            await refuse(interaction, MISSING_JOB)
             return
         if self.what == "r":
             await describe_again(bot, interaction, job)
             return
         prompts = suggestions(job)
-        if job.status != JobStatus.DONE.value or not prompts:
+        numbers = range(1, len(prompts) + 1) if self.what == "all" else [int(self.what)]
+        if not prompts or numbers[-1] > len(prompts):
             await refuse(interaction, NOT_READY)
             return
-        try:
-            batch = [parse_prompt(text) for text in prompts]
-        except PromptError as exc:
-            log.warning("describe job %s suggested an unusable prompt: %s", job.id, exc)
-            await refuse(interaction, f"That suggestion cannot be used as a prompt: {exc}")
-            return
-        if self.what == "all":
-            await ask_imagine_all(bot, interaction, batch)
-            return
-        index = int(self.what) - 1
-        if index >= len(batch):
-            await refuse(interaction, NOT_READY)
-            return
-        await bot.flow.imagine(interaction, batch[index])
+        batch: list[GenerationParams] = []
+        for number in numbers:
+            # Only the pressed suggestions: one unusable suggestion must not block the others.
+            try:
+                batch.append(keep_stealth(job, parse_prompt(prompts[number - 1])))
+            except PromptError as exc:
+                log.warning("describe job %s suggested an unusable prompt: %s", job.id, exc)
+                await refuse(interaction, f"Suggestion {number} cannot be used as a prompt: {exc}")
+                return
+        await imagine_suggestions(bot, interaction, batch, ask=self.what == "all")
+
+
+def keep_stealth(job: Job, params: GenerationParams) -> GenerationParams:
+    """``params`` made stealth when ``job`` is: a stealth describe's jobs stay out of the gallery.
+
+    Only the owner can press its buttons, but they may have gone public since; as for their own
+    stealth grid's buttons, the private picture (a 🔄's input) and what it shows stay private.
+    """
+    if job.visibility != Visibility.STEALTH.value:
+        return params
+    return params.model_copy(update={"visibility": Visibility.STEALTH})
+
+
+async def imagine_suggestions(
+    bot: MirageBot, interaction: discord.Interaction[Any], batch: list[GenerationParams], *, ask: bool
+) -> None:
+    """Start suggestions as ``/imagine`` does, priced with the presser's own engine.
+
+    Banned words are refused first; Yes/No comes before anything is charged when ``ask`` or when
+    they cost ``PRICE_CONFIRM_AT`` or more.
+    """
+    banned: list[str] = []
+    for params in batch:
+        banned += [
+            word for word in check_prompt(params.model_prompt, bot.jobs.banned_words) if word not in banned
+        ]
+    if banned:
+        # Refused before asking: a Yes would start the jobs before the banned one and stop there.
+        await refuse(interaction, banned_words_message(banned))
+        return
+    try:
+        async with bot.sessions() as session:
+            guild_id = await account_guild(session, actor_from(interaction))  # a DM: the paying account
+            member, _prefs = await load_prefs(session, guild_id, interaction.user.id)
+            settings, _defaults = await global_defaults.current(session, bot.settings)
+    except DATABASE_ERRORS:
+        log.warning("could not read the member of a describe press", exc_info=True)
+        await refuse(interaction, DATABASE_UNAVAILABLE)
+        return
+    cost = sum(
+        bot.jobs.cost_of(JobKind.IMAGINE, resolve_engine(params, member, settings), params=params)
+        for params in batch
+    )
+    if ask or needs_confirmation(cost, bot.settings.price_confirm_at):
+        await ask_imagine(bot, interaction, batch, cost)
+        return
+    await bot.flow.imagine(interaction, batch[0])
 
 
 async def described_picture(
@@ -147,24 +199,24 @@ async def describe_again(bot: MirageBot, interaction: discord.Interaction[Any], 
     if not inputs:
         await refuse(interaction, "The picture of this description is no longer available.")
         return
-    params = GenerationParams(prompt="", engine=job.engine)
+    params = keep_stealth(job, GenerationParams(prompt="", engine=job.engine))
     await bot.flow.accept(
         interaction,
         lambda actor: bot.jobs.create_imagine(actor, params, kind=JobKind.DESCRIBE, inputs=inputs),
     )
 
 
-async def ask_imagine_all(
-    bot: MirageBot, interaction: discord.Interaction[Any], batch: list[GenerationParams]
+async def ask_imagine(
+    bot: MirageBot, interaction: discord.Interaction[Any], batch: list[GenerationParams], cost: int
 ) -> None:
-    """Ask Yes/No before four jobs; Yes starts them through ``JobFlow.imagine_many``."""
-    cost = sum(bot.jobs.cost_of(JobKind.IMAGINE, bot.settings.default_engine) for _params in batch)
+    """Ask Yes/No before the jobs; Yes starts them through ``JobFlow.imagine_many``."""
     credits = f"{cost} credit{'s' if cost != 1 else ''}"
+    jobs = f"{len(batch)} job{'s' if len(batch) != 1 else ''}"
     await confirm.ask(
         interaction,
         bot.sessions,
         kind=IMAGINE_ALL_KIND,
         payload={"params": [params.model_dump(mode="json") for params in batch], "inputs": {}},
-        question=f"This makes {len(batch)} jobs and costs about {credits}. Start them?",
+        question=f"This makes {jobs} and costs {credits}. Start {'them' if len(batch) != 1 else 'it'}?",
         expires_in_s=bot.settings.confirm_expiry_s,
     )

@@ -19,17 +19,35 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from bot.models import Member, MemberOption
-from bot.prompt import KNOWN_PARAMETERS, PromptError, analyse_prompt
+from bot.prompt import KNOWN_PARAMETERS, PromptError, plan_prompts
 from bot.styles import StylePreset
 
 OPTION_NAME_RE = re.compile(r"[a-z][a-z0-9_-]{0,31}")
 MAX_OPTIONS = 25
 MAX_VALUE_LENGTH = 500
-# A parameter in a prompt: dashes (phones turn "--" into one dash) then a name.
-_PARAM_RE = re.compile(r"(?:^|(?<=\s))(?:--+|[—–―])(?P<name>[A-Za-z][A-Za-z0-9_-]*)")
+# A parameter in a prompt: dashes (phones turn "--" into one dash, and "---" into "—-") then a
+# name; the dash runs are the parser's, or a prompt's "-—ar" would not override a suffix's "--ar".
+_PARAM_RE = re.compile(r"(?:^|(?<=\s))(?:--+|-*[—–―][-—–―]*)(?P<name>[A-Za-z][A-Za-z0-9_-]*)")
 _BUILT_IN = frozenset(name.removeprefix("--") for name in KNOWN_PARAMETERS)
-# Aliases that name one parameter, so a prompt's "--aspect" overrides a suffix's "--ar".
-_SAME = {"aspect": "ar", "c": "chaos", "q": "quality", "s": "stylize", "w": "weird", "version": "v"}
+# Names that set one thing, so the prompt's own overrides the suffix's: aliases (a prompt's
+# "--aspect" overrides a suffix's "--ar") and parameters the parser refuses together ("--relax" with
+# a suffix's "--fast" would fail every such prompt on a parameter the member did not type there).
+_SAME = {
+    "aspect": "ar",
+    "c": "chaos",
+    "q": "quality",
+    "s": "stylize",
+    "w": "weird",
+    "version": "v",
+    "niji": "v",
+    "r": "repeat",
+    "profile": "p",
+    "personalize": "p",
+    "relax": "fast",
+    "turbo": "fast",
+    "public": "stealth",
+    "raw": "style",
+}
 
 
 @dataclass(frozen=True)
@@ -62,7 +80,8 @@ def check_option_name(name: str) -> str | None:
 def check_parameters(value: str, styles: Mapping[str, StylePreset] | None = None) -> str | None:
     """Why ``value`` cannot be a suffix or an option's value, or None.
 
-    It must be parameters only (no prompt text) and parse, so a saved value never breaks a prompt.
+    It must be parameters only (no prompt text) and parse, permutation braces included, so a saved
+    value never breaks a prompt.
     """
     value = value.strip()
     if not value:
@@ -72,7 +91,9 @@ def check_parameters(value: str, styles: Mapping[str, StylePreset] | None = None
     if not _PARAM_RE.match(value):
         return "The value must be parameters only, starting with `--`, e.g. `--ar 3:2 --stylize 250`."
     try:
-        analyse_prompt(f"test {value}", styles=styles)
+        # plan_prompts, not analyse_prompt: a "{" never closed passes the one-prompt parser, and
+        # then every prompt it is added to fails on the brace.
+        plan_prompts(f"test {value}", styles=styles)
     except PromptError as exc:
         return str(exc)
     return None

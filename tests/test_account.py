@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from sqlalchemy import select
 
+from bot import global_defaults
 from bot.models import Member
 from tests.botutil import (
     EPHEMERAL,
@@ -67,3 +68,23 @@ async def test_gallery_links_member_page_and_latest_jobs(h: Harness) -> None:
     assert f"http://gallery.test/m/{member.public_id}" in text
     assert f"http://gallery.test/j/{public.id}" in text
     assert "just for me" in text and f"/j/{stealth.id}" not in text
+
+
+async def test_settings_shows_the_owners_global_defaults(h: Harness) -> None:
+    # /mirage defaults: what the member's jobs get while they have no default of their own.
+    async with h.sessions() as session, session.begin():
+        await global_defaults.store(session, default_engine="openai", default_visibility="stealth")
+    job = await h.job_for(await h.imagine("made with the global defaults"))
+    assert job.engine == "openai" and job.visibility == "stealth"
+    inter = await h.fake.slash("settings")
+    text = (await reply_of(h, inter))["content"]
+    assert "Default engine: **OpenAI images**" in text and "Visibility: **stealth**" in text
+    panel = await inter.wait_original(lambda m: bool(m.get("components")))
+    chosen = [
+        option["value"]
+        for row in panel["components"]
+        for select in row["components"]
+        for option in select.get("options") or []
+        if option.get("default")
+    ]
+    assert chosen[:2] == ["openai", "stealth"]

@@ -115,6 +115,28 @@ def test_captions_cannot_smuggle_parameters_or_weights() -> None:
     assert clean_caption("##k shadow ##a man") == "k shadow a man"
 
 
+@pytest.mark.parametrize(
+    "caption",
+    [
+        "a sign –no entry on a door",  # an en dash is a parameter marker for the parser
+        "a road sign ―ar 16:9 in the rain",  # so is a horizontal bar
+        "a poster, text ﹘stylize 900",  # NFKC makes a small em dash an em dash
+        "a fox －－no snow",  # and fullwidth hyphens two hyphens
+        "a fox ﹕﹕2 in snow",  # and small colons a :: weight
+        "a poster reading {hello, world}",  # braces are permutations: two prompts
+        "a clock showing (10:30) on a wall",  # emphasis whose weight is out of range
+        "a ((red:2.5)) car",  # in range, but weights are not the model's to give
+    ],
+)
+def test_cleaned_captions_parse_as_plain_text_with_only_their_ratio(caption: str) -> None:
+    from bot.prompt import parse_prompt
+
+    params = parse_prompt(f"{clean_caption(caption)} --ar 3:2")  # as the bot parses a pressed one
+    assert params.aspect == (3, 2) and params.negative_prompt == ""
+    assert params.stylize == 100 and params.parts == ()
+    assert params.prompt and "{" not in params.prompt
+
+
 def test_duplicates_differing_only_in_case_or_punctuation_are_dropped() -> None:
     found = ["A red fox"]
     add_unique(found, ["a red fox.", "A RED FOX!", "", "a blue fox", "a green fox", "a grey fox"], 3)

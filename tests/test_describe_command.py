@@ -9,24 +9,30 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+from pathlib import Path
 from typing import Any
 
 import pytest
 from PIL import Image as PILImage
-from sqlalchemy import select
+from sqlalchemy import select, update
 
+from bot.banned_words import BannedWordRules
+from bot.buttons import NOT_YOURS
 from bot.describe_buttons import NUMBERS
 from bot.dispatch import SUCCESS, TaskState
-from bot.models import Job, JobStatus
+from bot.models import Job, JobStatus, Member
 from tests.botutil import (
     EPHEMERAL,
+    FakeDispatcher,
     Harness,
     attachment_bytes,
+    bot_harness,
     credits_used,
     custom_ids,
     has_result,
     png_bytes,
     refused_for_free,
+    reply_of,
 )
 from tests.fakes import FakeInteraction
 from workers.schema import DescribeResult, JobKind, TaskOutcome
@@ -150,3 +156,90 @@ async def test_a_link_that_points_inside_the_network_is_refused(h: Harness) -> N
     )
     assert "can't be used" in refusal.message_payload["content"]
     assert await h.job_count() == 0
+
+
+async def private_answer(h: Harness, press: FakeInteraction, text: str) -> dict[str, Any]:
+    """The ephemeral answer to a press (a reply or a follow-up) containing ``text``."""
+    answer = await h.fake.wait_for_request(
+        lambda r: r.interaction_token == press.token and text in str(r.message_payload.get("content"))
+    )
+    assert answer.message_payload["flags"] & EPHEMERAL
+    return answer.message_payload
+
+
+async def test_nobody_else_can_use_the_buttons_of_a_stealth_describe(h: Harness) -> None:
+    await reply_of(h, await h.fake.slash("stealth"))
+    _inter, job, message = await describe_picture(h)
+    assert job.visibility == "stealth"
+    mallory = h.fake.add_member(h.fake.guild, "mallory").user
+    for what in ("1", "r", "all"):
+        press = await h.fake.press(f"mj:desc:{job.id}:{what}", message, user=mallory)
+        await private_answer(h, press, NOT_YOURS)
+    # 🔄 would have re-described (and shown) the private picture in mallory's public result.
+    await h.settle()
+    assert await h.job_count() == 1 and len(h.dispatcher.sent) == 1
+    assert await credits_used(h, mallory.id) == 0
+
+
+async def test_one_unusable_suggestion_does_not_block_the_others(h: Harness) -> None:
+    # Stored by an older worker that let braces through: that one suggestion would be two prompts.
+    prompts = [*PROMPTS[:3], "a poster reading {hello, world} --ar 3:2"]
+    picture = h.fake.upload_attachment("fox.png", png_bytes(48, 32))
+    inter = await h.fake.slash("describe", {"image": picture})
+    job = await h.job_for(inter)
+    await h.dispatcher.wait_sent(1)
+    describe_done(h, job.id, prompts)
+    message = await inter.wait_original(lambda m: NUMBERS[0] in (m.get("content") or ""))
+    press = await h.fake.press(f"mj:desc:{job.id}:1", message)
+    imagine = await h.job_for(press)
+    assert imagine.kind == JobKind.IMAGINE and imagine.prompt == PROMPTS[0].removesuffix(" --ar 3:2")
+    press = await h.fake.press(f"mj:desc:{job.id}:4", message)
+    await private_answer(h, press, "Suggestion 4 cannot be used as a prompt")
+
+
+async def test_an_expensive_suggestion_asks_before_charging(tmp_path: Path, sqlite_url: str) -> None:
+    async with bot_harness(tmp_path, sqlite_url, FakeDispatcher(), cost_sdxl_grid=4) as h:
+        _inter, job, message = await describe_picture(h)
+        press = await h.fake.press(f"mj:desc:{job.id}:2", message)
+        question = await press.wait_original(lambda m: "4 credits" in (m.get("content") or ""))
+        assert question["flags"] & EPHEMERAL
+        await h.settle()
+        assert await h.job_count() == 1 and await credits_used(h, h.fake.user.id) == 0
+        [yes] = [cid for cid in custom_ids(question) if cid.endswith(":yes")]
+        answer = await h.fake.press(yes, question)
+        imagine = await h.job_for(answer)
+        assert imagine.prompt == "watercolour of a fox in a winter forest" and imagine.cost == 4
+        assert await credits_used(h, h.fake.user.id) == 4
+
+
+async def test_imagine_all_with_a_banned_suggestion_is_refused_before_asking(h: Harness) -> None:
+    _inter, job, message = await describe_picture(h)
+    assert h.bot is not None
+    h.bot.jobs.banned_words = BannedWordRules.from_terms(["watercolour"])
+    press = await h.fake.press(f"mj:desc:{job.id}:all", message)
+    await private_answer(h, press, "`watercolour`")
+    await h.settle()
+    assert not any("Start them?" in str(r.message_payload.get("content")) for r in press.requests)
+    assert await h.job_count() == 1 and await credits_used(h, h.fake.user.id) == 0
+
+
+async def test_imagine_all_is_priced_with_the_members_own_engine(h: Harness) -> None:
+    _inter, job, message = await describe_picture(h)
+    async with h.sessions() as session, session.begin():
+        await session.execute(
+            update(Member).where(Member.user_id == h.fake.user.id).values(default_engine="openai")
+        )
+    press = await h.fake.press(f"mj:desc:{job.id}:all", message)
+    question = await press.wait_original(lambda m: "Start them?" in (m.get("content") or ""))
+    assert "costs 8 credits" in question["content"]  # four OpenAI grids at 2, not four SDXL ones
+
+
+async def test_a_stealth_describe_stays_stealth_after_the_owner_goes_public(h: Harness) -> None:
+    await reply_of(h, await h.fake.slash("stealth"))
+    _inter, job, message = await describe_picture(h)
+    await reply_of(h, await h.fake.slash("public"))
+    # 🔄 as a public job would put the private picture in the gallery, as this job's input.
+    again = await h.job_for(await h.fake.press(f"mj:desc:{job.id}:r", message))
+    imagine = await h.job_for(await h.fake.press(f"mj:desc:{job.id}:1", message))
+    assert again.kind == JobKind.DESCRIBE and again.visibility == "stealth"
+    assert imagine.kind == JobKind.IMAGINE and imagine.visibility == "stealth"

@@ -8,7 +8,15 @@ import pytest
 from sqlalchemy import select
 
 from bot.models import Member
-from bot.prompt_prefs import Prefs, append_suffix, apply_prefs, check_option_name, expand_options
+from bot.prompt import plan_prompts
+from bot.prompt_prefs import (
+    Prefs,
+    append_suffix,
+    apply_prefs,
+    check_option_name,
+    check_parameters,
+    expand_options,
+)
 from tests.botutil import EPHEMERAL, Harness, credits_used, custom_ids, reply_of
 
 pytestmark = pytest.mark.timeout(90)
@@ -89,3 +97,51 @@ async def test_prefer_remix_and_the_settings_switch_toggle_the_same_setting(h: H
     async with h.sessions() as session:
         member = (await session.scalars(select(Member).where(Member.user_id == h.fake.user.id))).one()
     assert member.remix is False
+
+
+@pytest.mark.parametrize("value", ["--no {a", "--no a}", "--no {a, {b}"])
+def test_a_value_with_unbalanced_braces_is_refused_when_set(value: str) -> None:
+    # Saved, it would make every later prompt fail on a brace the member never typed there.
+    problem = check_parameters(value)
+    assert problem is not None and ("`{`" in problem or "`}`" in problem)
+
+
+@pytest.mark.parametrize(
+    ("prompt", "suffix"),
+    [
+        ("a fox --relax", "--fast"),
+        ("a fox --public", "--stealth"),
+        ("a fox --v 6", "--niji 6"),
+        ("a fox --niji", "--version 6"),
+        ("a fox --style cinematic", "--raw"),
+        ("a fox --raw", "--style cinematic"),
+        ("a fox --repeat 2", "--r 3"),
+        ("a fox --personalize", "--p"),
+        ("a fox -—ar 1:1", "--ar 3:2"),  # dashes as the parser reads them: "---" on a phone
+    ],
+)
+def test_the_prompt_wins_over_a_suffix_parameter_it_contradicts(prompt: str, suffix: str) -> None:
+    assert append_suffix(prompt, f"{suffix} --chaos 5") == f"{prompt} --chaos 5"
+    plan_prompts(apply_prefs(prompt, Prefs(suffix=f"{suffix} --chaos 5")))  # parses
+
+
+async def test_a_long_option_list_fits_discords_messages(h: Harness) -> None:
+    values = {f"opt{n:02d}": "--no " + ", ".join(["a very long word list"] * 21) for n in range(25)}
+    for name, value in values.items():
+        assert "now means" in (await prefer(h, "option set", name=name, value=value))["content"]
+    await prefer(h, "suffix", value=values["opt00"])
+    inter = await h.fake.slash("prefer", {}, subcommand="option list")
+    assert (await inter.callback()).status < 300  # Discord refuses a message over 2000 characters
+    await h.fake.wait_for_request(  # the suffix comes last
+        lambda r: r.interaction_token == inter.token and "Suffix:" in str(r.message_payload.get("content"))
+    )
+    sent = [
+        r.message_payload.get("content") or ""
+        for r in h.fake.requests
+        if r.interaction_token == inter.token and r.route in ("interaction_callback", "webhook_execute")
+    ]
+    assert sent and all(r.status < 300 for r in h.fake.requests if r.interaction_token == inter.token)
+    text = "\n".join(sent)
+    assert all(len(content) <= 2000 for content in sent)
+    assert all(f"`--{name}` = `{value}`" in text for name, value in values.items())
+    assert f"Suffix: `{values['opt00']}`" in text

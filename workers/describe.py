@@ -30,6 +30,7 @@ import os
 import re
 import threading
 import time
+import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,8 +65,12 @@ REPETITION_PENALTY = 1.1
 # BLIP's captioning checkpoints invent "arafed", "araffe" and kin (a known training-data
 # artifact); they mean nothing and are dropped.
 _ARTIFACTS = re.compile(r"\b(?:ara+f+\w*|arafed)\b", re.IGNORECASE)
-# What the prompt parser would read as parameters or weights, em dash included.
-_PARAMETER_SYNTAX = re.compile(r"(?:--+|—|::)")
+# What the prompt parser would read as parameters, weights or permutations: "--", any long dash
+# (it reads "–no" and "―ar" as parameters, because phones turn "--" into one), "::" and braces.
+_PARAMETER_SYNTAX = re.compile(r"(?:-*[—–―][-—–―]*|--+|::|[{}])")
+# "(words:1.3)" emphasis: the parser would weigh the words, and refuse a clock's "(10:30)" as a
+# weight above 3. The brackets go, the words stay.
+_EMPHASIS = re.compile(r"\(([^()]*?:\s*[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*)\)")
 _NUMBERING = re.compile(r"^\s*(?:[-*•]|\d+[.)])\s*")
 _SPACES = re.compile(r"\s+")
 # A WordPiece continuation the decoder could not glue to a previous word.
@@ -126,8 +131,13 @@ def nearest_ratio(width: int, height: int, *, max_term: int = MAX_RATIO_TERM) ->
 
 def clean_caption(text: str) -> str:
     """A model's caption made safe and tidy as prompt text: no parameters, weights or artifacts."""
+    # The bot parses prompts after NFKC, which turns a fullwidth "－－" or a small "﹘" into
+    # parameter dashes and "﹕﹕" into a weight: normalise first so those are cleaned too.
+    text = unicodedata.normalize("NFKC", text)
     text = _NUMBERING.sub("", text)
     text = _PARAMETER_SYNTAX.sub(" ", text)
+    while (plain := _EMPHASIS.sub(r"\1", text)) != text:  # "((red:2))" is emphasis once more
+        text = plain
     text = _ARTIFACTS.sub(" ", text)
     text = _WORDPIECE.sub("", text)
     text = _SPACES.sub(" ", text).strip().strip(" .,;:\"'")

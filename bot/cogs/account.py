@@ -15,6 +15,7 @@ from bot.access import account_guild
 from bot.interactions import actor_from
 from bot.models import Job, JobStatus, Member
 from bot.operations import resolve_engine, resolve_visibility
+from bot.settings import BotSettings
 from workers.schema import Engine, GenerationParams, Visibility
 
 if TYPE_CHECKING:
@@ -47,10 +48,17 @@ async def update_member(bot: MirageBot, member_id: int, **values: Any) -> Member
         return member
 
 
-def settings_summary(bot: MirageBot, member: Member) -> str:
-    """The text above the /settings controls."""
-    engine = resolve_engine(GenerationParams(prompt="-"), member, bot.settings)
-    visibility = resolve_visibility(None, member, bot.settings)
+async def effective_settings(bot: MirageBot) -> BotSettings:
+    """The bot's settings with the owners' ``/mirage defaults`` applied, as jobs resolve them."""
+    async with bot.sessions() as session:
+        settings, _defaults = await global_defaults.current(session, bot.settings)
+    return settings
+
+
+def settings_summary(settings: BotSettings, member: Member) -> str:
+    """The text above the /settings controls (``settings``: with the global defaults applied)."""
+    engine = resolve_engine(GenerationParams(prompt="-"), member, settings)
+    visibility = resolve_visibility(None, member, settings)
     return (
         "**Your Mirage settings**\n"
         f"Default engine: **{ENGINE_LABELS[engine]}**\n"
@@ -65,12 +73,13 @@ def settings_summary(bot: MirageBot, member: Member) -> str:
 class SettingsView(ui.View):
     """Selects for the member's defaults. Only the member who opened it can use it."""
 
-    def __init__(self, bot: MirageBot, member: Member) -> None:
+    def __init__(self, bot: MirageBot, member: Member, settings: BotSettings) -> None:
         super().__init__(timeout=600)
         self.bot = bot
         self.member = member
-        engine = resolve_engine(GenerationParams(prompt="-"), member, bot.settings)
-        visibility = resolve_visibility(None, member, bot.settings)
+        # The global defaults decide what a member without their own default gets: show those.
+        engine = resolve_engine(GenerationParams(prompt="-"), member, settings)
+        visibility = resolve_visibility(None, member, settings)
         self.engine_select.options = [
             discord.SelectOption(label=ENGINE_LABELS[e], value=e.value, default=e == engine) for e in Engine
         ]
@@ -106,8 +115,9 @@ class SettingsView(ui.View):
 
     async def _save(self, interaction: discord.Interaction[Any], **values: Any) -> None:
         self.member = await update_member(self.bot, self.member.id, **values)
-        fresh = SettingsView(self.bot, self.member)
-        await interaction.response.edit_message(content=settings_summary(self.bot, self.member), view=fresh)
+        settings = await effective_settings(self.bot)
+        fresh = SettingsView(self.bot, self.member, settings)
+        await interaction.response.edit_message(content=settings_summary(settings, self.member), view=fresh)
         self.stop()
 
     @ui.select(placeholder="Default engine", row=0)
@@ -173,8 +183,9 @@ class Account(commands.Cog):
         """An ephemeral panel of selects."""
         await interaction.response.defer(ephemeral=True, thinking=True)
         member = await ensure_member(self.bot, interaction)
+        settings = await effective_settings(self.bot)
         await interaction.followup.send(
-            settings_summary(self.bot, member), view=SettingsView(self.bot, member), ephemeral=True
+            settings_summary(settings, member), view=SettingsView(self.bot, member, settings), ephemeral=True
         )
 
     @app_commands.command(name="stealth", description="Keep your new images out of the public gallery")

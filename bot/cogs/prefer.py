@@ -25,6 +25,20 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+MESSAGE_LIMIT = 2000  # Discord's characters per message
+
+
+def pages(lines: list[str], limit: int = MESSAGE_LIMIT) -> list[str]:
+    """``lines`` joined into as few messages as fit ``limit`` each (a longer line is cut)."""
+    out: list[str] = []
+    for line in lines:
+        line = line if len(line) <= limit else line[: limit - 1] + "…"
+        if out and len(out[-1]) + 1 + len(line) <= limit:
+            out[-1] += "\n" + line
+        else:
+            out.append(line)
+    return out
+
 
 def remix_text(on: bool) -> str:
     """What the member is told after switching Remix."""
@@ -132,7 +146,12 @@ class Prefer(commands.GroupCog, group_name="prefer", group_description="Your pro
         lines = [f"`--{row.name}` = `{row.value}`" for row in rows] or ["You have no custom options yet."]
         if member.prompt_suffix:
             lines.append(f"Suffix: `{member.prompt_suffix}`")
-        await interaction.response.send_message("\n".join(lines), ephemeral=True)
+        # 25 options of up to 500 characters are far more than one message holds: Discord would
+        # refuse the answer and the member would see only "The application did not respond".
+        first, *rest = pages(lines)
+        await interaction.response.send_message(first, ephemeral=True)
+        for page in rest:
+            await interaction.followup.send(page, ephemeral=True)
 
     @option.command(name="delete", description="Delete one of your custom options")
     @app_commands.describe(name="The option's name")
