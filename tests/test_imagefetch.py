@@ -27,6 +27,7 @@ from PIL import Image
 
 import bot.imagefetch
 from bot.imagefetch import (
+    INPUT_MAX_SIDE,
     FetchedImage,
     FetchLimits,
     ImageInputError,
@@ -661,3 +662,13 @@ async def test_link_images_are_numbered_after_the_attachment(host: Host) -> None
         host.allow,
     )
     assert [(i.width, i.height) for i in found["image"]] == [(40, 30), (32, 48)]
+
+
+def test_large_pictures_are_kept_at_the_input_size_with_their_shape() -> None:
+    # Inputs travel inside the job's message: a 12 MP photo is scaled to what any engine uses.
+    buffer = io.BytesIO()
+    Image.new("RGB", (4000, 3000), (40, 90, 160)).save(buffer, "JPEG")
+    image = validate_image(buffer.getvalue(), "image 1")
+    assert (image.width, image.height) == (INPUT_MAX_SIDE, INPUT_MAX_SIDE * 3 // 4)
+    assert Image.open(io.BytesIO(image.data)).size == (image.width, image.height)
+    assert image.source_format == "JPEG"
