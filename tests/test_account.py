@@ -6,7 +6,7 @@ import pytest
 from sqlalchemy import select
 
 from bot import global_defaults
-from bot.models import Member
+from bot.models import Job, Member
 from tests.botutil import (
     EPHEMERAL,
     Harness,
@@ -14,6 +14,7 @@ from tests.botutil import (
     finish_grid,
     reply_of,
 )
+from workers.schema import JobKind
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -68,6 +69,17 @@ async def test_gallery_links_member_page_and_latest_jobs(h: Harness) -> None:
     assert f"http://gallery.test/m/{member.public_id}" in text
     assert f"http://gallery.test/j/{public.id}" in text
     assert "just for me" in text and f"/j/{stealth.id}" not in text
+
+
+async def test_gallery_lists_a_job_without_a_prompt_without_empty_bold(h: Harness) -> None:
+    # /describe and /blend jobs have no prompt: no "****" (which Discord shows literally).
+    grid, _ = await finish_grid(h, "soon wordless")
+    async with h.sessions() as session, session.begin():
+        row = await session.get(Job, grid.id)
+        assert row is not None
+        row.prompt, row.kind = "", JobKind.DESCRIBE.value
+    text = (await reply_of(h, await h.fake.slash("gallery")))["content"]
+    assert "****" not in text and "• describe <t:" in text
 
 
 async def test_settings_shows_the_owners_global_defaults(h: Harness) -> None:

@@ -237,7 +237,8 @@ class Account(commands.Cog):
                 )
             else:
                 where = "(stealth)"
-            lines.append(f"• {job.kind} **{prompt}** <t:{stamp}:R> {where}")
+            shown = f" **{prompt}**" if prompt else ""  # /describe and /blend have no prompt
+            lines.append(f"• {job.kind}{shown} <t:{stamp}:R> {where}")
         await interaction.followup.send("\n".join(lines), ephemeral=True)
 
 
