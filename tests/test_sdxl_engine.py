@@ -233,6 +233,28 @@ def test_chaos_is_deterministic_and_adds_variety(sdxl: SDXLEngine) -> None:
     assert not np.array_equal(plain[0], chaos[0])
 
 
+def test_chaos_inputs_of_grid_image_k_are_those_of_seed_n_plus_k_alone(
+    sdxl: SDXLEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Image k of a --chaos grid is rerun alone with seed N+k: its starting noise and prompt
+    embedding may not depend on the other images (the jitter's size came from the spread of
+    the whole batch's embeddings, which --weird makes differ per image)."""
+    seen: list[dict[str, Any]] = []
+    call = sdxl._call
+
+    def spy(pipe: Any, job: Any, kwargs: dict[str, Any], **options: Any) -> torch.Tensor:
+        seen.append(kwargs)
+        return call(pipe, job, kwargs, **options)
+
+    monkeypatch.setattr(sdxl, "_call", spy)
+    params = {"chaos": 80, "weird": 1000}
+    sdxl.run(_request(seed=7, params=params))
+    sdxl.run(_request(seed=9, count=1, params=params))
+    grid, alone = seen
+    for name in ("latents", "prompt_embeds"):
+        assert torch.equal(grid[name][2], alone[name][0]), name
+
+
 @pytest.mark.parametrize("sampler", ["euler", "euler_a", "ddim", "ddpm"])
 def test_every_sampler_runs(sdxl: SDXLEngine, sampler: str) -> None:
     result = sdxl.run(_request(count=1, params={"sampler": sampler}))
@@ -391,6 +413,45 @@ def test_textual_inversion_token_is_usable(sdxl_extras: SDXLEngine, embeddings_d
     assert not np.array_equal(with_token[0], without[0])
 
 
+def test_fp32_retry_decodes_with_the_jobs_padding_and_tiling(tiny_model_dir: Path) -> None:
+    """An fp16 decode that overflows is redone on a kept fp32 copy of the VAE. The copy must
+    follow the switches each job sets on the VAE: made during a --tile job it kept circular
+    padding for every later retry, and made before one it ignored --tile (and VAE tiling)."""
+    from diffusers import AutoencoderKL
+
+    from workers.sdxl.jobs import circular_padding
+    from workers.sdxl.vae import VaeRunner
+
+    cpu = torch.device("cpu")
+    vae = AutoencoderKL.from_pretrained(str(tiny_model_dir / "vae"))
+    runner = VaeRunner(vae, device=cpu, model_dtype=torch.float16, mode="float16")
+    # The copy is made from the fp16 weights: the reference gets the same rounding.
+    reference = AutoencoderKL.from_pretrained(str(tiny_model_dir / "vae")).to(torch.float16).float()
+    decoder = vae.decoder
+
+    def overflow(module: torch.nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor | None:
+        # Only the fp16 original overflows; the hook, copied with the VAE, leaves the copy alone.
+        return output * float("nan") if module is decoder else None
+
+    decoder.register_forward_hook(overflow)
+    latents = torch.randn(1, 4, 40, 40, generator=torch.Generator().manual_seed(0))
+    unscaled = runner.unscale(latents).float()  # what the retry decodes
+
+    def check(tiled: bool, vae_tiling: bool) -> None:
+        with circular_padding([vae], tiled), circular_padding([reference], tiled), torch.no_grad():
+            for model in (vae, reference):
+                model.enable_tiling() if vae_tiling else model.disable_tiling()
+            pixels = runner.decode(latents)
+            assert torch.isfinite(pixels).all()
+            assert torch.allclose(pixels, reference.decode(unscaled, return_dict=False)[0], atol=1e-5)
+
+    check(tiled=True, vae_tiling=False)  # the copy is made here, during a --tile job
+    check(tiled=False, vae_tiling=False)
+    check(tiled=True, vae_tiling=True)  # an upscale's tiled decode of a --tile picture
+    check(tiled=False, vae_tiling=False)
+    assert runner.retries == 4
+
+
 def test_refiner_and_separate_vae_are_used(sdxl_extras: SDXLEngine) -> None:
     assert sdxl_extras.refiner is not None
     assert sdxl_extras.refiner.vae is sdxl_extras.txt2img.vae
@@ -399,6 +460,26 @@ def test_refiner_and_separate_vae_are_used(sdxl_extras: SDXLEngine) -> None:
     result = sdxl_extras.run(_request(params={"steps": 5}), reports.append)
     assert sdxl_extras.last_info["refined"] is True and len(result.images) == 4
     assert reports[-1].percent == 100
+
+
+@pytest.mark.parametrize("kind", [JobKind.IMAGINE, JobKind.VARIATION])
+def test_tile_pads_the_refiner_circularly_too(
+    sdxl_extras: SDXLEngine, source_image: Image.Image, kind: JobKind
+) -> None:
+    """The refiner denoises the last 20 % with a UNet of its own: with zero padding there the
+    edges of a --tile picture stopped meeting."""
+    refiner_unet = sdxl_extras.refiner.unet
+    convs = [m for m in refiner_unet.modules() if isinstance(m, torch.nn.Conv2d) and m.padding != (0, 0)]
+    seen: list[set[str]] = []
+    handle = refiner_unet.register_forward_pre_hook(lambda *_: seen.append({c.padding_mode for c in convs}))
+    extra = {"input_image": _b64(source_image)} if kind is JobKind.VARIATION else {}
+    try:
+        sdxl_extras.run(_request(kind, count=1, params={"tile": True, "steps": 5}, **extra))
+    finally:
+        handle.remove()
+    assert sdxl_extras.last_info["refined"] is True
+    assert seen and all(modes == {"circular"} for modes in seen)
+    assert {conv.padding_mode for conv in convs} == {"zeros"}  # and only for that job
 
 
 def test_lora_tags(sdxl_extras: SDXLEngine) -> None:

@@ -137,6 +137,45 @@ def test_stop_leaves_the_image_unfinished_and_says_so(plain: SDXLEngine) -> None
     assert any(note.startswith("--stop 50") for note in stopped.notes)
 
 
+@pytest.mark.parametrize(
+    ("kind", "sampler", "steps", "stop", "evaluations"),
+    [
+        # Vary (Subtle) runs 5 of its 10 steps; --stop 60 is 3 of those. Cut by noise level
+        # (denoising_end 0.6 of the whole schedule) it ran none and returned the noised input.
+        (JobKind.VARIATION, "dpm", 10, 60, 3),
+        # euler's 4 steps start below the 10 % noise cutoff: no step ran, the image was noise.
+        (JobKind.IMAGINE, "euler", 4, 10, 1),
+        # DPM++ Karras packs its steps at low noise: --stop 80 ran 12 of 20 steps, not 16.
+        (JobKind.IMAGINE, "dpm", 20, 80, 16),
+    ],
+)
+def test_stop_ends_after_that_share_of_the_jobs_own_steps(
+    plain: SDXLEngine,
+    monkeypatch: pytest.MonkeyPatch,
+    kind: JobKind,
+    sampler: str,
+    steps: int,
+    stop: int,
+    evaluations: int,
+) -> None:
+    calls = 0
+    unet = plain.txt2img.unet  # shared by all three pipelines
+    forward = unet.forward
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        nonlocal calls
+        calls += 1  # one per step: guidance batches both halves into one evaluation
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(unet, "forward", counting)
+    extra: dict[str, Any] = {}
+    if kind is JobKind.VARIATION:
+        extra = {"input_image": _b64(_picture((180, 120, 60))), "strength": 0.5}
+    plain.run(_request(kind, count=1, params={"steps": steps, "stop": stop, "sampler": sampler}, **extra))
+    assert calls == evaluations
+    assert plain.last_info["stop"] == stop / 100
+
+
 # ------------------------------------------------------------------------ image inputs
 
 
@@ -257,6 +296,28 @@ def test_paste_outside_keeps_the_region_new_and_the_rest_old() -> None:
     out = np.asarray(paste_outside(new, old, mask, 2))
     assert (out[10:20, 10:20] == 255).all()
     assert (out[:5] == 0).all() and (out[25:] == 0).all()
+
+
+def test_grown_mask_is_exactly_the_rank_filters() -> None:
+    """Vary (Region) grows its mask for the inpaint call and each paste-back with numpy (Pillow's
+    MaxFilter(65) took about 3 s a time on a 1024 px mask); the pixels must not change."""
+    from PIL import ImageFilter
+
+    from workers.image_input import grow_mask
+
+    mask = Image.new("L", (1024, 1024), 0)
+    mask.paste(255, (300, 200, 700, 600))
+    old = Image.new("RGB", mask.size, (0, 0, 0))
+    new = Image.new("RGB", mask.size, (255, 255, 255))
+    out = np.asarray(paste_outside(new, old, mask, 32))
+    assert (out[200:600, 300:700] == 255).all() and (out[:100] == 0).all()
+    # The same pixels as the rank filter, for binary and grey masks alike, edges included.
+    rng = np.random.default_rng(0)
+    for values in (rng.integers(0, 2, (61, 97)) * 255, rng.integers(0, 256, (61, 97))):
+        small = Image.fromarray(values.astype(np.uint8))
+        for radius in (1, 2, 7):
+            expected = small.filter(ImageFilter.MaxFilter(2 * radius + 1))
+            assert np.array_equal(np.asarray(grow_mask(small, radius)), np.asarray(expected))
 
 
 # ------------------------------------------------------------------------- custom zoom

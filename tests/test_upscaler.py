@@ -182,6 +182,19 @@ def test_configured_model_is_used(weights: dict[str, Path]) -> None:
     assert isinstance(upscaler, ModelUpscaler) and upscaler.tile == 128
 
 
+@pytest.mark.parametrize("tile", [64, 65])
+def test_the_smallest_tile_the_settings_allow_loads_and_upscales(weights: dict[str, Path], tile: int) -> None:
+    """UPSCALER_TILE_PX may be 64, but the fixed 32 px overlap must stay below half a tile:
+    the ValueError that broke was no WorkerError, so the worker failed to start."""
+    settings = WorkerSettings(_env_file=None, upscaler_model=weights["x2_pointwise"], upscaler_tile_px=tile)
+    upscaler = configured_upscaler(settings)
+    assert isinstance(upscaler, ModelUpscaler) and upscaler.tile == tile
+    image = noise(150, 70, seed=5)
+    whole = load_upscaler(weights["x2_pointwise"]).upscale(image, 2)
+    assert np.abs(pixels(upscaler.upscale(image, 2)) - pixels(whole)).max() <= 1
+    assert upscaler.calls > 1  # it did go through in tiles
+
+
 def test_restoration_model_is_not_an_upscaler(weights: dict[str, Path]) -> None:
     """A 1x model loads in spandrel but is refused as an upscaler."""
     with pytest.raises(WorkerError) as info:

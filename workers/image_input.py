@@ -14,6 +14,7 @@ import io
 import warnings
 
 import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
 from PIL import Image, ImageFilter, ImageOps
 
 from workers.schema import ErrorCode, WorkerError, b64decode_text
@@ -71,6 +72,22 @@ def region_mask(mask: Image.Image, size: tuple[int, int]) -> Image.Image:
     return binary
 
 
+def grow_mask(mask: Image.Image, radius: int) -> Image.Image:
+    """``mask`` (``L``) grown by ``radius`` px: exactly Pillow's ``MaxFilter(2 * radius + 1)``.
+
+    Pillow's rank filter takes about 3 s for a 1024 px mask at a 32 px radius, and Vary
+    (Region) grows its mask five times a grid; a square maximum is two one-axis maxima, which
+    numpy takes in milliseconds.
+    """
+    pixels = np.asarray(mask.convert("L"))
+    for axis in (0, 1):
+        # Repeating the edge adds no new value to a maximum, as Pillow's own edge handling.
+        pad = [(radius, radius) if index == axis else (0, 0) for index in (0, 1)]
+        padded = np.pad(pixels, pad, mode="edge")
+        pixels = sliding_window_view(padded, 2 * radius + 1, axis=axis).max(axis=-1)
+    return Image.fromarray(np.ascontiguousarray(pixels))
+
+
 def paste_outside(painted: Image.Image, source: Image.Image, mask: Image.Image, feather: int) -> Image.Image:
     """``source`` everywhere outside ``mask``; ``painted`` inside it, fading over ``feather`` px.
 
@@ -79,7 +96,7 @@ def paste_outside(painted: Image.Image, source: Image.Image, mask: Image.Image, 
     """
     if painted.size != source.size:
         painted = painted.resize(source.size, Image.Resampling.LANCZOS)
-    grown = mask.filter(ImageFilter.MaxFilter(2 * feather + 1))
+    grown = grow_mask(mask, feather)
     soft = np.asarray(grown.filter(ImageFilter.BoxBlur(feather)), dtype=np.float32) / 255
     alpha = np.maximum(soft, np.asarray(mask, dtype=np.float32) / 255)[..., None]
     new = np.asarray(painted.convert("RGB"), dtype=np.float32)

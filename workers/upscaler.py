@@ -242,6 +242,8 @@ def configured_upscaler(
             device=device,
             dtype=dtype,
             tile=settings.upscaler_tile_px,
+            # Below half a tile, as ModelUpscaler needs, for the smallest tiles the settings allow.
+            overlap=min(DEFAULT_OVERLAP, settings.upscaler_tile_px // 4),
         )
     except WorkerError as exc:
         log.error("UPSCALER_MODEL unusable, upscales use Lanczos: %s", exc.message)

@@ -133,12 +133,13 @@ class EngineCore:
     ) -> torch.Tensor:
         """Run ``pipe`` (and the refiner for the last 20 % of the schedule, when there is one) to latents.
 
-        With ``--stop`` the schedule ends early (``denoising_end``) and the unfinished latents
-        are returned as they are; the refiner, which would finish them, is skipped.
+        With ``--stop`` the pipeline stops after that share of its own steps (at least one) and
+        the unfinished latents are returned as they are; the refiner, which would finish them,
+        is skipped.
         """
         if job.stop < 1.0:
             job.info["stop"] = job.stop
-            return self._call(pipe, job, {**kwargs, "denoising_end": job.stop})
+            return self._call(pipe, job, kwargs, stop=job.stop)
         if self.refiner is None or not refine:
             return self._call(pipe, job, kwargs)
         job.reporter.set_phases([REFINER_SWITCH, 1 - REFINER_SWITCH])
@@ -160,8 +161,13 @@ class EngineCore:
         job.info["refined"] = True
         return refined
 
-    def _call(self, pipe: Any, job: Job, kwargs: dict[str, Any], *, refiner: bool = False) -> torch.Tensor:
-        """One pipeline call to latents, with a fresh scheduler, progress and cancellation wired in."""
+    def _call(
+        self, pipe: Any, job: Job, kwargs: dict[str, Any], *, refiner: bool = False, stop: float = 1.0
+    ) -> torch.Tensor:
+        """One pipeline call to latents, with a fresh scheduler, progress and cancellation wired in.
+
+        ``stop`` below 1 ends the call after that share of its steps (``--stop``).
+        """
         config = self._refiner_scheduler_config if refiner else self._scheduler_config
         pipe.scheduler = scheduler_for(job.request.params.sampler, config)
         reporter = job.reporter
@@ -174,6 +180,11 @@ class EngineCore:
                 raise WorkerError(ErrorCode.CANCELLED, "The job was cancelled.")
             steps_seen = index + 1
             reporter.step(index, pipeline.num_timesteps, tensors.get("latents"))
+            # --stop counts the steps this call runs. denoising_end cuts the noise schedule
+            # instead: an img2img call starts part-way down it, so a Vary (Subtle) at --stop 60
+            # ran no step at all, and a few leading-spaced steps could all fall past the cut.
+            if stop < 1.0 and steps_seen >= max(1, round(pipeline.num_timesteps * stop)):
+                pipeline._interrupt = True  # diffusers skips the remaining steps, latents as they are
             return {}
 
         if self.ip_adapter is not None and self.ip_adapter.is_active and not refiner:

@@ -21,7 +21,8 @@ Operations (``request.kind``):
 
 The prompt reaches the pipelines as embeddings (:mod:`workers.sdxl.conditioning`): multi-prompt
 weights, negative parts and ``(word:1.3)`` emphasis; ``--weird`` offsets each image's embedding
-by its seed. ``--stop N`` ends the schedule at N % and decodes the unfinished latents.
+by its seed. ``--stop N`` ends each pipeline call after N % of its own steps (at least one) and
+decodes the unfinished latents.
 
 ``--chaos`` (0..100) adds per-image variety on top of the different seeds, deterministically
 per seed: each image's starting noise is mixed with a coarse (1/8-resolution, upsampled) noise

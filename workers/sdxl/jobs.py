@@ -118,7 +118,7 @@ class Job:
 
     ``prompt`` / ``negative`` are the plain texts (LoRA tags removed) for the refiner, which
     takes strings; the base pipelines get embeddings from ``params`` (weights, emphasis).
-    ``stop`` is ``--stop`` as a fraction of the schedule (1.0: finish).
+    ``stop`` is ``--stop`` as a fraction of the steps (1.0: finish).
     """
 
     request: JobRequest

@@ -16,15 +16,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 import numpy as np
 import torch
 from diffusers.utils.torch_utils import randn_tensor
-from PIL import Image, ImageFilter
+from PIL import Image
 
-from workers.image_input import decode_image, paste_outside, region_mask
+from workers.image_input import decode_image, grow_mask, paste_outside, region_mask
 from workers.image_prompts import (
     ImageInputs,
     blend_adapter_kwargs,
@@ -77,7 +77,7 @@ class Operations(EngineCore):
             kwargs.update(self._chaos_inputs(job, count, width, height, generators, kwargs))
             job.info["chaos"] = params.chaos
         pipe = self.txt2img
-        with circular_padding([pipe.unet, pipe.vae], params.tile), self._adapter(job, pipe, inputs, kwargs):
+        with self._tile_padding(pipe, params.tile), self._adapter(job, pipe, inputs, kwargs):
             return self._decode(job, self._denoise(pipe, job, kwargs, count=count))
 
     def _variation(self, job: Job) -> list[Image.Image]:
@@ -109,7 +109,7 @@ class Operations(EngineCore):
         job.reporter.set_phases([1.0], total_steps=max(1, int(kwargs["num_inference_steps"] * strength)))
         pipe = self.img2img
         adapter = self._adapter(job, pipe, inputs or ImageInputs(), kwargs)
-        with circular_padding([pipe.unet, pipe.vae], job.request.params.tile), adapter:
+        with self._tile_padding(pipe, job.request.params.tile), adapter:
             return self._decode(job, self._denoise(pipe, job, kwargs, count=count))
 
     def _blend(self, job: Job) -> list[Image.Image]:
@@ -154,7 +154,7 @@ class Operations(EngineCore):
         kwargs: dict[str, Any] = {
             "image": source,
             # A slightly grown mask lets the new content meet the kept pixels without a seam.
-            "mask_image": mask.filter(ImageFilter.MaxFilter(2 * feather + 1)),
+            "mask_image": grow_mask(mask, feather),
             "height": source.height,
             "width": source.width,
             "strength": strength,
@@ -171,6 +171,17 @@ class Operations(EngineCore):
         return [paste_outside(result, source, mask, feather) for result in painted]
 
     # ---------------------------------------------------------------------------- helpers
+
+    def _tile_padding(self, pipe: Any, enabled: bool) -> AbstractContextManager[None]:
+        """``--tile``'s circular padding for ``pipe``'s UNet and VAE and the refiner's UNet.
+
+        The refiner finishes the images with a UNet of its own (its VAE is the shared one):
+        padding it with zeros made the edges of a tiled picture stop meeting.
+        """
+        modules = [pipe.unet, pipe.vae]
+        if self.refiner is not None:
+            modules.append(self.refiner.unet)
+        return circular_padding(modules, enabled)
 
     def _image_inputs(self, job: Job) -> ImageInputs:
         """The job's reference pictures by role, with the weights from its parameters."""
@@ -228,7 +239,9 @@ class Operations(EngineCore):
             torch.randn(prompt_embeds.shape[1:], generator=gen, dtype=torch.float32).to(prompt_embeds.device)
             for gen in chaos_gens
         ]
-        sigma = CHAOS_EMBED * amount * prompt_embeds.float().std()
+        # Each image's own spread: the batch's would tie image k to the others (--weird makes
+        # them differ), and image k of a grid must be seed N+k run alone.
+        sigma = CHAOS_EMBED * amount * prompt_embeds.float().flatten(1).std(dim=1).view(-1, 1, 1)
         return {
             "latents": latents.to(self.device, self.dtype),
             "prompt_embeds": prompt_embeds + (sigma * torch.stack(jitter)).to(prompt_embeds.dtype),

@@ -105,9 +105,25 @@ class VaeRunner:
                 if self._fp32_copy is None:
                     log.info("fp16 VAE decode overflowed; keeping an fp32 copy of the VAE for retries")
                     self._fp32_copy = copy.deepcopy(self.vae).to(dtype=torch.float32)
+                _follow_switches(self._fp32_copy, self.vae)
                 scaled = self.unscale(latents).float()
                 pixels = self._fp32_copy.decode(scaled, return_dict=False)[0]
         return pixels
+
+
+def _follow_switches(copy_vae: Any, vae: Any) -> None:
+    """Give ``copy_vae`` the per-job switches ``vae`` has now: conv padding and VAE tiling.
+
+    Jobs set them on the shared VAE only (``--tile``'s circular padding, an upscale's tiling).
+    A copy kept as it was when made would carry a --tile job's padding into every later
+    retry, and decode a --tile job made after it with plain padding.
+    """
+    for original, mirrored in zip(vae.modules(), copy_vae.modules(), strict=True):
+        if isinstance(original, torch.nn.Conv2d):
+            mirrored.padding_mode = original.padding_mode
+    for switch in ("use_tiling", "use_slicing"):
+        if hasattr(vae, switch):
+            setattr(copy_vae, switch, getattr(vae, switch))
 
 
 def to_uint8(pixels: torch.Tensor) -> torch.Tensor:
