@@ -18,6 +18,7 @@ import asyncio
 import binascii
 import io
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -51,6 +52,7 @@ from workers.schema import (
     SafetyVerdict,
     TaskOutcome,
     b64decode_text,
+    nearest_bucket,
 )
 
 log = logging.getLogger(__name__)
@@ -168,6 +170,14 @@ def crop_tile(grid: bytes, index: int) -> tuple[bytes, int, int]:
     return out.getvalue(), width, height
 
 
+def shape_params(width: int, height: int) -> dict[str, Any]:
+    """The ``aspect`` (whole numbers, reduced) and bucket parameters of a picture's shape."""
+    divisor = math.gcd(width, height)
+    aspect = (width // divisor, height // divisor)
+    bucket = nearest_bucket(*aspect)
+    return {"aspect": list(aspect), "width": bucket[0], "height": bucket[1]}
+
+
 class Results:
     """Stores results and tiles; every image row of a job goes through here or ``bot.media``."""
 
@@ -176,7 +186,15 @@ class Results:
         self.store = store
 
     async def save(self, session: AsyncSession, job_id: str, image: CheckedImage) -> Image:
-        """In the caller's transaction: store a checked result image as image 0 of the job."""
+        """In the caller's transaction: store a checked result image as image 0 of the job.
+
+        A pan or Make Square result has a new shape: its ``--ar`` becomes that shape, as in
+        Midjourney, so its prompt line says so and a later Zoom Out keeps the shape instead of
+        going back to the parent's.
+        """
+        row = await session.get(Job, job_id)
+        if row is not None and row.kind in (JobKind.PAN.value, JobKind.SQUARE.value):
+            row.params = {**(row.params or {}), **shape_params(image.width, image.height)}
         return await put_image(
             self.store, session, job_id, 0, image.data, ext=image.ext, size=(image.width, image.height)
         )

@@ -178,6 +178,28 @@ async def test_make_square_only_on_non_square_images(h: Harness) -> None:
     assert len(row_sizes(result)) <= 5 and max(row_sizes(result)) <= 5
 
 
+async def test_a_pan_result_takes_its_new_shape_and_zoom_keeps_it(h: Harness) -> None:
+    # As in Midjourney: after a pan the --ar is the new shape, so Zoom Out of one of its images
+    # keeps that shape instead of squeezing the picture back into the parent's 1:1.
+    job, grid = await finish_grid(h, "a harbour --seed 1000")
+    press, _ = await press_and_wait(h, f"mj:u:{job.id}:2", grid)
+    crop = await h.job_for(press)
+    pan_press, _ = await press_and_wait(h, f"mj:pan:{crop.id}:r", await press.wait_original(has_result))
+    pan = await h.job_for(pan_press)
+    await h.wait_job(pan.id, lambda j: j.status == JobStatus.QUEUED)
+    h.dispatcher.succeed(pan.id, size=(96, 64))
+    panned = await pan_press.wait_original(has_result)
+    assert "--ar 3:2" in panned["content"]
+    tile_press, _ = await press_and_wait(h, f"mj:u:{pan.id}:1", panned)
+    tile = await h.job_for(tile_press)
+    zoom_press, _ = await press_and_wait(
+        h, f"mj:zoom:{tile.id}:2", await tile_press.wait_original(has_result)
+    )
+    zoom = await h.job_for(zoom_press)
+    await h.wait_job(zoom.id, lambda j: j.status == JobStatus.QUEUED)
+    assert h.dispatcher.request(zoom.id).params.aspect == (3, 2)
+
+
 @pytest.mark.parametrize(
     ("button", "kind", "strength", "scale", "direction", "count", "cost"),
     [
