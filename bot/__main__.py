@@ -10,13 +10,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import ctypes
 import logging
+import os
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 
 import aiohttp
 import discord
+from pydantic import ValidationError
 
 from bot.client import MirageBot
 from bot.database import make_engine, make_sessionmaker, upgrade
@@ -24,7 +28,7 @@ from bot.dispatch import CeleryDispatcher
 from bot.invite import BadToken, client_id_from_token, invite_url
 from bot.logconfig import setup_logging
 from bot.region import region_job_callback
-from bot.settings import BotSettings, get_settings
+from bot.settings import BotSettings, describe_invalid, get_settings
 from bot.storage import make_store
 from workers.schema import QUEUE_API, QUEUE_GPU
 
@@ -126,7 +130,33 @@ def _start_local_worker() -> subprocess.Popen[bytes]:
     command = [sys.executable, "-m", "workers", "worker", "--queues", queues, "--concurrency", "1"]
     log.info("starting a local worker: %s", " ".join(command[1:]))
     # Its own process group, so a Ctrl-C aimed at the bot reaches the worker only through us.
-    return subprocess.Popen(command, start_new_session=True)
+    return subprocess.Popen(command, start_new_session=True, preexec_fn=_dies_with_parent())
+
+
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def _dies_with_parent() -> Callable[[], None] | None:
+    """A ``preexec_fn`` that has Linux send the child SIGTERM (a warm shutdown) when the bot dies.
+
+    ``main`` stops the worker on its way out, but a bot killed outright (OOM killer, SIGKILL, a
+    SIGTERM or SIGHUP before ``run`` handles them) never gets there, and the worker, in its own
+    session, would live on and hold the GPU beside the next bot's worker. None off Linux.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up now: the child only calls it
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(_PR_SET_PDEATHSIG, ctypes.c_ulong(signal.SIGTERM))
+        if os.getppid() != parent:  # the bot died before prctl took effect: no signal will come
+            os._exit(1)
+
+    return preexec
 
 
 def _stop_local_worker(worker: subprocess.Popen[bytes]) -> None:
@@ -180,7 +210,11 @@ def main(argv: list[str] | None = None) -> None:
         help="invite-url: the application id (default: read from DISCORD_TOKEN)",
     )
     args = parser.parse_args(argv)
-    settings = get_settings()
+    try:
+        settings = get_settings()
+    except ValidationError as exc:
+        # A wrong value is the operator's to fix: name the variable and what it takes, no traceback.
+        raise SystemExit(describe_invalid(exc)) from None
     if args.command == "invite-url":
         print_invite_url(settings, args.client_id)
         return

@@ -193,7 +193,20 @@ class MirageBot(commands.Bot):
             if hashes.get(scope) == digest:
                 log.info("application commands unchanged for %s; not syncing", scope)
                 continue
-            await self.tree.sync(guild=guild)
+            try:
+                await self.tree.sync(guild=guild)
+            except discord.HTTPException as exc:
+                if guild is None:
+                    raise
+                # One guild that refuses (a stale DISCORD_GUILD_IDS entry, the bot removed there)
+                # must not leave the guilds after it without commands; it is tried again next start.
+                log.warning(
+                    "could not sync application commands to guild %s (is the bot in it, invited "
+                    "with applications.commands?): %s",
+                    guild.id,
+                    exc,
+                )
+                continue
             hashes[scope] = digest
             synced.append(scope)
             log.info("synced %d application commands to %s", len(payload), scope)

@@ -9,9 +9,9 @@ of that, every handler :func:`setup_logging` installs:
   escaped (a prompt like ``"cat\\nERROR forged line"`` cannot fake a log line), in JSON mode the
   traceback is a field;
 - redacts the final text (tracebacks included): the configured secret values (Discord token, S3
-  keys, ``OPENAI_API_KEY``), passwords in the database/broker URLs, and token-shaped patterns that
-  libraries log on their own (discord.py's DEBUG webhook and interaction URLs, ``Bot`` auth
-  headers, OpenAI ``sk-`` keys).
+  keys, ``WEB_SECRET``, ``METRICS_TOKEN``, ``OPENAI_API_KEY``), passwords in the database/broker
+  URLs, and token-shaped patterns that libraries log on their own (discord.py's DEBUG webhook and
+  interaction URLs, ``Bot`` auth headers, OpenAI ``sk-`` keys).
 """
 
 from __future__ import annotations
@@ -119,6 +119,8 @@ class Redactor(logformat.Redactor):
                 settings.discord_token.get_secret_value(),
                 settings.s3_access_key.get_secret_value(),
                 settings.s3_secret_key.get_secret_value(),
+                settings.web_secret.get_secret_value(),
+                settings.metrics_token.get_secret_value(),
             ],
             urls=(settings.database_url, settings.broker_url, settings.result_backend),
             env_vars=SECRET_ENV_VARS,

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+from collections.abc import Iterator
 from enum import StrEnum
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from workers.logformat import URL_PASSWORD
 from workers.schema import Engine, Visibility
 
 log = logging.getLogger(__name__)
@@ -23,6 +26,12 @@ DEPRECATED_NAMES = {
     # is how often they report, a different thing under the same name.
     "progress_interval_s": "progress_edit_interval_s",
 }
+
+ID_LIST_FORMAT = "comma-separated numeric ids, e.g. 123456789012345678,234567890123456789, or a JSON list"
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+# URLs that may carry a password (user:password@host); SQLAlchemy and Celery take them as strings.
+URL_FIELDS = ("database_url", "broker_url", "result_backend")
+MASK = "**********"  # what SecretStr prints
 
 
 class Period(StrEnum):
@@ -85,7 +94,7 @@ class BotSettings(BaseSettings):
     )
 
     web_host: str = "127.0.0.1"
-    web_port: int = 8080
+    web_port: int = Field(default=8080, ge=1, le=65535)
     public_url: str = "http://127.0.0.1:8080"
     # Signs the gallery's private links (stealth job pages, the Vary (Region) editor). Unset: a
     # random secret is made once and kept in web_secret_file, so links survive restarts.
@@ -168,17 +177,46 @@ class BotSettings(BaseSettings):
     )
     @classmethod
     def _split_ids(cls, value: object) -> object:
-        # Environment variables carry lists as "1,2,3"; accept JSON lists too.
+        # Environment variables carry lists as "1,2,3" (or "1 2 3"); accept JSON lists too. The
+        # errors say which format is wanted: the message names the variable, not a traceback.
         if isinstance(value, str):
             value = value.strip()
             if value.startswith("["):
-                import json
-
-                return json.loads(value)
-            return [int(part) for part in value.replace(" ", ",").split(",") if part]
+                try:
+                    return json.loads(value)
+                except ValueError:
+                    raise ValueError(f"not a valid JSON list; use {ID_LIST_FORMAT}") from None
+            ids: list[int] = []
+            for part in value.replace(" ", ",").split(","):
+                if not part:
+                    continue
+                try:
+                    ids.append(int(part))
+                except ValueError:
+                    raise ValueError(f"{part!r} is not a numeric id; use {ID_LIST_FORMAT}") from None
+            return ids
         if isinstance(value, int):
             return [value]
         return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _known_level(cls, value: str) -> str:
+        # logging itself would only refuse an unknown level in setup_logging, with a traceback.
+        level = value.strip().upper()
+        if level not in logging.getLevelNamesMapping():
+            raise ValueError(f"must be one of {', '.join(LOG_LEVELS)}")
+        return level
+
+    @model_validator(mode="after")
+    def _ports_differ(self) -> BotSettings:
+        # The gallery and the metrics listener both bind WEB_HOST: one port for both would stop
+        # the start with a bare "address already in use".
+        if self.metrics_port is not None and self.metrics_port == self.web_port:
+            raise ValueError(
+                "METRICS_PORT must differ from WEB_PORT (unset it to serve /metrics on the gallery)"
+            )
+        return self
 
     @field_validator("gallery_accent")
     @classmethod
@@ -197,6 +235,27 @@ class BotSettings(BaseSettings):
             if value.startswith(plain):
                 return driver + value[len(plain) :]
         return value
+
+    def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
+        """The fields ``repr()`` and ``str()`` show, with the URLs' passwords masked like secrets."""
+        for name, value in super().__repr_args__():
+            if name in URL_FIELDS and isinstance(value, str):
+                value = URL_PASSWORD[0].sub(rf"\1:{MASK}@", value)
+            yield name, value
+
+
+def describe_invalid(exc: ValidationError) -> str:
+    """An operator's message for invalid settings: each variable at fault and what it accepts.
+
+    pydantic's echo of the value given is left out: it may be a secret (a token, a URL with its
+    password), and this text goes to the terminal or the journal unredacted.
+    """
+    lines = ["Invalid configuration (environment or .env):"]
+    for error in exc.errors(include_url=False, include_context=False, include_input=False):
+        message = error["msg"].removeprefix("Value error, ")
+        # A check across settings (no location) names its variables itself.
+        lines.append(f"  {str(error['loc'][0]).upper()}: {message}" if error["loc"] else f"  {message}")
+    return "\n".join(lines)
 
 
 @lru_cache(maxsize=1)

@@ -191,6 +191,16 @@ def test_secrets_inside_a_traceback_are_redacted(plain: Capture, as_json: Captur
         assert_clean(capture.text)
 
 
+def test_the_signing_key_and_the_metrics_token_are_redacted(tmp_path: Path) -> None:
+    """WEB_SECRET signs private links and METRICS_TOKEN guards /metrics: secrets like the token."""
+    signing_key, metrics_token = "distinctive-web-signing-key", "distinctive-metrics-token"
+    capture = Capture(settings(tmp_path, web_secret=signing_key, metrics_token=metrics_token))
+    capture.log.info("signing with %s", signing_key)
+    capture.log.warning("scrape refused: %r", {"expected": metrics_token})
+    assert signing_key not in capture.text and metrics_token not in capture.text
+    assert capture.text.count("[redacted]") == 2
+
+
 @pytest.mark.parametrize(
     ("text", "expected"),
     [

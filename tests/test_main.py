@@ -5,8 +5,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import select
 import signal
 import socket
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -117,3 +120,48 @@ async def test_start_logs_no_voice_warnings(
             await asyncio.wait_for(task, 20)
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert not [w for w in warnings if "voice" in w or "PyNaCl" in w or "davey" in w]
+
+
+# A bot process that starts its local worker (a sleeper standing in for Celery) and then waits.
+_BOT_WITH_WORKER = """
+import subprocess, sys
+import bot.__main__ as bot_main
+
+real_popen = subprocess.Popen
+def sleeper(command, **kwargs):
+    return real_popen([sys.executable, "-c", "import time; time.sleep(600)"], **kwargs)
+subprocess.Popen = sleeper
+worker = bot_main._start_local_worker()
+print(worker.pid, flush=True)
+sys.stdin.read()
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "pidfd_open"), reason="needs Linux (pidfd, the parent-death signal)")
+def test_the_local_worker_does_not_outlive_a_killed_bot() -> None:
+    """``--with-worker``: a bot killed outright (OOM killer, SIGKILL) takes its worker with it.
+
+    ``main``'s ``finally`` never runs then, and the worker has its own session, so without the
+    kernel's help it would keep the GPU busy beside the next bot's worker.
+    """
+    bot_process = subprocess.Popen(
+        [sys.executable, "-c", _BOT_WITH_WORKER],
+        cwd=Path(__file__).resolve().parents[1],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert bot_process.stdout is not None
+    try:
+        worker = os.pidfd_open(int(bot_process.stdout.readline()))
+    finally:
+        bot_process.kill()
+        bot_process.wait()
+    try:
+        # A pidfd turns readable when its process has exited.
+        exited, _, _ = select.select([worker], [], [], 30)
+        if not exited:
+            signal.pidfd_send_signal(worker, signal.SIGKILL)
+        assert exited, "the worker outlived the bot"
+    finally:
+        os.close(worker)

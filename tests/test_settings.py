@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
-from bot.settings import BotSettings
+import bot.__main__ as bot_main
+from bot.logconfig import QUIET_LOGGERS
+from bot.settings import BotSettings, get_settings
 from workers.settings import WorkerSettings
 
 
@@ -73,3 +78,76 @@ def test_bot_progress_edit_interval_reads_the_old_name_with_a_warning(
     assert "PROGRESS_INTERVAL_S is deprecated; use PROGRESS_EDIT_INTERVAL_S" in caplog.text
     monkeypatch.setenv("PROGRESS_EDIT_INTERVAL_S", "1.0")
     assert BotSettings(_env_file=None).progress_edit_interval_s == 1.0  # the new name wins
+
+
+@pytest.fixture
+def restore_root_logger() -> Iterator[None]:
+    """``main`` configures the root logger; put it (and the loggers it tunes) back afterwards."""
+    names = ("discord.http", *QUIET_LOGGERS)
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    levels = {name: logging.getLogger(name).level for name in names}
+    try:
+        yield
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+        for name, value in levels.items():
+            logging.getLogger(name).setLevel(value)
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "explained"),
+    [
+        ("ALLOWED_GUILD_IDS", "123,abc", "comma-separated"),
+        ("DISCORD_GUILD_IDS", "[123, 456", "JSON list"),
+        ("ADMIN_USER_IDS", "11;22", "comma-separated"),
+        ("CREDIT_PERIOD", "fortnight", "'day', 'week' or 'month'"),
+        ("LOG_LEVEL", "verbose", "DEBUG, INFO, WARNING, ERROR"),
+        ("WEB_PORT", "80800", "less than or equal to 65535"),
+        ("METRICS_PORT", "8080", "must differ from WEB_PORT"),
+    ],
+)
+def test_a_bad_setting_stops_main_with_its_name_and_what_it_takes(
+    name: str,
+    value: str,
+    explained: str,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    restore_root_logger: None,
+) -> None:
+    """No traceback: one message naming the variable and its allowed values, never a secret."""
+
+    async def never(settings: BotSettings) -> None:
+        raise AssertionError("main ran the bot on invalid settings")
+
+    monkeypatch.chdir(tmp_path)  # no stray .env
+    monkeypatch.setattr(bot_main, "run", never)
+    monkeypatch.setenv("DISCORD_TOKEN", "distinctive-token-value.abc.def")
+    monkeypatch.setenv("DATABASE_URL", "postgresql://mirage:distinctive-db-password@db/mirage")
+    monkeypatch.setenv(name, value)
+    get_settings.cache_clear()
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            bot_main.main([])
+    finally:
+        get_settings.cache_clear()
+    message = stopped.value.code
+    assert isinstance(message, str)  # printed by Python, exit status 1
+    assert name in message and explained in message
+    assert "distinctive-token-value" not in message and "distinctive-db-password" not in message
+
+
+def test_repr_masks_the_passwords_in_the_database_and_broker_urls() -> None:
+    """The URLs stay plain strings for SQLAlchemy and Celery, but their passwords never print."""
+    settings = BotSettings(
+        _env_file=None,
+        database_url="postgresql://mirage:db-secret-pw@db:5432/mirage",
+        broker_url="amqp://mirage:broker-secret-pw@rabbit:5672//",
+        result_backend="redis://:backend-secret-pw@redis:6379/1",
+    )
+    for text in (repr(settings), str(settings)):
+        for secret in ("db-secret-pw", "broker-secret-pw", "backend-secret-pw"):
+            assert secret not in text
+        assert "postgresql+psycopg://mirage:**********@db:5432/mirage" in text  # still says where
+    assert settings.database_url == "postgresql+psycopg://mirage:db-secret-pw@db:5432/mirage"
