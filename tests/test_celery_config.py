@@ -236,3 +236,17 @@ def test_check_fails_on_an_unreachable_broker_and_masks_secrets(tmp_path: Path) 
     assert "broker unreachable" in output
     assert "hunter2" not in output
     assert "sk-test-very-secret" not in output
+
+
+def test_check_masks_the_password_of_every_url_it_prints(tmp_path: Path) -> None:
+    # Not only the broker and result backend are URLs that may carry a password.
+    done = _check(
+        tmp_path,
+        BROKER_URL="redis://:hunter2@127.0.0.1:1/0",
+        RESULT_BACKEND="redis://:hunter2@127.0.0.1:1/1",
+        OPENAI_RATE_LIMIT_STORAGE="redis://:limiter-pw@127.0.0.1:1/2",
+        OPENAI_BASE_URL="https://proxy-user:proxy-pw@127.0.0.1:1/v1",
+    )
+    output = done.stdout + done.stderr
+    assert "limiter-pw" not in output and "proxy-pw" not in output
+    assert '"openai_rate_limit_storage": "redis://:**@127.0.0.1:1/2"' in done.stdout  # still useful

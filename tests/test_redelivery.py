@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy.exc import OperationalError
 
 from workers.redelivery import (
     NullDeliveryCounter,
@@ -75,3 +76,17 @@ def test_the_bound_allows_one_start_plus_the_redeliveries(
     starts: int, max_redeliveries: int, refused: bool
 ) -> None:
     assert over_the_bound(starts, max_redeliveries) is refused
+
+
+def test_a_result_database_unreachable_at_first_use_does_not_unbound_redeliveries(tmp_path: Path) -> None:
+    # The runtime makes its counter once per process, at the first job. A database that cannot be
+    # opened then (PostgreSQL restarting; here a SQLite folder not there yet) must not leave the
+    # process with a counter that never counts: each start fails open until it is back.
+    folder = tmp_path / "not-yet"
+    counter = make_delivery_counter(
+        _settings(broker_url="memory://", result_backend=f"db+sqlite:///{folder / 'r.db'}")
+    )
+    with pytest.raises(OperationalError):  # that start fails open (workers.tasks._count_start)
+        counter.incr("job")
+    folder.mkdir()
+    assert [counter.incr("job"), counter.incr("job")] == [1, 2]

@@ -143,6 +143,21 @@ def test_missing_model_is_unavailable(tmp_path: Path) -> None:
     assert "could not be loaded" in info.value.message
 
 
+def test_the_soft_time_limit_while_loading_is_not_a_broken_classifier(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The job ran out of time: the task reports a TIMEOUT, not "could not be loaded"."""
+    import transformers
+    from celery.exceptions import SoftTimeLimitExceeded
+
+    def out_of_time(*args: object, **kwargs: object) -> None:
+        raise SoftTimeLimitExceeded()
+
+    monkeypatch.setattr(transformers.AutoImageProcessor, "from_pretrained", out_of_time)
+    with pytest.raises(SoftTimeLimitExceeded):
+        SafetyChecker.load(tmp_path)
+
+
 @pytest.mark.slow
 def test_from_settings(models: dict[str, Path]) -> None:
     """Unset SAFETY_MODEL means no checker; set, the settings' threshold and labels apply."""

@@ -17,8 +17,9 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from celery import Celery
-from celery.exceptions import SoftTimeLimitExceeded
+from celery import Celery, states
+from celery.exceptions import Reject, SoftTimeLimitExceeded
+from celery.result import AsyncResult
 from PIL import Image
 
 import workers.tasks as tasks
@@ -29,6 +30,7 @@ from workers.redelivery import DeliveryCounter
 from workers.runtime import OPENAI, SDXL, WorkerRuntime, runtime_of
 from workers.schema import (
     SCHEMA_VERSION,
+    TASK_SDXL,
     Engine,
     EngineReport,
     ErrorCode,
@@ -49,13 +51,16 @@ TILE = 96
 
 
 class FakeBackend:
-    """Records what a task stores as its state."""
+    """Records what a task stores as its state; every job reads as not started yet."""
 
     def __init__(self) -> None:
         self.stored: list[tuple[str, str, dict[str, Any]]] = []
 
     def store_result(self, task_id: str, meta: dict[str, Any], state: str, **_: Any) -> None:
         self.stored.append((task_id, state, meta))
+
+    def get_task_meta(self, task_id: str, cache: bool = True) -> dict[str, Any]:
+        return {"task_id": task_id, "status": states.PENDING, "result": None}
 
 
 class FakeTask:
@@ -182,7 +187,7 @@ def test_a_grid_job_returns_one_composed_image_and_reports_progress(
     assert result.report.model == "fake"
     assert result.timings.generation_s == pytest.approx(0.3)
     assert result.timings.total_s >= result.timings.encode_s
-    assert [state for _, state, _ in task.backend.stored] == [PROGRESS_STATE, PROGRESS_STATE]
+    assert [state for _, state, _ in task.backend.stored] == [states.STARTED, PROGRESS_STATE, PROGRESS_STATE]
     assert Progress.model_validate(task.backend.stored[-1][2]).percent == 100
     assert counter.counts == {"job-ok": 1}
 
@@ -303,6 +308,41 @@ def test_failures_become_typed_outcomes(
         assert outcome.error.message == error.message
 
 
+def _device_error(broken: bool) -> BaseException:
+    torch = pytest.importorskip("torch")
+    if broken:  # what torch 2.8+ raises for a failed CUDA call; the context is unusable after it
+        return torch.AcceleratorError("CUDA error: an illegal memory access was encountered")
+    return torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+
+def test_a_broken_device_retires_the_pool_process_and_hands_the_job_back(
+    app: Celery, runtime: WorkerRuntime, counter: FakeCounter
+) -> None:
+    # Every later CUDA call of this process fails: kept, it would fail (and refund) every job it
+    # takes. SystemExit ends the prefork child after its result slot is reported; Celery reads that
+    # as a lost worker and requeues the message (task_reject_on_worker_lost), billiard starts a
+    # fresh child, and the job runs again there: minutes, not a refund (bounded by MAX_REDELIVERIES).
+    engine = FakeEngine(_device_error(broken=True))
+    runtime.loaders[SDXL] = lambda settings: engine
+    runtime.pool_child = True  # set by worker_process_init in a prefork child
+    with pytest.raises(SystemExit):
+        _run(app, "job-xid")
+    assert engine.runs == 1
+
+
+def test_an_out_of_memory_error_fails_only_its_job(
+    app: Celery, runtime: WorkerRuntime, counter: FakeCounter
+) -> None:
+    engine = FakeEngine(_device_error(broken=False))
+    runtime.loaders[SDXL] = lambda settings: engine
+    runtime.pool_child = True
+    outcome, _ = _run(app, "job-oom")
+    assert outcome.error is not None and outcome.error.code is ErrorCode.ENGINE_ERROR
+    engine.error = None
+    outcome, _ = _run(app, "job-after-oom")  # the same process and engine go on
+    assert outcome.result is not None
+
+
 def test_an_engine_that_cannot_load_is_unavailable_and_retried_next_job(
     app: Celery, runtime: WorkerRuntime, counter: FakeCounter
 ) -> None:
@@ -317,6 +357,18 @@ def test_an_engine_that_cannot_load_is_unavailable_and_retried_next_job(
         outcome, _ = _run(app, job_id)
         assert outcome.error is not None and outcome.error.code is ErrorCode.ENGINE_UNAVAILABLE
     assert len(attempts) == 2
+
+
+def test_the_soft_time_limit_during_the_engine_load_is_a_timeout(
+    app: Celery, runtime: WorkerRuntime, counter: FakeCounter
+) -> None:
+    # Not "the engine could not be loaded, an admin has to check its model": nothing is wrong with it.
+    def slow_loader(settings: WorkerSettings) -> Any:
+        raise SoftTimeLimitExceeded()
+
+    runtime.loaders[SDXL] = slow_loader
+    outcome, _ = _run(app, "job-load-timeout")
+    assert outcome.error is not None and outcome.error.code is ErrorCode.TIMEOUT
 
 
 def test_redelivery_past_the_bound_is_refused_without_running(
@@ -355,6 +407,112 @@ def test_a_revoked_job_is_cancelled_before_it_starts(
         state.revoked.discard("job-revoked")
     assert outcome.error is not None and outcome.error.code is ErrorCode.CANCELLED
     assert fake_engine.runs == 0
+
+
+# --------------------------------------------------------------------------- through Celery's tracer
+
+
+def _traced(app: Celery, job_id: str, *, redelivered: bool = False) -> Any:
+    """Run the SDXL task for ``job_id`` as a pool process does: through Celery's tracer, which
+    keeps the task's states (STARTED, the outcome) in the app's result backend."""
+    from celery.app.trace import build_tracer
+
+    task = app.tasks[TASK_SDXL]
+    tracer = build_tracer(task.name, task, app=app, eager=False, hostname="mirage-gpu@test", propagate=False)
+    request = {"id": job_id, "hostname": "mirage-gpu@test", "delivery_info": {"redelivered": redelivered}}
+    return tracer(job_id, [_job(job_id)], {}, request)
+
+
+def test_a_traced_job_is_marked_started_before_it_runs_then_succeeds(
+    app: Celery, fake_engine: FakeEngine, counter: FakeCounter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[str] = []
+    real_store = app.backend.store_result
+
+    def recording_store(task_id: str, result: Any, state: str, *args: Any, **kwargs: Any) -> Any:
+        seen.append(state)
+        return real_store(task_id, result, state, *args, **kwargs)
+
+    monkeypatch.setattr(app.backend, "store_result", recording_store)
+    _traced(app, "job-traced")
+    assert fake_engine.runs == 1
+    assert seen[0] == states.STARTED and seen[-1] == states.SUCCESS
+    assert set(seen[1:-1]) <= {PROGRESS_STATE}
+    assert AsyncResult("job-traced", app=app).state == states.SUCCESS
+
+
+def test_a_copy_of_a_failed_job_neither_runs_nor_overwrites_its_failure(
+    app: Celery, fake_engine: FakeEngine, counter: FakeCounter
+) -> None:
+    # The job ended in FAILURE and its worker died before acknowledging the message (or the
+    # supervisor's re-send finished first): the broker hands the message out again. Celery skips
+    # only a copy of a SUCCESS; this one must not run either, nor replace the member's reason.
+    app.backend.mark_as_failure("job-failed", JobFailed("timeout", tasks.TIMEOUT_MESSAGE))
+    _traced(app, "job-failed", redelivered=True)
+    assert fake_engine.runs == 0
+    stored = AsyncResult("job-failed", app=app)
+    assert stored.state == states.FAILURE
+    failed = JobFailed.from_exception(stored.result)
+    assert failed is not None and (failed.code, failed.message) == ("timeout", tasks.TIMEOUT_MESSAGE)
+    assert counter.counts == {}  # not a start
+
+
+def test_a_copy_of_a_revoked_job_is_not_run(
+    app: Celery, fake_engine: FakeEngine, counter: FakeCounter
+) -> None:
+    # Revoked while queued; the copy reaches a worker that never heard the revoke (started later).
+    app.backend.mark_as_revoked("job-revoked-copy", "revoked")
+    _traced(app, "job-revoked-copy")
+    assert fake_engine.runs == 0
+    assert AsyncResult("job-revoked-copy", app=app).state == states.REVOKED
+
+
+def _result_store_down_for(app: Celery, monkeypatch: pytest.MonkeyPatch, operations: int) -> None:
+    """The app's result store refuses its next ``operations`` reads and writes, as a restarting Redis
+    does; Celery retries each operation once, without sleeping."""
+    backend = app.backend
+    left = [operations]
+
+    def flaky(real: Any) -> Any:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            if left[0] > 0:
+                left[0] -= 1
+                raise ConnectionError("result store restarting")
+            return real(*args, **kwargs)
+
+        return call
+
+    monkeypatch.setattr(backend, "_store_result", flaky(backend._store_result))
+    monkeypatch.setattr(backend, "_get_task_meta_for", flaky(backend._get_task_meta_for))
+    monkeypatch.setattr(backend, "exception_safe_to_retry", lambda exc: isinstance(exc, ConnectionError))
+    monkeypatch.setattr(backend, "max_retries", 1)
+    monkeypatch.setattr(backend, "_sleep", lambda seconds: None)
+    monkeypatch.setattr(tasks, "_pause", lambda seconds: None, raising=False)
+
+
+def test_a_result_store_outage_when_a_job_starts_holds_the_job_instead_of_failing_it(
+    app: Celery, fake_engine: FakeEngine, counter: FakeCounter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Production stores results in Redis and queues jobs in RabbitMQ: a worker can take a job while
+    # Redis restarts. Celery's own STARTED write then gave up after its retries, failed the task
+    # and acknowledged the message: the job was refunded, or lost when even the failure could not
+    # be stored.
+    _result_store_down_for(app, monkeypatch, operations=3)
+    _traced(app, "job-outage")
+    assert fake_engine.runs == 1
+    assert AsyncResult("job-outage", app=app).state == states.SUCCESS
+
+
+def test_a_result_store_that_stays_down_hands_the_job_back_to_the_broker(
+    app: Celery, fake_engine: FakeEngine, counter: FakeCounter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _result_store_down_for(app, monkeypatch, operations=1_000)
+    monkeypatch.setattr(tasks, "RESULT_STORE_PATIENCE_S", 0.0, raising=False)
+    traced = _traced(app, "job-store-gone")
+    assert traced.info.state == states.REJECTED
+    rejected = traced.info.retval
+    assert isinstance(rejected, Reject) and rejected.requeue  # back in the queue, for a later try
+    assert fake_engine.runs == 0 and counter.counts == {}
 
 
 # --------------------------------------------------------------------------- safety verdicts

@@ -7,6 +7,7 @@ numbers (flushed first), so they never see another test's queues or results.
 
 from __future__ import annotations
 
+import os
 import time
 import uuid
 from collections.abc import Iterator
@@ -17,7 +18,17 @@ import pytest
 import redis
 from celery import Celery
 from conftest import fresh_redis_db
-from workerutil import WorkerProcess, client_app, decoded, png_b64, request, wait_for, wait_outcome
+from workerutil import (
+    REPO,
+    PrivateRedis,
+    WorkerProcess,
+    client_app,
+    decoded,
+    png_b64,
+    request,
+    wait_for,
+    wait_outcome,
+)
 
 from workers.schema import (
     QUEUE_API,
@@ -398,3 +409,124 @@ def test_a_stale_copy_of_a_delivered_job_is_skipped_not_run_again(redis_worker: 
     assert wait_for(lambda: f"[{job_id}] Task already completed successfully" in log(), 120), log()[-3000:]
     assert _finished_lines(log(), job_id) == 1  # the engine ran once, for the real delivery
     assert AsyncResult(job_id, app=app).result == FORGOTTEN
+
+
+def test_a_job_taken_while_the_result_store_restarts_waits_for_it_instead_of_failing(
+    rabbitmq_url: str, tmp_path: Path
+) -> None:
+    """Production queues jobs in RabbitMQ and keeps results in Redis: a worker can take a queued job
+    while Redis restarts. The job must wait for the store and then run, not fail (a refund) or be
+    acknowledged with no outcome stored anywhere (lost)."""
+    if not PrivateRedis.available():
+        pytest.skip("redis-server is not installed")
+    from celery.result import AsyncResult
+
+    store = PrivateRedis(tmp_path / "redis").start()
+    queue = _job_id("api-outage")
+    env = {"BROKER_URL": rabbitmq_url, "RESULT_BACKEND": store.url, "OPENAI_API_KEY": "", "WARMUP": "0"}
+    worker = WorkerProcess(env, tmp_path / "worker.log", queues=queue, pool="threads", concurrency=1).start()
+    # The job was queued before the store went down: sent by a client that needs no result store.
+    sender = Celery("mirage-test-sender", broker=rabbitmq_url, set_as_current=False)
+    sender.conf.update(task_serializer="json", task_queue_max_priority=10)  # as the workers declare it
+    job_id = _job_id("outage")
+    try:
+        worker.wait_ready()
+        store.stop()
+        payload = request(job_id, JobKind.UPSCALE, count=1, input_image=png_b64(64, 64))
+        sender.send_task(TASK_OPENAI, args=[payload], task_id=job_id, queue=queue, routing_key=queue)
+        # Celery's own retries of one store operation give up within seconds; the worker keeps waiting.
+        waiting = f"job {job_id}: the result store is unreachable"
+        failed = "Exception raised outside body"  # Celery gave up on the store and failed the task
+        assert wait_for(lambda: worker.log().count(waiting) >= 2 or failed in worker.log(), 120, 0.2)
+        assert failed not in worker.log(), worker.log()[-3000:]
+        store.start()
+        client = client_app(rabbitmq_url, store.url)
+        try:
+            outcome = wait_outcome(AsyncResult(job_id, app=client), timeout=120)
+        finally:
+            client.close()
+        assert outcome.result is not None, outcome.error
+        assert outcome.result.layout is Layout.SINGLE
+    finally:
+        worker.stop()
+        store.stop()
+        with sender.connection_for_write() as conn:
+            conn.default_channel.queue_delete(queue)
+        sender.close()
+
+
+# Loaded by the worker's interpreter at start (PYTHONPATH): its SDXL engine is a stand-in whose
+# first run fails as a GPU that lost its context does; the runs after it succeed.
+BROKEN_DEVICE_SITE = """
+import os
+from pathlib import Path
+
+import workers.runtime as runtime
+
+FLAG = Path(os.environ["MIRAGE_TEST_BROKEN_FLAG"])
+
+
+class OnceBrokenEngine:
+    device = "cpu"
+
+    def run(self, request, progress, cancelled):
+        import torch
+        from PIL import Image
+
+        from workers.output import EngineOutput
+        from workers.schema import Engine, EngineReport
+
+        if not FLAG.exists():
+            FLAG.write_text(str(os.getpid()))
+            raise torch.AcceleratorError("CUDA error: an illegal memory access was encountered")
+        images = [Image.new("RGB", (16, 16), (20 * i, 90, 200)) for i in range(request.count)]
+        return EngineOutput(images, request.seed, EngineReport(engine=Engine.SDXL, model="stand-in"))
+
+
+runtime.DEFAULT_LOADERS[runtime.SDXL] = lambda settings: OnceBrokenEngine()
+"""
+
+
+def test_a_gpu_error_that_breaks_the_process_reruns_the_job_in_a_fresh_one(tmp_path: Path) -> None:
+    """A CUDA error that leaves the pool process's device unusable: the process is replaced and the
+    job runs again in the new one and is delivered, instead of this job and every later one
+    failing with an engine error (each refunded) in a process that can no longer use its GPU."""
+    pytest.importorskip("torch")
+    if not PrivateRedis.available():
+        pytest.skip("redis-server is not installed")
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(BROKEN_DEVICE_SITE)
+    flag = tmp_path / "broken-once"
+    store = PrivateRedis(tmp_path / "redis").start()
+    env = {
+        "BROKER_URL": store.url,
+        "RESULT_BACKEND": store.url,
+        "WARMUP": "0",
+        "MIRAGE_TEST_BROKEN_FLAG": str(flag),
+        "PYTHONPATH": f"{site}{os.pathsep}{REPO}",
+    }
+    worker = WorkerProcess(env, tmp_path / "worker.log").start()
+    app = client_app(store.url, store.url)
+    try:
+        worker.wait_ready()
+        job_id = _job_id("broken-device")
+        outcome = wait_outcome(_send(app, request(job_id)), timeout=120)
+        assert outcome.result is not None, (outcome.error, worker.log()[-3000:])
+        log = worker.log()
+        assert "WorkerLostError" in log  # the broken process went, and its job with it back to the queue
+        assert "redelivered (start 2)" in log
+        broken_pid = int(flag.read_text())
+
+        def gone() -> bool:
+            try:
+                os.kill(broken_pid, 0)
+            except ProcessLookupError:
+                return True
+            return False
+
+        assert wait_for(gone, timeout=30) and not worker.exited()  # the worker itself lives on
+    finally:
+        app.close()
+        worker.stop()
+        store.stop()

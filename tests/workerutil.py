@@ -9,7 +9,9 @@ from __future__ import annotations
 import base64
 import io
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -188,3 +190,54 @@ class WorkerProcess:
                 os.killpg(self.proc.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+class PrivateRedis:
+    """A ``redis-server`` of the test's own on a free port (no persistence), to stop and start again."""
+
+    def __init__(self, directory: Path) -> None:
+        """Prepare (not start) a server keeping its files in ``directory``."""
+        self.directory = directory
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = int(sock.getsockname()[1])
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @staticmethod
+    def available() -> bool:
+        """Whether ``redis-server`` is installed here."""
+        return shutil.which("redis-server") is not None
+
+    @property
+    def url(self) -> str:
+        """Database 0 of this server."""
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> PrivateRedis:
+        """Start the server and wait until it answers."""
+        import redis
+
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.directory),
+             "--save", "", "--appendonly", "no"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        client = redis.Redis.from_url(self.url, socket_connect_timeout=1)
+
+        def answers() -> bool:
+            try:
+                return bool(client.ping())
+            except redis.RedisError:
+                return False
+
+        if not wait_for(answers, timeout=30, interval=0.05):
+            raise AssertionError("the private redis-server did not start")
+        return self
+
+    def stop(self) -> None:
+        """SIGKILL the server (a crash, not a clean shutdown)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=30)

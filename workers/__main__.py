@@ -154,6 +154,20 @@ def _check_model(settings: WorkerSettings) -> str | None:
     return None
 
 
+def printable_settings(settings: WorkerSettings) -> dict[str, object]:
+    """The settings as ``check`` prints them: secrets masked, and the password of every URL.
+
+    Every URL-shaped value, not only the broker's: ``OPENAI_RATE_LIMIT_STORAGE`` is a Redis URL
+    and ``OPENAI_BASE_URL`` may name a proxy with credentials.
+    """
+    from kombu.utils.url import maybe_sanitize_url
+
+    config = settings.model_dump(mode="json")  # SecretStr dumps as '**********'
+    return {
+        key: maybe_sanitize_url(value) if isinstance(value, str) else value for key, value in config.items()
+    }
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     """Print the configuration with secrets masked, then check the broker, backend, model and OpenAI key.
 
@@ -170,12 +184,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     except ValidationError as exc:
         print(f"invalid settings:\n{exc}", file=sys.stderr)
         return 1
-    from kombu.utils.url import maybe_sanitize_url
-
-    config = settings.model_dump(mode="json")  # SecretStr dumps as '**********'
-    config["broker_url"] = maybe_sanitize_url(settings.broker_url)
-    config["result_backend"] = maybe_sanitize_url(settings.result_backend)
-    print(json.dumps(config, indent=2, default=str))
+    print(json.dumps(printable_settings(settings), indent=2, default=str))
 
     problems: list[str] = []
     try:

@@ -169,6 +169,8 @@ def celery_config(settings: WorkerSettings) -> dict[str, Any]:
         # so at worst the redelivered copy is deduplicated or recomputed.
         "worker_cancel_long_running_tasks_on_connection_loss": False,
         # Results: the bot polls AsyncResult(job_id); a result write survives backend blips.
+        # The job tasks turn track_started off and store STARTED themselves, once the result
+        # store answers and the job has not ended already (workers.tasks.admit).
         "task_track_started": True,
         "result_extended": True,
         "result_backend_always_retry": True,

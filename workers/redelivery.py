@@ -56,7 +56,13 @@ class SQLDeliveryCounter(DeliveryCounter):
     TABLE = "mirage_task_deliveries"
 
     def __init__(self, sqlalchemy_url: str) -> None:
-        """Use the database at ``sqlalchemy_url``; the table is created on first use."""
+        """Use the database at ``sqlalchemy_url``; nothing connects until the first count.
+
+        The table is created then, not here: a database unreachable when a process makes its
+        counter would otherwise leave that process without one (``NullDeliveryCounter``) for good,
+        while a failed count only fails open for that one start. Raises ``ValueError`` for a
+        database without an upsert.
+        """
         from sqlalchemy import Column, DateTime, Integer, MetaData, String, Table, create_engine
 
         connect_args = {"timeout": 30} if sqlalchemy_url.startswith("sqlite") else {}
@@ -68,7 +74,7 @@ class SQLDeliveryCounter(DeliveryCounter):
             Column("deliveries", Integer, nullable=False),
             Column("updated_at", DateTime(timezone=True), nullable=False),
         )
-        self._table.create(self._engine, checkfirst=True)
+        self._created = False
         dialect = self._engine.dialect.name
         if dialect == "sqlite":
             from sqlalchemy.dialects.sqlite import insert
@@ -82,6 +88,9 @@ class SQLDeliveryCounter(DeliveryCounter):
         """Increment and return the job's start count in one atomic upsert."""
         from datetime import UTC, datetime
 
+        if not self._created:
+            self._table.create(self._engine, checkfirst=True)
+            self._created = True
         now = datetime.now(UTC)
         table = self._table
         stmt = (

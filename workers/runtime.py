@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from celery.exceptions import SoftTimeLimitExceeded
 from PIL import Image
 
 from workers import metrics
@@ -123,6 +125,8 @@ class WorkerRuntime:
         # child the pool forks after that (billiard replaces children that die during a
         # shutdown): such a child must not start loading a model it will never use.
         self.shutting_down = False
+        # Set in a prefork pool child (worker_process_init): a process the pool replaces if it exits.
+        self.pool_child = False
         self._engines: dict[str, tuple[int, ImageEngine]] = {}
         self._engine_locks: dict[str, threading.Lock] = {}
         self._counter: tuple[int, DeliveryCounter] | None = None
@@ -156,6 +160,8 @@ class WorkerRuntime:
             started = time.perf_counter()
             try:
                 engine = self.loaders[kind](self.settings)
+            except SoftTimeLimitExceeded:  # the job ran out of time loading: a TIMEOUT, not a bad model
+                raise
             except WorkerError:
                 metrics.model_loaded(kind, False)
                 raise
@@ -229,6 +235,42 @@ class WorkerRuntime:
                     continue
                 mark_ready(kind)
                 break
+
+
+# --------------------------------------------------------------------------- a broken device
+
+# Texts of accelerator errors that leave the process's device context unusable, for torch
+# versions that raise them as plain RuntimeError (2.8 and later raise torch.AcceleratorError).
+BROKEN_DEVICE_MARKERS = (
+    "CUDA error",
+    "CUBLAS_STATUS_EXECUTION_FAILED",
+    "CUBLAS_STATUS_INTERNAL_ERROR",
+    "CUDNN_STATUS_EXECUTION_FAILED",
+)
+
+
+def device_broken(exc: BaseException) -> bool:
+    """Whether ``exc``, or an error it was raised from, left this process's accelerator unusable.
+
+    After an illegal memory access, a device-side assert or a GPU that fell off the bus, every
+    later CUDA call of the process fails, so its warm engine could only fail every job it is
+    given. An out-of-memory error is not one: its memory is freed and the next job may fit.
+    """
+    torch = sys.modules.get("torch")  # never imported here: no torch, no CUDA error
+    out_of_memory = getattr(torch, "OutOfMemoryError", None)
+    accelerator_error = getattr(torch, "AcceleratorError", None)
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if out_of_memory is not None and isinstance(current, out_of_memory):
+            return False
+        if accelerator_error is not None and isinstance(current, accelerator_error):
+            return True
+        if isinstance(current, RuntimeError) and any(m in str(current) for m in BROKEN_DEVICE_MARKERS):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
 
 
 # --------------------------------------------------------------------------- readiness

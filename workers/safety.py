@@ -94,9 +94,13 @@ class SafetyChecker:
         local = Path(name).expanduser()
         if local.is_dir():
             name = str(local)
+        from celery.exceptions import SoftTimeLimitExceeded
+
         try:
             processor = AutoImageProcessor.from_pretrained(name)
             model = AutoModelForImageClassification.from_pretrained(name)
+        except SoftTimeLimitExceeded:  # the job ran out of time: a TIMEOUT, not a broken classifier
+            raise
         except Exception as exc:  # every load failure means the same to the operator
             raise WorkerError(
                 ErrorCode.ENGINE_UNAVAILABLE,

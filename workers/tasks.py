@@ -11,8 +11,10 @@ to do with the verdicts), then build the result with ``workers.results.build_res
 is composed and encoded exactly once, here.
 
 Tasks are idempotent: the bot uses ``task_id = job_id``, and the same request (same seed) gives
-the same images, so a redelivered message simply recomputes. With ``WARMUP`` on, each prefork
-child loads its engine in ``worker_process_init`` so the first job does not pay for it.
+the same images, so a redelivered message of an unfinished job simply recomputes; a copy of a job
+whose outcome (or revoke) is already stored is dropped without running (:func:`admit`). With
+``WARMUP`` on, each prefork child loads its engine in ``worker_process_init`` so the first job
+does not pay for it.
 """
 
 from __future__ import annotations
@@ -25,8 +27,8 @@ import threading
 import time
 from typing import Any
 
-from celery import Task, shared_task
-from celery.exceptions import SoftTimeLimitExceeded
+from celery import Task, shared_task, states
+from celery.exceptions import BackendGetMetaError, Ignore, Reject, SoftTimeLimitExceeded
 from celery.signals import worker_process_init, worker_ready, worker_shutting_down
 from pydantic import ValidationError
 
@@ -40,7 +42,7 @@ from workers.output import EngineOutput
 from workers.progress import ProgressSink
 from workers.redelivery import over_the_bound
 from workers.results import build_result
-from workers.runtime import OPENAI, QUEUE_ENGINES, SDXL, WorkerRuntime, runtime_of
+from workers.runtime import OPENAI, QUEUE_ENGINES, SDXL, WorkerRuntime, device_broken, runtime_of
 from workers.schema import (
     SCHEMA_VERSION,
     TASK_DESCRIBE,
@@ -65,6 +67,13 @@ VERSION_MESSAGE = (
     "{sent}, the worker understands version {known}). An admin has to update one of them."
 )
 TOO_MANY_DELIVERIES = "This job stopped its worker {n} times in a row and was abandoned."
+
+# A job in one of these states has its outcome stored (or was revoked): a copy must not run.
+FINISHED_STATES = frozenset({states.SUCCESS, states.FAILURE, states.REVOKED})
+# How long a task waits for an unreachable result store before it hands its message back to the
+# broker: a Redis restart takes seconds, so this rides one out without draining the queue.
+RESULT_STORE_PATIENCE_S = 300.0
+RESULT_STORE_RETRY_MAX_S = 5.0  # the longest pause between two tries
 
 
 def _outcome_error(job_id: str, code: ErrorCode, message: str) -> dict[str, Any]:
@@ -91,6 +100,64 @@ def _count_start(runtime: WorkerRuntime, job_id: str) -> int:
         return 1
 
 
+def _pause(seconds: float) -> None:
+    time.sleep(seconds)
+
+
+def _stored_state(task: Task, job_id: str) -> str:
+    """The job's state in the result store, waiting out an outage of up to ``RESULT_STORE_PATIENCE_S``.
+
+    Raises ``Reject(requeue=True)`` when the store stays unreachable: the message goes back to the
+    broker, unacknowledged work rather than a failure nobody can store. Any other read error fails
+    open (PENDING): running a job twice beats losing it.
+    """
+    backend = task.backend
+    deadline = time.monotonic() + RESULT_STORE_PATIENCE_S
+    pause = 0.5
+    while True:
+        try:
+            return str(backend.get_task_meta(job_id, cache=False).get("status") or states.PENDING)
+        except SoftTimeLimitExceeded:
+            raise
+        except Exception as exc:
+            # BackendGetMetaError: Celery's own retries of a retryable error ran out.
+            unreachable = isinstance(exc, BackendGetMetaError) or backend.exception_safe_to_retry(exc)
+            if not unreachable:
+                log.warning("could not read the state of job %s; running it", job_id, exc_info=True)
+                return states.PENDING
+            if time.monotonic() >= deadline:
+                log.error("job %s: the result store is still unreachable; handing the job back", job_id)
+                raise Reject(exc, requeue=True) from exc
+            log.warning(
+                "job %s: the result store is unreachable (%s); waiting for it", job_id, type(exc).__name__
+            )
+            _pause(pause)
+            pause = min(2 * pause, RESULT_STORE_RETRY_MAX_S)
+
+
+def admit(task: Task, job_id: str) -> None:
+    """Let a job's task run: wait for the result store, skip a finished job, then mark it STARTED.
+
+    The job tasks do what ``task_track_started`` would, themselves (they set ``track_started``
+    off): Celery writes STARTED before any task code runs, so a result store down at that moment
+    failed the task and acknowledged its message (the job refunded, or lost when the failure could
+    not be stored either), and a redelivered copy of a finished job overwrote its stored outcome
+    before it could be read. Celery itself skips only a redelivered copy of a SUCCESS. Raises
+    ``Ignore`` for a job already finished: nothing is stored and the message is acknowledged.
+    """
+    state = _stored_state(task, job_id)
+    if state in FINISHED_STATES:
+        log.warning("job %s already ended (%s): not running this copy of its message", job_id, state)
+        raise Ignore()
+    try:
+        meta = {"pid": os.getpid(), "hostname": node_name(task)}  # what Celery's STARTED carries
+        task.backend.store_result(job_id, meta, states.STARTED)
+    except SoftTimeLimitExceeded:
+        raise
+    except Exception:  # the store answered a moment ago; the state is cosmetic, the job is not
+        log.warning("could not mark job %s started", job_id, exc_info=True)
+
+
 def run_job(task: Task, kind: str, raw: Any) -> dict[str, Any]:
     """Run one job message on engine ``kind`` and return its ``TaskOutcome`` as a JSON dict."""
     started = time.perf_counter()
@@ -115,6 +182,7 @@ def run_job(task: Task, kind: str, raw: Any) -> dict[str, Any]:
         if task_id and task_id != job_id:
             log.warning("task %s carries job %s; reporting under the job id", task_id, job_id)
 
+        admit(task, task_id or job_id)  # Celery keeps the outcome under the task id
         settings = runtime.settings
         sink = ProgressSink(
             task, job_id, min_interval_s=settings.progress_report_interval_s * 0.5, worker=node_name(task)
@@ -169,14 +237,26 @@ def run_job(task: Task, kind: str, raw: Any) -> dict[str, Any]:
             result.timings.total_s,
         )
         return TaskOutcome(result=result).model_dump(mode="json")
+    except (Ignore, Reject):  # not an outcome: Celery acknowledges or requeues the message
+        raise
     except WorkerError as exc:
         log.info("job %s failed: %s", job_id, exc.code)
         return _outcome_error(job_id, exc.code, exc.message)
     except SoftTimeLimitExceeded:
         log.warning("job %s hit the soft time limit", job_id)
         return _outcome_error(job_id, ErrorCode.TIMEOUT, TIMEOUT_MESSAGE)
-    except Exception:
+    except Exception as exc:
         log.exception("job %s: engine error", job_id)
+        if kind == SDXL and device_broken(exc):
+            if runtime.pool_child:
+                # The process cannot use its GPU any more. Exiting hands the job back (Celery
+                # requeues the message of a lost pool process) and billiard forks a fresh child
+                # that loads the model again, instead of this one failing every job it takes.
+                log.critical(
+                    "job %s: the device is unusable after this error; replacing this process", job_id
+                )
+                raise SystemExit(1) from None
+            log.critical("job %s: the device is unusable after this error; restart this worker", job_id)
         return _outcome_error(job_id, ErrorCode.ENGINE_ERROR, ENGINE_ERROR_MESSAGE)
     finally:
         if heartbeat is not None:  # before Celery stores the final state: no beat may follow it
@@ -204,23 +284,27 @@ def finish_task(kind: str, outcome: dict[str, Any]) -> dict[str, Any]:
 
 
 # ``throws``: a JobFailed is an expected outcome, logged by Celery at INFO without a traceback.
-@shared_task(bind=True, name=TASK_SDXL, throws=(JobFailed,))
+# ``track_started`` off: :func:`admit` stores STARTED once the job may run.
+@shared_task(bind=True, name=TASK_SDXL, throws=(JobFailed,), track_started=False)
 def run_sdxl(self: Task, request: dict[str, Any]) -> dict[str, Any]:
     """Run an SDXL job (``JobRequest`` dict): a ``TaskOutcome`` dict, or ``JobFailed`` raised."""
     return finish_task(SDXL, run_job(self, SDXL, request))
 
 
-@shared_task(bind=True, name=TASK_OPENAI, throws=(JobFailed,))
+@shared_task(bind=True, name=TASK_OPENAI, throws=(JobFailed,), track_started=False)
 def run_openai(self: Task, request: dict[str, Any]) -> dict[str, Any]:
     """Run an OpenAI images job (``JobRequest`` dict): a ``TaskOutcome`` dict, or ``JobFailed`` raised."""
     return finish_task(OPENAI, run_job(self, OPENAI, request))
 
 
-@shared_task(bind=True, name=TASK_DESCRIBE, throws=(JobFailed,))
+@shared_task(bind=True, name=TASK_DESCRIBE, throws=(JobFailed,), track_started=False)
 def run_describe(self: Task, request: dict[str, Any]) -> dict[str, Any]:
     """/describe (``JobRequest`` of kind DESCRIBE): a ``TaskOutcome`` dict with ``describe`` set,
     or ``JobFailed`` raised, like the image tasks."""
-    outcome = describe_outcome(str(self.request.id or ""), request, runtime_of(self.app).settings)
+    task_id = str(self.request.id or "")
+    if task_id:
+        admit(self, task_id)
+    outcome = describe_outcome(task_id, request, runtime_of(self.app).settings)
     return finish_task("describe", outcome)
 
 
@@ -265,6 +349,7 @@ def _warm_child(**_: Any) -> None:
     from celery import current_app
 
     runtime = runtime_of(current_app)
+    runtime.pool_child = True
     if runtime.settings.warmup and not runtime.shutting_down:
         _warm_in_background(runtime)
 
