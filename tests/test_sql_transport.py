@@ -133,3 +133,31 @@ def test_kombu_options_never_reach_create_engine(urls: tuple[str, str]) -> None:
 @pytest.mark.parametrize(("timeout_s", "sweep_s"), [(1, 1.0), (60, 6.0), (1800, 10.0)])
 def test_sweeps_follow_the_visibility_timeout(timeout_s: float, sweep_s: float) -> None:
     assert sweep_interval_s(timeout_s) == sweep_s
+
+
+def test_a_queue_another_worker_created_meanwhile_is_no_error(urls: tuple[str, str]) -> None:
+    # Two workers starting at once both look for the queue, find none and insert it; kombu's lock
+    # is per process, so the second insert hits the UNIQUE constraint and crashed that worker.
+    stock, durable = urls
+    _publish(stock, {"n": 1})  # the queue row exists: the other worker was first
+    with _durable(durable) as conn:
+        session = conn.default_channel.session
+        real_query = session.query
+        misses = [True, True]  # kombu looks twice (before and under its lock); both miss the row
+
+        class NotYet:
+            def filter(self, *_args: Any) -> NotYet:
+                return self
+
+            def first(self) -> None:
+                return None
+
+        def query(*args: Any) -> Any:
+            return NotYet() if misses and misses.pop() else real_query(*args)
+
+        session.query = query
+        with conn.SimpleQueue("gpu") as queue:
+            message = queue.get(timeout=5)
+            assert message.payload == {"n": 1}
+            message.ack()
+        assert not misses

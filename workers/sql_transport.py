@@ -28,6 +28,7 @@ from typing import Any
 from kombu.transport import sqlalchemy as sqla
 from kombu.utils.encoding import bytes_to_str
 from sqlalchemy import create_engine, delete, update
+from sqlalchemy.exc import IntegrityError
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +92,22 @@ class DurableChannel(sqla.Channel):  # type: ignore[misc]
             row.payload = dumps(payload)
             row.visible = True
             log.warning("restoring unacknowledged message %s (consumer gone)", row.id)
+
+    def _get_or_create(self, queue: str) -> Any:
+        """The queue's row, created if missing; another process creating it first is no error.
+
+        kombu guards the creation with a lock of its own process only: two workers starting at
+        once on one database both insert the queue, and the loser crashed at start on the
+        UNIQUE constraint.
+        """
+        try:
+            return super()._get_or_create(queue)
+        except IntegrityError:
+            self.session.rollback()
+            found = self.session.query(self.queue_cls).filter(self.queue_cls.name == queue).first()
+            if found is None:
+                raise
+            return found
 
     def _get(self, queue: str) -> Any:
         obj = self._get_or_create(queue)
