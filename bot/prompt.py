@@ -332,6 +332,14 @@ _BY_ALIAS: dict[str, _Spec] = {alias: spec for spec in _SPECS for alias in spec.
 KNOWN_PARAMETERS: tuple[str, ...] = tuple(f"--{alias}" for spec in _SPECS for alias in spec.aliases)
 _PRIMARY = ", ".join(f"--{spec.aliases[0]}" for spec in _SPECS)
 
+
+def canonical_parameter(name: str) -> str:
+    """The parameter a name or alias stands for (``aspect`` and ``ar``: ``ar``), lowercased."""
+    lowered = name.lower()
+    spec = _BY_ALIAS.get(lowered)
+    return spec.name if spec is not None else lowered
+
+
 VIDEO_PARAMETERS = frozenset({"video", "motion", "loop", "end", "bs"})
 LEGACY_PARAMETERS = frozenset({"hd", "test", "testp", "creative", "uplight", "upbeta", "upanime"})
 # Names that are also everyday words are left alone after a spaced "-- "; these never are.

@@ -19,7 +19,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from bot.models import Member, MemberOption
-from bot.prompt import KNOWN_PARAMETERS, PromptError, plan_prompts
+from bot.prompt import KNOWN_PARAMETERS, PromptError, canonical_parameter, plan_prompts
 from bot.styles import StylePreset
 
 OPTION_NAME_RE = re.compile(r"[a-z][a-z0-9_-]{0,31}")
@@ -29,20 +29,11 @@ MAX_VALUE_LENGTH = 500
 # name; the dash runs are the parser's, or a prompt's "-—ar" would not override a suffix's "--ar".
 _PARAM_RE = re.compile(r"(?:^|(?<=\s))(?:--+|-*[—–―][-—–―]*)(?P<name>[A-Za-z][A-Za-z0-9_-]*)")
 _BUILT_IN = frozenset(name.removeprefix("--") for name in KNOWN_PARAMETERS)
-# Names that set one thing, so the prompt's own overrides the suffix's: aliases (a prompt's
-# "--aspect" overrides a suffix's "--ar") and parameters the parser refuses together ("--relax" with
-# a suffix's "--fast" would fail every such prompt on a parameter the member did not type there).
-_SAME = {
-    "aspect": "ar",
-    "c": "chaos",
-    "q": "quality",
-    "s": "stylize",
-    "w": "weird",
-    "version": "v",
-    "niji": "v",
-    "r": "repeat",
-    "profile": "p",
-    "personalize": "p",
+# Parameters the parser refuses together, as one setting: the prompt's own overrides the suffix's
+# ("--relax" with a suffix's "--fast" would fail every such prompt on a parameter the member did not
+# type there). Aliases ("--aspect" for "--ar") are the parser's own (canonical_parameter).
+_SAME_SETTING = {
+    "niji": "version",
     "relax": "fast",
     "turbo": "fast",
     "public": "stealth",
@@ -60,8 +51,8 @@ class Prefs:
 
 
 def _canonical(name: str) -> str:
-    lowered = name.lower()
-    return _SAME.get(lowered, lowered)
+    parameter = canonical_parameter(name)
+    return _SAME_SETTING.get(parameter, parameter)
 
 
 def check_option_name(name: str) -> str | None:
