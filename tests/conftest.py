@@ -7,6 +7,7 @@ PostgreSQL, Redis and RabbitMQ tests skip when the server is unreachable, unless
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import socket
 import uuid
@@ -18,7 +19,10 @@ from urllib.parse import urlparse, urlunparse
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
+import bot.__main__ as bot_main
 from bot.database import make_engine, make_sessionmaker, upgrade
+from bot.logconfig import QUIET_LOGGERS
+from bot.settings import get_settings
 
 POSTGRES_URL = os.environ.get("TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -51,6 +55,17 @@ def fresh_redis_db(db: int) -> str:
     url = urlunparse(urlparse(REDIS_URL)._replace(path=f"/{db}"))
     redis.Redis.from_url(url).flushdb()
     return url
+
+
+def main_exit_code(argv: list[str] | None = None) -> object:
+    """Run ``python -m bot``'s ``main`` on fresh settings, which must exit; its ``SystemExit`` code."""
+    get_settings.cache_clear()
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            bot_main.main(argv or [])
+    finally:
+        get_settings.cache_clear()
+    return stopped.value.code
 
 
 @pytest.fixture
@@ -145,3 +160,18 @@ def worker(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> It
     with run_worker(tiny_model_dir, REDIS_URL, tmp_path_factory.mktemp("worker")) as proc:
         asyncio.run(warm_worker(proc, REDIS_URL))
         yield proc
+
+
+@pytest.fixture
+def restore_root_logger() -> Iterator[None]:
+    """Put the root logger (and the loggers ``setup_logging`` tunes) back as they were."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    levels = {name: logging.getLogger(name).level for name in ("discord.http", *QUIET_LOGGERS)}
+    try:
+        yield
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+        for name, value in levels.items():
+            logging.getLogger(name).setLevel(value)

@@ -10,14 +10,13 @@ import asyncio
 import io
 import json
 import logging
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from bot.logconfig import QUIET_LOGGERS, job_context, job_end_fields, log_job_end, make_handler, setup_logging
+from bot.logconfig import job_context, job_end_fields, log_job_end, make_handler, setup_logging
 from bot.models import Job
 from bot.settings import BotSettings
 
@@ -236,23 +235,8 @@ def test_innocent_text_is_left_alone(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert message in capture.text and "[redacted]" not in capture.text
 
 
-@pytest.fixture
-def restore_root() -> Iterator[None]:
-    """Put the root logger (and the loggers setup_logging tunes) back as they were."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    levels = {name: logging.getLogger(name).level for name in ("discord.http", *QUIET_LOGGERS)}
-    try:
-        yield
-    finally:
-        root.handlers[:] = handlers
-        root.setLevel(level)
-        for name, value in levels.items():
-            logging.getLogger(name).setLevel(value)
-
-
 def test_setup_logging_redacts_library_loggers(
-    tmp_path: Path, env_key: str, restore_root: None, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, env_key: str, restore_root_logger: None, capsys: pytest.CaptureFixture[str]
 ) -> None:
     setup_logging(settings(tmp_path, log_level="DEBUG"))
     http = logging.getLogger("discord.http")

@@ -20,8 +20,9 @@ import sqlalchemy as sa
 
 import bot.__main__ as bot_main
 from bot.__main__ import ClientStopped, run
-from bot.settings import BotSettings, get_settings
+from bot.settings import BotSettings
 from tests.botutil import FAKE_TOKEN, make_settings
+from tests.conftest import main_exit_code
 from tests.fakes import FakeDiscord
 
 pytestmark = [pytest.mark.redis, pytest.mark.timeout(60)]
@@ -94,14 +95,9 @@ def test_main_exits_non_zero_when_the_client_stops(monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(bot_main, "run", refused)
     monkeypatch.setattr(bot_main, "setup_logging", lambda settings: None)
     monkeypatch.setenv("DISCORD_TOKEN", "a-token-that-was-reset")
-    get_settings.cache_clear()
-    try:
-        with pytest.raises(SystemExit) as stopped:
-            bot_main.main([])
-    finally:
-        get_settings.cache_clear()
+    code = main_exit_code()
     # A message as the code: Python prints it and exits with status 1 (Restart=on-failure restarts it).
-    assert isinstance(stopped.value.code, str) and "refused the token" in stopped.value.code
+    assert isinstance(code, str) and "refused the token" in code
 
 
 async def test_start_logs_no_voice_warnings(

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import logging
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 import bot.__main__ as bot_main
-from bot.logconfig import QUIET_LOGGERS
-from bot.settings import BotSettings, get_settings
+from bot.settings import BotSettings
+from tests.conftest import main_exit_code
 from workers.settings import WorkerSettings
 
 
@@ -80,22 +78,6 @@ def test_bot_progress_edit_interval_reads_the_old_name_with_a_warning(
     assert BotSettings(_env_file=None).progress_edit_interval_s == 1.0  # the new name wins
 
 
-@pytest.fixture
-def restore_root_logger() -> Iterator[None]:
-    """``main`` configures the root logger; put it (and the loggers it tunes) back afterwards."""
-    names = ("discord.http", *QUIET_LOGGERS)
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    levels = {name: logging.getLogger(name).level for name in names}
-    try:
-        yield
-    finally:
-        root.handlers[:] = handlers
-        root.setLevel(level)
-        for name, value in levels.items():
-            logging.getLogger(name).setLevel(value)
-
-
 @pytest.mark.parametrize(
     ("name", "value", "explained"),
     [
@@ -126,13 +108,7 @@ def test_a_bad_setting_stops_main_with_its_name_and_what_it_takes(
     monkeypatch.setenv("DISCORD_TOKEN", "distinctive-token-value.abc.def")
     monkeypatch.setenv("DATABASE_URL", "postgresql://mirage:distinctive-db-password@db/mirage")
     monkeypatch.setenv(name, value)
-    get_settings.cache_clear()
-    try:
-        with pytest.raises(SystemExit) as stopped:
-            bot_main.main([])
-    finally:
-        get_settings.cache_clear()
-    message = stopped.value.code
+    message = main_exit_code()
     assert isinstance(message, str)  # printed by Python, exit status 1
     assert name in message and explained in message
     assert "distinctive-token-value" not in message and "distinctive-db-password" not in message
