@@ -125,6 +125,14 @@ def check_prompt(text: str, rules: BannedWordRules) -> list[str]:
     ]
 
 
+def check_prompts(texts: Iterable[str], rules: BannedWordRules) -> list[str]:
+    """The banned terms any of ``texts`` contains, each once, in the order they are first met."""
+    matched: list[str] = []
+    for text in texts:
+        matched += [term for term in check_prompt(text, rules) if term not in matched]
+    return matched
+
+
 def banned_words_message(matched: list[str]) -> str:
     """The member-facing refusal naming the terms that matched."""
     shown = ", ".join(f"`{_code_safe(term)}`" for term in matched)

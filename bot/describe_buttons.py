@@ -19,16 +19,14 @@ from discord import ui
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from bot import confirm, global_defaults
-from bot.access import account_guild
-from bot.banned_words import banned_words_message, check_prompt
+from bot import confirm
+from bot.banned_words import banned_words_message, check_prompts
 from bot.buttons import JOB_ID_CHARS, load_source
 from bot.interactions import DATABASE_ERRORS, DATABASE_UNAVAILABLE, actor_from, refuse
 from bot.models import Job, JobInput
-from bot.operations import resolve_engine
 from bot.pricing import needs_confirmation
 from bot.prompt import PromptError, parse_prompt
-from bot.prompt_prefs import load_prefs
+from bot.prompt_prefs import prompting_context
 from bot.render import cut_escaped, job_head
 from bot.results import DESCRIBE_KEY
 from bot.storage import MediaNotFound, MediaStore
@@ -146,28 +144,19 @@ async def imagine_suggestions(
     Banned words are refused first; Yes/No comes before anything is charged when ``ask`` or when
     they cost ``PRICE_CONFIRM_AT`` or more.
     """
-    banned: list[str] = []
-    for params in batch:
-        banned += [
-            word for word in check_prompt(params.model_prompt, bot.jobs.banned_words) if word not in banned
-        ]
+    banned = check_prompts((params.model_prompt for params in batch), bot.jobs.banned_words)
     if banned:
         # Refused before asking: a Yes would start the jobs before the banned one and stop there.
         await refuse(interaction, banned_words_message(banned))
         return
     try:
         async with bot.sessions() as session:
-            guild_id = await account_guild(session, actor_from(interaction))  # a DM: the paying account
-            member, _prefs = await load_prefs(session, guild_id, interaction.user.id)
-            settings, _defaults = await global_defaults.current(session, bot.settings)
+            member, _prefs, settings = await prompting_context(session, actor_from(interaction), bot.settings)
     except DATABASE_ERRORS:
         log.warning("could not read the member of a describe press", exc_info=True)
         await refuse(interaction, DATABASE_UNAVAILABLE)
         return
-    cost = sum(
-        bot.jobs.cost_of(JobKind.IMAGINE, resolve_engine(params, member, settings), params=params)
-        for params in batch
-    )
+    cost = bot.flow.imagine_cost(batch, member, settings)
     if ask or needs_confirmation(cost, bot.settings.price_confirm_at):
         await ask_imagine(bot, interaction, batch, cost)
         return

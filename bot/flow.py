@@ -25,9 +25,10 @@ from bot import confirm
 from bot.buttons import mark_pressed_at, pressed_button
 from bot.interactions import DATABASE_ERRORS, DATABASE_UNAVAILABLE, actor_from, refuse
 from bot.jobs import Created, JobService
-from bot.models import Job
-from bot.operations import Actor, JobRefused, Operation, generation_params
+from bot.models import Job, Member
+from bot.operations import Actor, JobRefused, Operation, generation_params, resolve_engine
 from bot.pricing import needs_confirmation
+from bot.settings import BotSettings
 from bot.tracker import Tracker
 from workers.schema import Direction, Engine, GenerationParams, JobKind
 
@@ -52,6 +53,18 @@ class JobFlow:
         """Accept an ``/imagine`` with its parsed parameters (and stored input images)."""
         return await self.accept(
             interaction, lambda actor: self.jobs.create_imagine(actor, params, inputs=inputs)
+        )
+
+    def imagine_cost(
+        self, batch: Sequence[GenerationParams], member: Member | None, settings: BotSettings
+    ) -> int:
+        """Credits a batch of ``/imagine`` jobs costs, each on the engine it would run on.
+
+        ``settings``: with the owners' global defaults, which decide a member's default engine.
+        """
+        return sum(
+            self.jobs.cost_of(JobKind.IMAGINE, resolve_engine(params, member, settings), params=params)
+            for params in batch
         )
 
     async def imagine_many(

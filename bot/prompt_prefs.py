@@ -18,8 +18,12 @@ from dataclasses import dataclass, field
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from bot import global_defaults
+from bot.access import account_guild
 from bot.models import Member, MemberOption
+from bot.operations import Actor
 from bot.prompt import KNOWN_PARAMETERS, PromptError, canonical_parameter, plan_prompts
+from bot.settings import BotSettings
 from bot.styles import StylePreset
 
 OPTION_NAME_RE = re.compile(r"[a-z][a-z0-9_-]{0,31}")
@@ -138,3 +142,13 @@ async def load_prefs(session: AsyncSession, guild_id: int, user_id: int) -> tupl
         options={row.name: row.value for row in rows},
         remix=bool(member.remix),
     )
+
+
+async def prompting_context(
+    session: AsyncSession, actor: Actor, settings: BotSettings
+) -> tuple[Member | None, Prefs, BotSettings]:
+    """The paying member, their prompt preferences, and ``settings`` with the owners' global defaults."""
+    guild_id = await account_guild(session, actor)  # a DM: the paying account
+    member, prefs = await load_prefs(session, guild_id, actor.user_id)
+    effective, _defaults = await global_defaults.current(session, settings)
+    return member, prefs, effective

@@ -192,7 +192,7 @@ async def test_preferences_that_cannot_be_read_are_said_so_and_nothing_is_charge
         raise OperationalError("SELECT", {}, ConnectionRefusedError("database down"))
 
     # discord.py loaded the cog as an extension: patch the module it runs.
-    monkeypatch.setattr(sys.modules["bot.cogs.imagine"], "load_prefs", database_down)
+    monkeypatch.setattr(sys.modules["bot.cogs.imagine"], "prompting_context", database_down)
     inter = await h.imagine("a red fox")
     callback = await inter.callback()
     assert callback.callback_type == 4 and callback.message_payload["content"] == DATABASE_UNAVAILABLE

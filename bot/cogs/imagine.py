@@ -18,18 +18,16 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot import confirm, global_defaults
-from bot.access import account_guild
-from bot.banned_words import BannedWordRules, banned_words_message, check_prompt
+from bot import confirm
+from bot.banned_words import BannedWordRules, banned_words_message, check_prompts
 from bot.imagefetch import FetchLimits, ImageInputError
 from bot.inputs import InputKeys, fetch_inputs, keys_payload, store_inputs
 from bot.interactions import DATABASE_ERRORS, DATABASE_UNAVAILABLE, actor_from, refuse
-from bot.operations import resolve_engine
 from bot.pricing import needs_confirmation
 from bot.prompt import IW_WITHOUT_IMAGE, PromptError, PromptPlan, plan_prompts
-from bot.prompt_prefs import Prefs, apply_prefs, load_prefs
+from bot.prompt_prefs import Prefs, apply_prefs, prompting_context
 from bot.settings import BotSettings
-from workers.schema import GenerationParams, JobKind
+from workers.schema import GenerationParams
 
 if TYPE_CHECKING:
     from bot.client import MirageBot
@@ -98,19 +96,14 @@ class Imagine(commands.Cog):
         except PromptError as exc:
             await refuse(interaction, str(exc))
             return
-        banned: list[str] = []
-        for params in plan.params:
-            banned += [word for word in check_prompt(params.model_prompt, self.banned) if word not in banned]
+        banned = check_prompts((params.model_prompt for params in plan.params), self.banned)
         if banned:
             await refuse(interaction, banned_words_message(banned))
             return
         notes = [note for note in plan.notes if not (image is not None and note == IW_WITHOUT_IMAGE)]
         for params in plan.params:
             notes += [note for note in prompting.notes(params) if note not in notes]
-        cost = sum(
-            bot.jobs.cost_of(JobKind.IMAGINE, resolve_engine(params, member, settings), params=params)
-            for params in plan.params
-        )
+        cost = bot.flow.imagine_cost(plan.params, member, settings)
         ask = plan.needs_confirmation or needs_confirmation(cost, bot.settings.price_confirm_at)
         # Fetching images can take seconds: answer Discord first (privately when asking).
         if not interaction.response.is_done():
@@ -143,10 +136,7 @@ class Imagine(commands.Cog):
     async def _prefs(self, interaction: discord.Interaction) -> tuple[Member | None, Prefs, BotSettings]:
         """The member, their prompt preferences, and the settings with the global defaults applied."""
         async with self.bot.sessions() as session:
-            guild_id = await account_guild(session, actor_from(interaction))  # a DM: the paying account
-            member, prefs = await load_prefs(session, guild_id, interaction.user.id)
-            settings, _defaults = await global_defaults.current(session, self.bot.settings)
-            return member, prefs, settings
+            return await prompting_context(session, actor_from(interaction), self.bot.settings)
 
     async def _inputs(
         self, interaction: discord.Interaction, plan: PromptPlan, image: discord.Attachment | None
