@@ -20,7 +20,6 @@ import functools
 import io
 import ipaddress
 import logging
-import re
 import socket
 import warnings
 from collections.abc import Collection, Iterable, Sequence
@@ -32,6 +31,8 @@ import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
 from PIL import ExifTags, Image
 from yarl import URL
+
+from bot.prompt import split_reference
 
 if TYPE_CHECKING:
     import discord
@@ -543,14 +544,6 @@ def _is_link(value: str) -> bool:
     return value.strip().lower().startswith(("http://", "https://"))
 
 
-_WEIGHT_SUFFIX = re.compile(r"::-?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)$")
-
-
-def reference_link(reference: str) -> str:
-    """The link of a ``--sref`` reference without its ``::2`` weight, which is no part of the URL."""
-    return _WEIGHT_SUFFIX.sub("", reference.strip())
-
-
 async def fetch_references(
     params: GenerationParams,
     *,
@@ -566,7 +559,8 @@ async def fetch_references(
     numbered from ``first_image_index`` (2 when an attachment is image 1). All links are fetched
     concurrently; the first failure is raised as :class:`ImageInputError`.
     """
-    style_links = [reference_link(ref) for ref in params.style_refs if _is_link(ref)]
+    # The parser keeps a reference's weight with it (url::2); it is no part of the link.
+    style_links = [split_reference(ref)[0] for ref in params.style_refs if _is_link(ref)]
     groups: list[list[tuple[str, str]]] = [
         [(url, image_label(i, url)) for i, url in enumerate(params.image_prompts, start=first_image_index)],
         [(url, f"--sref {image_label(i, url)}") for i, url in enumerate(style_links, start=1)],

@@ -210,9 +210,15 @@ def _url(text: str) -> str:
     return match.group(1)
 
 
+def split_reference(text: str) -> tuple[str, str]:
+    """A ``--sref`` reference and its ``::2`` weight ("" without one): ``url::2`` -> ``(url, "2")``."""
+    reference, _, weight = text.partition("::")
+    return reference, weight
+
+
 def _style_reference(text: str) -> str:
     # "url::2" weighs one reference against the others; the weight stays with the reference.
-    reference, _, weight = text.partition("::")
+    reference, weight = split_reference(text)
     if weight and not _DECIMAL_RE.fullmatch(weight.removeprefix("-")):
         raise _Invalid()
     if reference.lower() == "random":
