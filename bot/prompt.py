@@ -79,15 +79,12 @@ MAX_REFERENCES = 10
 
 # A run of hyphens/dashes that marks a parameter: "--", "—", "–", "―" and mixtures like "—-".
 _DASHES = "—–―"
-_PARAM_RE = re.compile(
-    rf"(?:^|(?<=\s))(?P<marker>--+|-*[{_DASHES}][-{_DASHES}]*)(?P<name>[A-Za-z]\S*)",
-)
+PARAMETER_MARKER = rf"--+|-*[{_DASHES}][-{_DASHES}]*"
+_PARAM_RE = re.compile(rf"(?:^|(?<=\s))(?P<marker>{PARAMETER_MARKER})(?P<name>[A-Za-z]\S*)")
 # The same marker glued to the word before it (``cat--ar``): prose by the grammar, checked anyway.
-_GLUED_RE = re.compile(
-    rf"(?<=[^\s{_DASHES}-])(?P<marker>--+|-*[{_DASHES}][-{_DASHES}]*)(?P<name>[A-Za-z]\S*)",
-)
+_GLUED_RE = re.compile(rf"(?<=[^\s{_DASHES}-])(?P<marker>{PARAMETER_MARKER})(?P<name>[A-Za-z]\S*)")
 # A marker with no name, ending the text: a parameter begun and never finished.
-_TRAILING_RE = re.compile(rf"(?:^|(?<=\s))(?:--+|-*[{_DASHES}][-{_DASHES}]*)\s*$")
+_TRAILING_RE = re.compile(rf"(?:^|(?<=\s))(?:{PARAMETER_MARKER})\s*$")
 _INT_RE = re.compile(r"[0-9]+")
 _DECIMAL_RE = re.compile(r"[0-9]+(?:\.[0-9]*)?|\.[0-9]+")
 _ASPECT_RE = re.compile(r"([0-9]+):([0-9]+)")

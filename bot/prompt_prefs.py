@@ -22,16 +22,15 @@ from bot import global_defaults
 from bot.access import account_guild
 from bot.models import Member, MemberOption
 from bot.operations import Actor
-from bot.prompt import KNOWN_PARAMETERS, PromptError, canonical_parameter, plan_prompts
+from bot.prompt import KNOWN_PARAMETERS, PARAMETER_MARKER, PromptError, canonical_parameter, plan_prompts
 from bot.settings import BotSettings
 from bot.styles import StylePreset
 
 OPTION_NAME_RE = re.compile(r"[a-z][a-z0-9_-]{0,31}")
 MAX_OPTIONS = 25
 MAX_VALUE_LENGTH = 500
-# A parameter in a prompt: dashes (phones turn "--" into one dash, and "---" into "—-") then a
-# name; the dash runs are the parser's, or a prompt's "-—ar" would not override a suffix's "--ar".
-_PARAM_RE = re.compile(r"(?:^|(?<=\s))(?:--+|-*[—–―][-—–―]*)(?P<name>[A-Za-z][A-Za-z0-9_-]*)")
+# A parameter in a prompt: the parser's marker (phones turn "--" into a dash) then a name.
+_PARAM_RE = re.compile(rf"(?:^|(?<=\s))(?:{PARAMETER_MARKER})(?P<name>[A-Za-z][A-Za-z0-9_-]*)")
 _BUILT_IN = frozenset(name.removeprefix("--") for name in KNOWN_PARAMETERS)
 # Parameters the parser refuses together, as one setting: the prompt's own overrides the suffix's
 # ("--relax" with a suffix's "--fast" would fail every such prompt on a parameter the member did not
