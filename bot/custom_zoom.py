@@ -27,7 +27,7 @@ from bot.dynamic_button import JobIdButton
 from bot.interactions import refuse
 from bot.models import Job
 from bot.operations import Operation, generation_params
-from bot.prompt import parse_prompt, prompt_text
+from bot.prompt import PARAMETER_MARKER, parse_prompt, prompt_text
 from bot.prompt_errors import PromptError
 from bot.remix import submitted_text
 from bot.styles import StylePreset
@@ -40,7 +40,7 @@ MIN_ZOOM, MAX_ZOOM, DEFAULT_ZOOM = 1.0, 2.0, 2.0
 MODAL_TIMEOUT_S = 900.0  # discord.py drops the form object then; its submit is still routed by id
 MAX_FORM_CHARS = 4000  # Discord's limit for a text input
 # "--zoom", or the dash a phone makes of "--" (the prompt parser reads both the same way).
-_ZOOM_RE = re.compile(r"(?:^|\s)(?:--+|-*[—–―][-—–―]*)zoom(?:\s+(\S+))?(?=\s|$)", re.IGNORECASE)
+_ZOOM_RE = re.compile(rf"(?:^|\s)(?:{PARAMETER_MARKER})zoom(?:\s+(\S+))?(?=\s|$)", re.IGNORECASE)
 _AR_RE = re.compile(r"(?:^|\s)--(?:ar|aspect)\s", re.IGNORECASE)
 MODAL_ID = rf"mj:czm:(?P<id>{JOB_ID_CHARS}):(?P<user>[0-9]+)"  # the user it was opened for
 FIELD_ID = "prompt"
